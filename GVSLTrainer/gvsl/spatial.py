@@ -1,0 +1,133 @@
+"""Grid conventions of the network: the only module that knows ``align_corners`` and axis order.
+
+Conventions, used by every other module through the functions below:
+
+* Volumes are torch tensors (N, C, D, H, W); D, H, W are the z, y, x axes.
+* A *voxel matrix* is a batched (N, 3, 4) affine ``[A | t]`` acting on voxel coordinates in
+  (x, y, z) order, centred on the volume centre ``c = (size - 1) / 2``: the output voxel ``p``
+  samples the input at ``A (p - c) + c + t``. Translations are in voxels. Because it lives in
+  voxel space and not in grid_sample's normalised space, a rotation stays a rotation on
+  non-cubic volumes (the reference code applied it in normalised space, which shears them).
+* A *displacement field* is (N, 3, D, H, W) in voxels with channels in tensor-axis order
+  (D, H, W) = (z, y, x), as the reference network's ``out_flow`` predicts it. The output voxel
+  ``p`` samples the input at ``p + u(p)``.
+* ``grid_sample`` always runs with ``align_corners=True`` (voxel centres at -1 and +1), and its
+  grid's last dimension is (x, y, z).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ALIGN_CORNERS = True
+
+# Bounds of the Z-matching head and of spatial augmentation (paper, Sec. 3.2).
+MAX_ROTATION = math.pi / 9  # 20 degrees
+MAX_SCALE_CHANGE = 0.25  # scale in [0.75, 1.25]
+MAX_SHEAR = math.pi / 18  # 10 degrees
+N_AFFINE_PARAMETERS = 15  # 3 rotations, 3 scales, 3 translations, 6 shears
+
+
+def affine_from_parameters(rotation: torch.Tensor, scale: torch.Tensor, translation: torch.Tensor,
+                           shear: torch.Tensor) -> torch.Tensor:
+    """Compose ``shear @ scale @ Rz @ Ry @ Rx`` with a translation column, batched and differentiable.
+
+    rotation (N, 3) radians about x, y, z; scale (N, 3); translation (N, 3) voxels (x, y, z);
+    shear (N, 6) radians for xy, xz, yx, yz, zx, zy. Built with ``torch.stack`` so gradients
+    flow to every parameter (the reference's ``torch.FloatTensor([...])`` detached them).
+    """
+    one = torch.ones_like(rotation[:, 0])
+    zero = torch.zeros_like(one)
+    cx, cy, cz = torch.cos(rotation).unbind(1)
+    sx, sy, sz = torch.sin(rotation).unbind(1)
+
+    def mat(rows):
+        return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+
+    rot_x = mat([[one, zero, zero], [zero, cx, -sx], [zero, sx, cx]])
+    rot_y = mat([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
+    rot_z = mat([[cz, -sz, zero], [sz, cz, zero], [zero, zero, one]])
+    scl = torch.diag_embed(scale)
+    t = torch.tan(shear).unbind(1)
+    shr = mat([[one, t[0], t[1]], [t[2], one, t[3]], [t[4], t[5], one]])
+    linear = shr @ scl @ rot_z @ rot_y @ rot_x
+    return torch.cat([linear, translation.unsqueeze(-1)], dim=-1)
+
+
+def half_extent(shape: tuple[int, ...], device=None, dtype=torch.float32) -> torch.Tensor:
+    """(size - 1) / 2 per axis in (x, y, z) order: voxels per unit of normalised grid coordinate."""
+    d, h, w = shape[-3:]
+    return torch.tensor([(w - 1) / 2, (h - 1) / 2, (d - 1) / 2], device=device, dtype=dtype)
+
+
+def identity_matrix(batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    return torch.eye(3, 4, device=device, dtype=dtype).expand(batch, 3, 4).clone()
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """The voxel matrix of ``p -> outer(inner(p))``, both centred on the same grid."""
+    linear = outer[:, :, :3] @ inner[:, :, :3]
+    translation = (outer[:, :, :3] @ inner[:, :, 3:]) + outer[:, :, 3:]
+    return torch.cat([linear, translation], dim=-1)
+
+
+def invert(matrix: torch.Tensor) -> torch.Tensor:
+    inv = torch.linalg.inv(matrix[:, :, :3])
+    return torch.cat([inv, -inv @ matrix[:, :, 3:]], dim=-1)
+
+
+def to_normalised(matrix: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Voxel matrix -> the ``theta`` that ``F.affine_grid(align_corners=True)`` expects."""
+    s = half_extent(shape, matrix.device, matrix.dtype)
+    linear = matrix[:, :, :3] * s.reshape(1, 1, 3) / s.reshape(1, 3, 1)
+    translation = matrix[:, :, 3] / s
+    return torch.cat([linear, translation.unsqueeze(-1)], dim=-1)
+
+
+def identity_grid(shape: tuple[int, ...], device=None, dtype=torch.float32) -> torch.Tensor:
+    """(1, D, H, W, 3) normalised (x, y, z) coordinates of every voxel centre."""
+    theta = torch.eye(3, 4, device=device, dtype=dtype).unsqueeze(0)
+    return F.affine_grid(theta, [1, 1, *shape[-3:]], align_corners=ALIGN_CORNERS)
+
+
+def sampling_grid(shape: tuple[int, ...], matrix: torch.Tensor | None = None,
+                  displacement: torch.Tensor | None = None) -> torch.Tensor:
+    """Grid that samples the input at ``matrix(p + displacement(p))``: one interpolation for both."""
+    ref = matrix if matrix is not None else displacement
+    grid = identity_grid(shape, ref.device, ref.dtype)
+    if displacement is not None:
+        s = half_extent(shape, ref.device, ref.dtype)
+        # channels (z, y, x) in voxels -> grid's (x, y, z) in normalised units
+        grid = grid + displacement.flip(1).movedim(1, -1) / s
+    else:
+        grid = grid.expand(matrix.shape[0], *grid.shape[1:])
+    if matrix is not None:
+        theta = to_normalised(matrix, shape)
+        grid = torch.einsum("nij,n...j->n...i", theta[:, :, :3], grid) + theta[:, None, None, None, :, 3]
+    return grid
+
+
+def warp(image: torch.Tensor, matrix: torch.Tensor | None = None, displacement: torch.Tensor | None = None,
+         mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
+    """Resample ``image`` at ``matrix(p + displacement(p))`` on its own grid (the 'moving -> fixed' warp)."""
+    if matrix is None and displacement is None:
+        return image
+    grid = sampling_grid(image.shape[2:], matrix, displacement)
+    if grid.dtype != image.dtype:
+        grid = grid.to(image.dtype)
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+
+
+def upsample(x: torch.Tensor, size: tuple[int, ...] | None = None, scale_factor: float | None = None) -> torch.Tensor:
+    """Trilinear feature upsampling with this module's corner convention (as the reference U-Net)."""
+    return F.interpolate(x, size=size, scale_factor=scale_factor, mode="trilinear", align_corners=ALIGN_CORNERS)
+
+
+def voxel_points(shape: tuple[int, ...], device=None, dtype=torch.float32) -> torch.Tensor:
+    """(D, H, W, 3) voxel coordinates in (x, y, z) order."""
+    d, h, w = shape[-3:]
+    z, y, x = torch.meshgrid(torch.arange(d, device=device, dtype=dtype), torch.arange(h, device=device, dtype=dtype),
+                             torch.arange(w, device=device, dtype=dtype), indexing="ij")
+    return torch.stack([x, y, z], dim=-1)

@@ -1,0 +1,116 @@
+"""The grid conventions, checked against SimpleITK resampling on non-cubic volumes."""
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy.spatial.transform import Rotation
+
+from gvsl import spatial
+
+SHAPE = (20, 28, 36)  # D, H, W: deliberately non-cubic
+
+
+def smooth_volume(shape=SHAPE, seed=0):
+    rng = np.random.default_rng(seed)
+    img = sitk.GetImageFromArray(rng.random(shape).astype(np.float32))
+    return sitk.SmoothingRecursiveGaussian(img, 2.0)
+
+
+def interior(shape, margin):
+    d, h, w = shape
+    return (slice(margin, d - margin), slice(margin, h - margin), slice(margin, w - margin))
+
+
+def params(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda k, b: (2 * torch.rand(1, k, generator=g) - 1) * b
+    return dict(rotation=r(3, spatial.MAX_ROTATION), scale=1 + r(3, 0.25), translation=r(3, 2.0),
+                shear=r(6, spatial.MAX_SHEAR))
+
+
+def test_matrix_equals_independent_composition():
+    p = params()
+    m = spatial.affine_from_parameters(**{k: v.double() for k, v in p.items()})[0].numpy()
+    rot = Rotation.from_euler("xyz", p["rotation"][0].double().numpy()).as_matrix()  # extrinsic: Rz Ry Rx
+    t = np.tan(p["shear"][0].double().numpy())
+    shear = np.array([[1, t[0], t[1]], [t[2], 1, t[3]], [t[4], t[5], 1]])
+    expected = shear @ np.diag(p["scale"][0].double().numpy()) @ rot
+    np.testing.assert_allclose(m[:, :3], expected, atol=1e-12)
+    np.testing.assert_allclose(m[:, 3], p["translation"][0].double().numpy(), atol=1e-12)
+
+
+def test_matrix_is_differentiable_in_every_parameter():
+    p = {k: v.clone().requires_grad_() for k, v in params().items()}
+    spatial.affine_from_parameters(**p).sum().backward()
+    for name, v in p.items():
+        assert v.grad is not None and v.grad.abs().sum() > 0, name
+
+
+def test_affine_warp_matches_simpleitk_on_non_cubic_volume():
+    img = smooth_volume()
+    p = params(3)
+    m = spatial.affine_from_parameters(**{k: v.double() for k, v in p.items()})
+    vol = torch.from_numpy(sitk.GetArrayFromImage(img)).double()[None, None]
+    ours = spatial.warp(vol, m, padding_mode="border")[0, 0].numpy()  # ITK clamps within half a voxel
+
+    # index space == physical space here (spacing 1, origin 0, identity direction)
+    centre = [(s - 1) / 2 for s in SHAPE[::-1]]
+    tfm = sitk.AffineTransform(m[0, :, :3].flatten().tolist(), m[0, :, 3].tolist(), centre)
+    ref = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(img, sitk.sitkFloat64), img, tfm, sitk.sitkLinear, 0.0))
+    # compare where SimpleITK's sample point lies inside the image (its border rule differs)
+    inside = sitk.GetArrayFromImage(sitk.Resample(sitk.Image(img.GetSize(), sitk.sitkUInt8) + 1, img, tfm,
+                                                  sitk.sitkNearestNeighbor, 0)) > 0
+    assert inside.mean() > 0.4
+    np.testing.assert_allclose(ours[inside], ref[inside], atol=1e-6)
+
+
+def test_displacement_then_affine_matches_simpleitk_composite():
+    img = smooth_volume(seed=4)
+    rng = np.random.default_rng(5)
+    field_xyz = sitk.SmoothingRecursiveGaussian(
+        sitk.GetImageFromArray((rng.standard_normal((*SHAPE, 3)) * 40).astype(np.float64), isVector=True), 3.0)
+    disp_xyz = sitk.GetArrayFromImage(field_xyz)  # (D, H, W, 3) in (x, y, z)
+    assert np.abs(disp_xyz).max() > 1.0
+    m = spatial.affine_from_parameters(**{k: v.double() for k, v in params(6).items()})
+
+    vol = torch.from_numpy(sitk.GetArrayFromImage(img)).double()[None, None]
+    flow = torch.from_numpy(disp_xyz[..., ::-1].copy()).permute(3, 0, 1, 2)[None]  # channels (z, y, x)
+    ours = spatial.warp(vol, m, flow, padding_mode="border")[0, 0].numpy()
+
+    centre = [(s - 1) / 2 for s in SHAPE[::-1]]
+    aff = sitk.AffineTransform(m[0, :, :3].flatten().tolist(), m[0, :, 3].tolist(), centre)
+    dft = sitk.DisplacementFieldTransform(sitk.Cast(field_xyz, sitk.sitkVectorFloat64))
+    composite = sitk.CompositeTransform([aff, dft])  # the last one is applied first
+    ref = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(img, sitk.sitkFloat64), img, composite, sitk.sitkLinear, 0))
+    inside = sitk.GetArrayFromImage(sitk.Resample(sitk.Image(img.GetSize(), sitk.sitkUInt8) + 1, img, composite,
+                                                  sitk.sitkNearestNeighbor, 0)) > 0
+    assert inside.mean() > 0.4
+    np.testing.assert_allclose(ours[inside], ref[inside], atol=1e-6)
+
+
+def test_translation_moves_content_by_whole_voxels_along_each_axis():
+    vol = torch.zeros(1, 1, *SHAPE, dtype=torch.float64)
+    vol[0, 0, 10, 14, 18] = 1.0
+    m = spatial.identity_matrix(1, dtype=torch.float64)
+    m[0, :, 3] = torch.tensor([3.0, -2.0, 1.0], dtype=torch.float64)  # x, y, z voxels
+    out = spatial.warp(vol, m)[0, 0]
+    # output p samples input at p + t, so the bright voxel appears at input - t
+    assert tuple(torch.nonzero(out > 0.5)[0].tolist()) == (10 - 1, 14 + 2, 18 - 3)
+
+
+def test_compose_and_invert():
+    m1 = spatial.affine_from_parameters(**{k: v.double() for k, v in params(7).items()})
+    m2 = spatial.affine_from_parameters(**{k: v.double() for k, v in params(8).items()})
+    pts = torch.randn(5, 3, dtype=torch.float64)
+    apply = lambda m, p: p @ m[0, :, :3].T + m[0, :, 3]
+    np.testing.assert_allclose(apply(spatial.compose(m1, m2), pts), apply(m1, apply(m2, pts)), atol=1e-12)
+    np.testing.assert_allclose(apply(spatial.invert(m1), apply(m1, pts)), pts, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16), (9, 17, 30)])
+def test_identity_warp_is_exact(shape):
+    vol = torch.rand(2, 3, *shape, dtype=torch.float64)
+    out = spatial.warp(vol, spatial.identity_matrix(2, dtype=torch.float64), torch.zeros(2, 3, *shape).double())
+    torch.testing.assert_close(out, vol)
