@@ -114,9 +114,9 @@ def warp(image: torch.Tensor, matrix: torch.Tensor | None = None, displacement: 
     """Resample ``image`` at ``matrix(p + displacement(p))`` on its own grid (the 'moving -> fixed' warp)."""
     if matrix is None and displacement is None:
         return image
-    grid = sampling_grid(image.shape[2:], matrix, displacement)
-    if grid.dtype != image.dtype:
-        grid = grid.to(image.dtype)
+    if image.dtype in (torch.float16, torch.bfloat16):
+        image = image.float()  # half-precision grids are off by up to half a voxel on a 128 grid
+    grid = sampling_grid(image.shape[2:], matrix, displacement).to(image.dtype)
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
 
 

@@ -1,0 +1,232 @@
+"""Finding, checking, preprocessing, caching and cropping the unlabelled volumes of pre-training."""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch.utils.data import Dataset
+
+from . import geometry
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+PRESETS = ("ct", "mr")
+CT_WINDOW = (-1024.0, 1024.0)
+MR_PERCENTILES = (0.5, 99.5)
+MIN_SIZE = 8  # voxels per axis after resampling; smaller volumes carry no usable anatomy
+
+
+class DataError(ValueError):
+    """A problem with an input file or data source, always naming it."""
+
+
+def is_image(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and name.endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+
+
+def discover(source: str | Path) -> list[Path]:
+    """Image paths from a folder (recursive), a text file of paths, or an MSD-style ``dataset.json``."""
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source}: no such file or folder")
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if is_image(p))
+        kind = "folder"
+    elif source.suffix.lower() == ".json":
+        paths, kind = _from_dataset_json(source), "dataset.json"
+    elif is_image(source):
+        paths, kind = [source], "image"
+    else:
+        lines = [ln.strip() for ln in source.read_text().splitlines()]
+        paths = [_resolve(source.parent, ln) for ln in lines if ln and not ln.startswith("#")]
+        kind = "list file"
+    if not paths:
+        raise DataError(f"{source}: this {kind} contains no images ({', '.join(IMAGE_SUFFIXES)})")
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{source}: {len(missing)} listed image(s) do not exist, e.g. {missing[0]}")
+    return paths
+
+
+def _resolve(base: Path, entry: str) -> Path:
+    p = Path(entry).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _from_dataset_json(path: Path) -> list[Path]:
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    entries = []
+    for key in ("training", "validation", "test", "images"):
+        for item in spec.get(key, []) if isinstance(spec, dict) else []:
+            entries.append(item["image"] if isinstance(item, dict) else item)
+    return [_resolve(path.parent, e) for e in entries]
+
+
+def read_volume(path: str | Path) -> sitk.Image:
+    """Read one 3D scalar volume, or raise a DataError saying what is wrong with the file."""
+    path = Path(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
+        raise DataError(f"{path}: cannot be read as an image ({first})") from None
+    dim = image.GetDimension()
+    if dim != 3:
+        raise DataError(f"{path}: is a {dim}D image of size {image.GetSize()}; a 3D volume is needed")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                        "a scalar (single-channel) volume is needed")
+    if min(image.GetSize()) < 2:
+        raise DataError(f"{path}: has size {image.GetSize()}; a 3D volume needs at least 2 voxels per axis")
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(array).all():
+        raise DataError(f"{path}: contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
+    if array.min() == array.max():
+        raise DataError(f"{path}: is constant (every voxel is {array.min()}); there is nothing to learn from it")
+    return image
+
+
+def normalise(array: np.ndarray, preset: str) -> np.ndarray:
+    """Intensities to [0, 1]: ``ct`` clips Hounsfield units to [-1024, 1024]; ``mr`` clips percentiles."""
+    array = array.astype(np.float32, copy=False)
+    if preset == "ct":
+        lo, hi = CT_WINDOW
+    elif preset == "mr":
+        lo, hi = (float(v) for v in np.percentile(array, MR_PERCENTILES))
+        if hi <= lo:
+            lo, hi = float(array.min()), float(array.max())
+    else:
+        raise ValueError(f"normalisation preset must be one of {PRESETS}, got {preset!r}")
+    return ((np.clip(array, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything that turns a file into the network's input; part of the cache key and of checkpoints."""
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    normalize: str = "mr"
+
+    def __call__(self, path: str | Path) -> torch.Tensor:
+        image = geometry.canonical(read_volume(path), self.spacing)
+        if min(image.GetSize()) < MIN_SIZE:
+            raise DataError(f"{path}: is only {'x'.join(map(str, image.GetSize()))} voxels at "
+                            f"{self.spacing[0]} mm; at least {MIN_SIZE} per axis are needed")
+        return torch.from_numpy(normalise(sitk.GetArrayFromImage(image), self.normalize))
+
+
+class _CacheItem:
+    """What PersistentDataset hashes: the file's identity plus the preprocessing."""
+
+    def __init__(self, preprocessing: Preprocessing):
+        self.preprocessing = preprocessing
+
+    def __call__(self, item: dict) -> torch.Tensor:
+        return self.preprocessing(item["image"])
+
+
+class VolumeStore:
+    """Preprocessed volumes, decoded once and cached on disk (MONAI PersistentDataset).
+
+    Bad files are reported and left out; training goes on with the rest.
+    """
+
+    def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing, cache_dir: str | Path,
+                 progress: bool = True):
+        from monai.data import PersistentDataset
+        from tqdm.auto import tqdm
+
+        self.preprocessing = preprocessing
+        items = []
+        for p in paths:
+            stat = Path(p).stat()
+            items.append({"image": str(Path(p).resolve()), "mtime": stat.st_mtime_ns, "bytes": stat.st_size,
+                          "spacing": preprocessing.spacing, "normalize": preprocessing.normalize})
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        self._dataset = PersistentDataset(items, transform=_CacheItem(preprocessing), cache_dir=cache_dir)
+        self.paths: list[Path] = []
+        self.skipped: dict[Path, str] = {}
+        self._index: list[int] = []
+        for i in tqdm(range(len(items)), desc="Preparing volumes", unit="vol", disable=not progress):
+            try:
+                self._dataset[i]
+            except Exception as e:  # MONAI wraps the transform's error
+                cause = _root_cause(e)
+                if not isinstance(cause, DataError):
+                    raise
+                self.skipped[Path(paths[i])] = str(cause)
+                warnings.warn(f"skipping {cause}", stacklevel=2)
+                continue
+            self._index.append(i)
+            self.paths.append(Path(paths[i]))
+        if not self._index:
+            raise DataError(f"none of the {len(items)} images could be used: "
+                            + "; ".join(self.skipped.values()))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self._dataset[self._index[i]]
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def random_crop(volume: torch.Tensor, size: Sequence[int], rng: np.random.Generator) -> torch.Tensor:
+    """A random ``size`` crop of a (D, H, W) volume, zero-padded (centred) where the volume is smaller."""
+    pad = [max(0, s - v) for s, v in zip(size, volume.shape)]
+    if any(pad):
+        volume = torch.nn.functional.pad(volume, [q for p in reversed(pad) for q in (p // 2, p - p // 2)])
+    start = [int(rng.integers(0, v - s + 1)) for v, s in zip(volume.shape, size)]
+    return volume[tuple(slice(a, a + s) for a, s in zip(start, size))]
+
+
+class PairCrops(Dataset):
+    """Sample ``index`` -> (fixed crop, moving crop) of two random volumes, (1, D, H, W) each.
+
+    Deterministic in (seed, index), so a resumed or distributed run draws the same pairs
+    whatever the number of DataLoader workers.
+    """
+
+    def __init__(self, store: VolumeStore, crop: Sequence[int], seed: int, length: int):
+        self.store, self.crop, self.seed, self.length = store, tuple(crop), seed, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, index))
+        a, b = rng.integers(0, len(self.store), size=2)
+        fixed = random_crop(self.store[int(a)], self.crop, rng)
+        moving = random_crop(self.store[int(b)], self.crop, rng)
+        return fixed.unsqueeze(0).float(), moving.unsqueeze(0).float()
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Sample indices of steps ``start..end`` for one rank: ((step * world + rank) * batch + j)."""
+
+    def __init__(self, start: int, end: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.start, self.end, self.batch, self.rank, self.world = start, end, batch_size, rank, world_size
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start) * self.batch
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            base = (step * self.world + self.rank) * self.batch
+            yield from range(base, base + self.batch)
