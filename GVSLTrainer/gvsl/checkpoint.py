@@ -54,7 +54,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 
 def provenance() -> dict[str, str]:
-    return {"gvsl_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
+    return {"gvsl_version": __version__, "torch_version": str(torch.__version__), "python": platform.python_version(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -81,7 +81,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
 
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of options (command-line flags override it)")
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -92,7 +92,7 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
         elif f.name in ("crop", "spacing"):
             kind = int if f.name == "crop" else float
             parser.add_argument(flag, type=kind, nargs="+" if f.name == "spacing" else 3, default=None,
-                                metavar="D H W" if f.name == "crop" else "MM",
+                                metavar=("D", "H", "W") if f.name == "crop" else "MM",
                                 help=f"{help_text} (default: {' '.join(map(str, f.default))})")
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 import torch
+from monai.transforms import Transform
 from torch.utils.data import Dataset
 
 from . import geometry
@@ -126,8 +127,8 @@ class Preprocessing:
         return torch.from_numpy(normalise(sitk.GetArrayFromImage(image), self.normalize))
 
 
-class _CacheItem:
-    """What PersistentDataset hashes: the file's identity plus the preprocessing."""
+class _CacheItem(Transform):
+    """Deterministic, so PersistentDataset caches its result (it re-runs plain callables every time)."""
 
     def __init__(self, preprocessing: Preprocessing):
         self.preprocessing = preprocessing

@@ -196,9 +196,8 @@ def train(cfg: PretrainConfig) -> GVSL:
         save_last(step)
         if dist.is_main:
             final = checkpoint.save(out / FINAL, model, "pretrain", {**meta, "steps": step})
-            if cfg.progress:
-                print(f"Pre-trained model: {final.resolve()}\nLogs: {logbook.path.resolve()} and "
-                      f"{(out / 'tensorboard').resolve()}")
+            print(f"Pre-trained model: {final.resolve()}\nLogs: {logbook.path.resolve()} and "
+                  f"{(out / 'tensorboard').resolve()}")
     dist.barrier()
     return model
 
