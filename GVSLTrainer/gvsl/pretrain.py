@@ -71,6 +71,43 @@ def _as_list(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
+class TrainingStep:
+    """Augment a batch of pairs on the device, then one optimisation step (the benchmark times this too)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 loss_fn: GVSLLoss, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                 aug_cfg: augment.AugmentConfig | None = None):
+        self.model, self.optimizer, self.scaler, self.loss_fn = model, optimizer, scaler, loss_fn
+        self.amp_dtype, self.channels_last = amp_dtype, channels_last
+        self.aug_cfg = aug_cfg or augment.AugmentConfig()
+        self.device = next(model.parameters()).device
+
+    def augment(self, fixed: torch.Tensor, moving: torch.Tensor, gen: torch.Generator):
+        fixed = fixed.to(self.device, non_blocking=True)
+        moving = moving.to(self.device, non_blocking=True)
+        with torch.no_grad():
+            views = augment.pretraining_views(fixed, moving, gen, self.aug_cfg)
+        if self.channels_last:
+            views = tuple(t.contiguous(memory_format=torch.channels_last_3d) for t in views)
+        return views
+
+    def optimise(self, fixed: torch.Tensor, damaged: torch.Tensor, moving: torch.Tensor) -> dict[str, torch.Tensor]:
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            result = self.model(damaged, moving)
+            terms = self.loss_fn(fixed, result.warped, result.restored, result.displacement)
+        if torch.isfinite(terms["total"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(terms["total"]).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return {k: v.detach() for k, v in terms.items()}
+
+    def __call__(self, fixed: torch.Tensor, moving: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return self.optimise(*self.augment(fixed, moving, gen))
+
+
 def train(cfg: PretrainConfig) -> GVSL:
     """Run (or resume) pre-training; returns the trained network (unwrapped, on its device)."""
     dist = runtime.init_distributed(cfg.device)
@@ -123,11 +160,11 @@ def train(cfg: PretrainConfig) -> GVSL:
                         sampler=data.StepSampler(start, cfg.steps, cfg.batch_size, dist.rank, dist.world_size),
                         num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
-    loss_fn = GVSLLoss(cfg.ncc_weight, cfg.smooth_weight, cfg.mse_weight, cfg.ncc_window)
-    aug_cfg = augment.AugmentConfig()
+    stepper = TrainingStep(ddp, optimizer, scaler, GVSLLoss(cfg.ncc_weight, cfg.smooth_weight, cfg.mse_weight,
+                                                           cfg.ncc_window), amp_dtype, cfg.channels_last)
     gen = torch.Generator(device=device)
     meta = model_meta(cfg, store.paths)
-    logbook = TrainingLog(out, start, [*LOSS_TERMS, "steps_per_s", "data_share"], enabled=dist.is_main)
+    logbook = TrainingLog(out, start, [*LOSS_TERMS, "steps_per_s", "data_wait_share"], enabled=dist.is_main)
 
     def save_last(step: int) -> None:
         if dist.is_main:
@@ -146,26 +183,12 @@ def train(cfg: PretrainConfig) -> GVSL:
         t_wait = time.perf_counter()
         for fixed, moving in loader:
             data_time += time.perf_counter() - t_wait
-            fixed = fixed.to(device, non_blocking=True)
-            moving = moving.to(device, non_blocking=True)
             gen.manual_seed(step_seed(cfg.seed, step, dist.rank))
-            with torch.no_grad():
-                fixed, damaged, moving = augment.pretraining_views(fixed, moving, gen, aug_cfg)
-            if cfg.channels_last:
-                fixed, damaged, moving = (t.contiguous(memory_format=torch.channels_last_3d)
-                                          for t in (fixed, damaged, moving))
-            autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-            with autocast:
-                result = ddp(damaged, moving)
-                terms = loss_fn(fixed, result.warped, result.restored, result.displacement)
+            terms = stepper(fixed, moving, gen)
             if not torch.isfinite(terms["total"]):
                 raise TrainingError(f"the loss became {terms['total'].item()} at step {step + 1} "
                                     f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
                                     f"try a lower --lr, or resume from {last}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["total"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
             step += 1
             window_steps += 1
             for k in LOSS_TERMS:
@@ -174,7 +197,7 @@ def train(cfg: PretrainConfig) -> GVSL:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
                 values = {k: v / window_steps for k, v in sums.items()}
-                values.update(steps_per_s=window_steps / elapsed, data_share=data_time / elapsed)
+                values.update(steps_per_s=window_steps / elapsed, data_wait_share=data_time / elapsed)
                 logbook.write(step, values)
                 bar.set_postfix(loss=f"{values['total']:.4f}", ncc=f"{values['ncc']:.4f}",
                                 mse=f"{values['mse']:.4f}")
