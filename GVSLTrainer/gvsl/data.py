@@ -99,6 +99,26 @@ def read_volume(path: str | Path) -> sitk.Image:
     return image
 
 
+def read_labels(path: str | Path) -> sitk.Image:
+    """Read a 3D label map (integer values; float files are rounded), naming the file on any problem."""
+    path = Path(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise DataError(f"{path}: cannot be read as a label map ({str(e).strip().splitlines()[-1]})") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(f"{path}: a label map must be a 3D scalar image, got {image.GetDimension()}D with "
+                        f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(array).all() or array.min() < 0:
+        raise DataError(f"{path}: a label map needs finite, non-negative values")
+    if image.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkInt16, sitk.sitkInt32):
+        rounded = sitk.GetImageFromArray(np.rint(array).astype(np.uint32))
+        rounded.CopyInformation(image)
+        image = rounded
+    return image
+
+
 def normalise(array: np.ndarray, preset: str) -> np.ndarray:
     """Intensities to [0, 1]: ``ct`` clips Hounsfield units to [-1024, 1024]; ``mr`` clips percentiles."""
     array = array.astype(np.float32, copy=False)

@@ -27,3 +27,9 @@ def package_file(package: str, relative: str) -> Path:
 def demo_paths() -> list[Path]:
     """The demo volumes (MR T1 brains)."""
     return [package_file(pkg, rel) for pkg, rel in DEMO_VOLUMES]
+
+
+def demo_registration_pair() -> tuple[Path, Path]:
+    """(fixed, moving): the MNI template and a real subject's T1 (different size, spacing and person)."""
+    t1, head = demo_paths()
+    return t1, head

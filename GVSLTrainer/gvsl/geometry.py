@@ -40,3 +40,90 @@ def canonical(image: sitk.Image, spacing: float | Sequence[float] | None,
     pixel = image.GetPixelID() if interpolator == sitk.sitkNearestNeighbor else sitk.sitkFloat32
     return sitk.Resample(image, [int(s) for s in new_size], sitk.Transform(), interpolator, origin.tolist(),
                          new_spacing.tolist(), image.GetDirection(), background, pixel)
+
+
+def index_to_physical(image: sitk.Image) -> np.ndarray:
+    """4x4 matrix taking a voxel index (x, y, z, 1) to an LPS point in mm."""
+    m = np.eye(4)
+    m[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    m[:3, 3] = image.GetOrigin()
+    return m
+
+
+def working_grid(reference: sitk.Image, spacing: float, max_size: int | None = None) -> sitk.Image:
+    """An empty isotropic grid over ``reference``'s extent, in its (flip-canonical) orientation.
+
+    ``max_size`` caps the voxels per axis by coarsening the spacing.
+    """
+    reference = sitk.DICOMOrient(reference, CANONICAL_ORIENTATION)
+    extent = np.array(reference.GetSize()) * np.array(reference.GetSpacing())
+    if max_size:
+        spacing = max(spacing, float(extent.max()) / max_size)
+    size = np.maximum(8, np.round(extent / spacing)).astype(int)
+    grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
+    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    # the same physical box: the first voxel's outer corner stays put
+    corner = np.array(reference.GetOrigin()) - direction @ (np.array(reference.GetSpacing()) / 2)
+    grid.SetOrigin((corner + direction @ (np.full(3, spacing) / 2)).tolist())
+    grid.SetSpacing([spacing] * 3)
+    grid.SetDirection(reference.GetDirection())
+    return grid
+
+
+def resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None,
+             interpolator: int = sitk.sitkLinear, default: float | None = None) -> sitk.Image:
+    """``image`` on ``grid``; ``transform`` maps grid points to image points (ITK's direction)."""
+    if default is None:
+        default = float(sitk.GetArrayViewFromImage(image).min())
+    pixel = image.GetPixelID() if interpolator == sitk.sitkNearestNeighbor else sitk.sitkFloat32
+    return sitk.Resample(image, grid, transform or sitk.Transform(), interpolator, default, pixel)
+
+
+def affine_transform(matrix: np.ndarray) -> sitk.AffineTransform:
+    """A 4x4 physical (LPS, mm) matrix as an ITK affine transform."""
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(matrix[:3, :3].flatten().tolist())
+    t.SetTranslation(matrix[:3, 3].tolist())
+    return t
+
+
+def transform_matrix(transform: sitk.Transform) -> np.ndarray:
+    """4x4 matrix of a linear ITK transform (affine, Euler, versor, translation...)."""
+    if transform.GetName() == "TranslationTransform":
+        m = np.eye(4)
+        m[:3, 3] = transform.GetOffset()
+        return m
+    t = _as_affine(transform)
+    m = np.eye(4)
+    a = np.array(t.GetMatrix()).reshape(3, 3)
+    c = np.array(t.GetCenter())
+    m[:3, :3] = a
+    m[:3, 3] = np.array(t.GetTranslation()) + c - a @ c
+    return m
+
+
+def _as_affine(transform: sitk.Transform) -> sitk.AffineTransform:
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(transform.GetMatrix())
+    t.SetTranslation(transform.GetTranslation())
+    t.SetCenter(transform.GetCenter())
+    return t
+
+
+def voxel_matrix_to_physical(voxel_matrix: np.ndarray, grid: sitk.Image) -> np.ndarray:
+    """A 3x4 centred voxel matrix of ``gvsl.spatial`` on ``grid`` as a 4x4 physical (LPS) matrix."""
+    centre = (np.array(grid.GetSize()) - 1) / 2
+    a = np.eye(4)
+    a[:3, :3] = voxel_matrix[:, :3]
+    a[:3, 3] = voxel_matrix[:, 3] + centre - voxel_matrix[:, :3] @ centre
+    phi = index_to_physical(grid)
+    return phi @ a @ np.linalg.inv(phi)
+
+
+def displacement_image(displacement_zyx: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    """A (3, D, H, W) voxel displacement (channels z, y, x) on ``grid`` as an LPS mm vector image."""
+    xyz = np.moveaxis(displacement_zyx[::-1], 0, -1)  # (D, H, W, 3) in x, y, z voxels
+    linear = np.array(grid.GetDirection()).reshape(3, 3) @ np.diag(grid.GetSpacing())
+    image = sitk.GetImageFromArray((xyz @ linear.T).astype(np.float64), isVector=True)
+    image.CopyInformation(grid)
+    return image

@@ -131,3 +131,57 @@ def voxel_points(shape: tuple[int, ...], device=None, dtype=torch.float32) -> to
     z, y, x = torch.meshgrid(torch.arange(d, device=device, dtype=dtype), torch.arange(h, device=device, dtype=dtype),
                              torch.arange(w, device=device, dtype=dtype), indexing="ij")
     return torch.stack([x, y, z], dim=-1)
+
+
+# Resolution-independent forms, used where one transform is applied at several resolutions
+# (coarse-to-fine registration): a normalised displacement is grid_sample units in (x, y, z)
+# channel order; it means the same motion on every grid that spans the same extent.
+
+def displacement_to_normalised(displacement: torch.Tensor) -> torch.Tensor:
+    """Voxels, (z, y, x) channels -> normalised units, (x, y, z) channels."""
+    s = half_extent(tuple(displacement.shape[2:]), displacement.device, displacement.dtype)
+    return displacement.flip(1) / s.reshape(1, 3, 1, 1, 1)
+
+
+def displacement_from_normalised(field: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Normalised (x, y, z) -> voxels of a grid of ``shape`` (default: the field's), (z, y, x) channels,
+    resampled to that grid when sizes differ."""
+    shape = tuple(shape or field.shape[2:])
+    if tuple(field.shape[2:]) != shape:
+        field = upsample(field, size=shape)
+    s = half_extent(shape, field.device, field.dtype)
+    return (field * s.reshape(1, 3, 1, 1, 1)).flip(1)
+
+
+def resize(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The same extent on a grid of ``shape`` (corner voxel centres kept, as everywhere here)."""
+    return upsample(image, size=tuple(shape))
+
+
+def normalised_grid(shape: tuple[int, ...], theta: torch.Tensor | None = None,
+                    field: torch.Tensor | None = None) -> torch.Tensor:
+    """Grid sampling at ``theta(u + field(u))`` for normalised coordinates u of a grid of ``shape``."""
+    ref = theta if theta is not None else field
+    grid = identity_grid(shape, ref.device, ref.dtype)
+    if field is not None:
+        if tuple(field.shape[2:]) != tuple(shape):
+            field = upsample(field, size=tuple(shape))
+        grid = grid + field.movedim(1, -1)
+    if theta is not None:
+        grid = torch.einsum("nij,n...j->n...i", theta[:, :, :3], grid) + theta[:, None, None, None, :, 3]
+    return grid
+
+
+def sample(image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
+           padding_mode: str = "zeros") -> torch.Tensor:
+    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode,
+                         align_corners=ALIGN_CORNERS)
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring of a stationary velocity field (normalised units): a diffeomorphic displacement."""
+    field = velocity / (2 ** steps)
+    for _ in range(steps):
+        grid = identity_grid(tuple(field.shape[2:]), field.device, field.dtype) + field.movedim(1, -1)
+        field = field + sample(field, grid, padding_mode="border")
+    return field

@@ -1,0 +1,76 @@
+"""Known deformations of real anatomy, made with SimpleITK only (independent of gvsl's own code)."""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from gvsl.demo import package_file
+
+
+def mni(name: str) -> sitk.Image:
+    path = package_file("nilearn", f"datasets/data/mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz")
+    return sitk.ReadImage(str(path), sitk.sitkFloat32)
+
+
+def tissue_labels() -> sitk.Image:
+    """1 = grey matter, 2 = white matter, from the MNI probability maps."""
+    gm, wm = mni("gm"), mni("wm")
+    return sitk.Cast(sitk.Mask(gm > 0.5, wm <= 0.5) + 2 * (wm > 0.5), sitk.sitkUInt8)
+
+
+def oblique_grid(centre, size=(64, 76, 50), spacing=(2.6, 2.4, 3.2), versor=((0.2, 1.0, 0.3), 0.3)) -> sitk.Image:
+    """An oblique, anisotropic, non-cubic grid centred on ``centre``."""
+    grid = sitk.Image(list(size), sitk.sitkFloat32)
+    grid.SetSpacing(spacing)
+    rot = np.array(sitk.VersorTransform(*versor).GetMatrix()).reshape(3, 3)
+    grid.SetDirection(rot.flatten().tolist())
+    half = (np.array(size) - 1) * np.array(spacing) / 2
+    grid.SetOrigin((np.array(centre) - rot @ half).tolist())
+    return grid
+
+
+def known_transform(reference: sitk.Image, seed: int = 0, max_field_mm: float = 8.0) -> sitk.CompositeTransform:
+    """fixed -> moving: a random affine within the network head's bounds after a smooth displacement field."""
+    rng = np.random.default_rng(seed)
+    rot = rng.uniform(-1, 1, 3) * np.radians(15)
+    scale = rng.uniform(0.88, 1.12, 3)
+    shear = np.eye(3) + np.triu(rng.uniform(-1, 1, (3, 3)) * np.tan(np.radians(5)), 1)
+    linear = np.array(sitk.Euler3DTransform((0, 0, 0), *rot).GetMatrix()).reshape(3, 3) @ shear @ np.diag(scale)
+    affine = sitk.AffineTransform(linear.flatten().tolist(), rng.uniform(-6, 6, 3).tolist(),
+                                  reference.TransformContinuousIndexToPhysicalPoint(
+                                      ((np.array(reference.GetSize()) - 1) / 2).tolist()))
+    coarse = sitk.Image([16, 16, 16], sitk.sitkVectorFloat64, 3)
+    extent = np.array(reference.GetSize()) * np.array(reference.GetSpacing())
+    coarse.SetSpacing((extent / 15).tolist())
+    coarse.SetDirection(reference.GetDirection())
+    coarse.SetOrigin(reference.GetOrigin())
+    noise = sitk.GetImageFromArray(rng.standard_normal((16, 16, 16, 3)), isVector=True)
+    noise.CopyInformation(coarse)
+    smooth = sitk.SmoothingRecursiveGaussian(noise, float(extent.max() / 15 * 1.5))
+    arr = sitk.GetArrayFromImage(smooth)
+    arr *= max_field_mm / np.abs(arr).max()
+    field = sitk.GetImageFromArray(arr, isVector=True)
+    field.CopyInformation(coarse)
+    # a dense field on the reference grid (ITK's B-spline-free way to make it smooth everywhere)
+    dense = sitk.Resample(field, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+    return sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(dense)])
+
+
+def transform_field(transform: sitk.Transform, grid: sitk.Image) -> np.ndarray:
+    """(D, H, W, 3) displacement of ``transform`` at every voxel of ``grid``, LPS mm."""
+    return sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
+        transform, sitk.sitkVectorFloat64, grid.GetSize(), grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection()))
+
+
+def synthetic_pair(seed: int = 0, moving_spacing: float = 1.5):
+    """(fixed, moving, fixed_labels, moving_labels, truth): fixed(x) = moving(truth(x))."""
+    t1, labels = mni("t1"), tissue_labels()
+    moving = sitk.Resample(t1, [int(round(s / moving_spacing)) for s in np.array(t1.GetSize())],
+                           sitk.Transform(), sitk.sitkLinear, t1.GetOrigin(), [moving_spacing] * 3,
+                           t1.GetDirection(), 0.0)
+    centre = t1.TransformContinuousIndexToPhysicalPoint(((np.array(t1.GetSize()) - 1) / 2).tolist())
+    grid = oblique_grid(centre)
+    truth = known_transform(grid, seed)
+    fixed = sitk.Resample(t1, grid, truth, sitk.sitkLinear, 0.0)
+    fixed_labels = sitk.Resample(labels, grid, truth, sitk.sitkNearestNeighbor, 0)
+    return fixed, moving, fixed_labels, labels, truth

@@ -1,0 +1,183 @@
+"""Registration in physical space, checked point by point against transforms made with SimpleITK."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from gvsl import checkpoint, geometry, spatial
+from gvsl.networks import GVSL
+from gvsl.registration import RegistrationError, RegistrationOptions, register
+
+import synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "GVSLTrainer" / "register.py"
+
+
+def oblique_anisotropic_grid(size=(30, 22, 14), spacing=(1.1, 1.7, 2.6)):
+    return synthetic.oblique_grid((5.0, -3.0, 12.0), size, spacing, ((0.5, -0.3, 1.0), 0.6))
+
+
+def test_voxel_matrix_maps_points_like_the_physical_affine():
+    grid = oblique_anisotropic_grid()
+    g = torch.Generator().manual_seed(0)
+    m = spatial.affine_from_parameters(torch.rand(1, 3, generator=g) * 0.3, 1 + torch.rand(1, 3, generator=g) * 0.2,
+                                       torch.rand(1, 3, generator=g) * 3, torch.rand(1, 6, generator=g) * 0.1)[0].double()
+    phys = geometry.voxel_matrix_to_physical(m.numpy(), grid)
+    c = (np.array(grid.GetSize()) - 1) / 2
+    for p in [(0, 0, 0), (29, 21, 13), (7.5, 3.2, 9.0)]:
+        q = m[:, :3].numpy() @ (np.array(p) - c) + c + m[:, 3].numpy()  # voxel (x, y, z) that p samples
+        expected = grid.TransformContinuousIndexToPhysicalPoint(q.tolist())
+        got = phys @ np.append(grid.TransformContinuousIndexToPhysicalPoint(p), 1)
+        np.testing.assert_allclose(got[:3], expected, atol=1e-9)
+
+
+def test_displacement_image_resamples_like_the_network_warp():
+    grid = oblique_anisotropic_grid()
+    rng = np.random.default_rng(1)
+    img = sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(rng.random(grid.GetSize()[::-1])), 2.0)
+    img.CopyInformation(grid)
+    disp = torch.nn.functional.avg_pool3d(torch.randn(1, 3, *grid.GetSize()[::-1], dtype=torch.float64) * 6, 5, 1, 2)
+    ours = spatial.warp(torch.from_numpy(sitk.GetArrayFromImage(img))[None, None], None, disp,
+                        padding_mode="border")[0, 0].numpy()
+    field = geometry.displacement_image(disp[0].numpy(), grid)
+    tfm = sitk.DisplacementFieldTransform(sitk.Image(field))
+    ref = sitk.GetArrayFromImage(sitk.Resample(img, grid, tfm, sitk.sitkLinear, 0.0))
+    ones = sitk.Image(grid.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(grid)
+    inside = sitk.GetArrayFromImage(sitk.Resample(ones, grid, tfm, sitk.sitkNearestNeighbor, 0)) > 0
+    assert inside.mean() > 0.5
+    np.testing.assert_allclose(ours[inside], ref[inside], atol=1e-6)
+
+
+def test_working_grid_covers_the_fixed_extent():
+    fixed = oblique_anisotropic_grid()
+    grid = geometry.working_grid(fixed, 2.0)
+    assert grid.GetSpacing() == (2.0, 2.0, 2.0)
+    corners = [fixed.TransformContinuousIndexToPhysicalPoint(
+        [(-0.5 if bit == "0" else n - 0.5) for bit, n in zip(f"{i:03b}", fixed.GetSize())]) for i in range(8)]
+    idx = np.array([grid.TransformPhysicalPointToContinuousIndex(c) for c in corners])
+    np.testing.assert_allclose(idx.min(axis=0), -0.5, atol=1e-6)  # the same box ...
+    np.testing.assert_allclose(idx.max(axis=0), np.array(grid.GetSize()) - 0.5, atol=0.5)  # ... to a voxel
+
+
+@pytest.fixture(scope="module")
+def recovered(tmp_path_factory):
+    """Register a known deformation of real anatomy once, through the command line, on files."""
+    tmp = tmp_path_factory.mktemp("registration")
+    fixed, moving, fixed_labels, moving_labels, truth = synthetic.synthetic_pair(seed=0)
+    paths = {}
+    for name, img in dict(fixed=fixed, moving=moving, fixed_labels=fixed_labels, moving_labels=moving_labels).items():
+        paths[name] = tmp / f"{name}.nrrd"
+        sitk.WriteImage(img, str(paths[name]))
+    out = tmp / "out"
+    res = subprocess.run([sys.executable, str(SCRIPT), "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]),
+                          "--fixed-labels", str(paths["fixed_labels"]), "--moving-labels", str(paths["moving_labels"]),
+                          "--output-dir", str(out), "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    return dict(out=out, fixed=fixed, moving=moving, truth=truth, stdout=res.stdout)
+
+
+def brain_mask(fixed):
+    arr = sitk.GetArrayFromImage(fixed)
+    return arr > 0.15 * arr.max()
+
+
+def test_recovers_a_known_affine_and_field_point_by_point(recovered):
+    fixed = recovered["fixed"]
+    est = sitk.ReadTransform(str(recovered["out"] / "transform.h5"))
+    err = np.linalg.norm(synthetic.transform_field(est, fixed) - synthetic.transform_field(recovered["truth"], fixed), axis=-1)
+    inside = err[brain_mask(fixed)]
+    assert inside.mean() < 1.5, inside.mean()
+    assert np.percentile(inside, 90) < 3.0
+
+
+def test_tissue_dice_and_folding(recovered):
+    m = json.loads((recovered["out"] / "metrics.json").read_text())
+    assert m["dice_after"]["2"] >= 0.9  # white matter
+    assert m["dice_after"]["1"] >= 0.8  # grey matter: a 2-3 mm thin ribbon on a 2.4-3.2 mm grid
+    assert m["dice_after"]["1"] > m["dice_before"]["1"] + 0.5 and m["dice_after"]["2"] > m["dice_before"]["2"] + 0.15
+    assert m["folding_percent"] < 0.1
+    assert m["ncc_after"] > m["ncc_before"]
+    assert m["device"] == "cpu" and m["runtime_s"] > 0
+
+
+def test_inverse_composed_with_forward_is_identity(recovered):
+    fixed = recovered["fixed"]
+    fwd = sitk.ReadTransform(str(recovered["out"] / "transform.h5"))
+    inv = sitk.ReadTransform(str(recovered["out"] / "inverse.h5"))
+    round_trip = sitk.CompositeTransform([inv, fwd])
+    err = np.linalg.norm(synthetic.transform_field(round_trip, fixed), axis=-1)[brain_mask(fixed)]
+    assert err.mean() < 0.3
+    m = json.loads((recovered["out"] / "metrics.json").read_text())
+    assert m["inverse_consistency_mm"]["mean"] < 0.3
+
+
+def test_plain_simpleitk_reproduces_the_outputs(recovered):
+    out, fixed, moving = recovered["out"], recovered["fixed"], recovered["moving"]
+    warped = sitk.ReadImage(str(out / "warped.nii.gz"))
+    again = sitk.Resample(moving, fixed, sitk.ReadTransform(str(out / "transform.h5")), sitk.sitkLinear, 0.0,
+                          sitk.sitkFloat32)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(warped), atol=1e-3)
+    # the two parts: displacement first, then the affine
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    parts = sitk.CompositeTransform([sitk.ReadTransform(str(out / "affine.tfm")), sitk.DisplacementFieldTransform(field)])
+    np.testing.assert_allclose(synthetic.transform_field(parts, fixed),
+                               synthetic.transform_field(sitk.ReadTransform(str(out / "transform.h5")), fixed), atol=1e-4)
+    labels = sitk.ReadImage(str(out / "warped_labels.nii.gz"))
+    assert labels.GetSize() == fixed.GetSize() and labels.GetDirection() == pytest.approx(fixed.GetDirection())
+    assert (out / "report.png").stat().st_size > 10_000
+    assert "report.png" in recovered["stdout"]
+
+
+def tiny_pair():
+    head = sitk.ReadImage(str(synthetic.package_file("nibabel", "tests/data/anatomical.nii")), sitk.sitkFloat32)
+    moving = sitk.Resample(head, head, sitk.Euler3DTransform((0, 0, 0), 0.1, 0, 0, (2.0, 0, 0)), sitk.sitkLinear, 0.0)
+    return head, moving
+
+
+@pytest.mark.parametrize("source", ["project", "official"])
+def test_a_network_starts_the_optimisation(tmp_path, source):
+    torch.manual_seed(0)
+    net = GVSL(width=4)
+    path = tmp_path / "model.pt"
+    if source == "project":
+        checkpoint.save(path, net, "pretrain", {"width": 4, "normalize": "mr", "spacing": [4.0] * 3})
+    else:
+        torch.save(net.state_dict(), path)
+    fixed, moving = tiny_pair()
+    res = register(fixed, moving, model=checkpoint.load(path),
+                   options=RegistrationOptions(iterations=8, spacing=4.0, normalize="mr"))
+    assert res.metrics["model"] == str(path)
+    assert res.warped.GetSize() == fixed.GetSize()
+    assert res.metrics["folding_percent"] < 1
+
+
+def test_no_overlap_is_an_error():
+    fixed, _ = tiny_pair()
+    speck = sitk.Image([6, 6, 6], sitk.sitkFloat32) + 1.0  # a 6 mm cube against a whole head
+    speck[3, 3, 3] = 5.0
+    with pytest.raises(RegistrationError, match="does not overlap"):
+        register(fixed, speck, options=RegistrationOptions(iterations=2, spacing=4.0))
+
+
+@pytest.mark.parametrize("what", ["2d", "model"])
+def test_cli_errors_leave_no_output(tmp_path, bad_files, anatomical_path, what):
+    out = tmp_path / "out"
+    args = ["--fixed", str(anatomical_path), "--moving", str(anatomical_path), "--output-dir", str(out), "--no-progress"]
+    if what == "2d":
+        args[3] = str(bad_files["2d"])
+        expected = "slice.nii.gz: is a 2D image"
+    else:
+        other = tmp_path / "resnet.pth"
+        torch.save({"conv1.weight": torch.zeros(2)}, other)
+        args += ["--model", str(other)]
+        expected = "resnet.pth: a PyTorch state_dict, but not of a GVSL model"
+    res = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and expected in res.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
