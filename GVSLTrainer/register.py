@@ -35,8 +35,9 @@ def parse(argv=None) -> argparse.Namespace:
                                                                "model's, else 2)")
     p.add_argument("--normalize", choices=("auto", "ct", "mr"), default="auto",
                    help="intensity preset (auto: ct when the fixed image holds Hounsfield units)")
-    p.add_argument("--initialisation", choices=("moments", "geometry"), default="moments",
-                   help="initial alignment: centres of intensity mass, or geometric centres")
+    p.add_argument("--initialisation", choices=("moments", "geometry", "none"), default="moments",
+                   help="initial alignment: centres of intensity mass, geometric centres, or none (trust the "
+                        "images' physical positions)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto picks cuda, then mps, then cpu")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = p.parse_args(argv)

