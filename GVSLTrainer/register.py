@@ -30,7 +30,7 @@ def parse(argv=None) -> argparse.Namespace:
                                    "prediction starts the optimisation; omitted: start from the identity")
     p.add_argument("--fixed-labels", help="label map on the fixed image, for Dice")
     p.add_argument("--moving-labels", help="label map on the moving image, warped with the result")
-    p.add_argument("--iterations", type=int, default=None, help="deformable optimisation iterations (default 160)")
+    p.add_argument("--iterations", type=int, default=None, help="deformable optimisation iterations over all levels (default 100)")
     p.add_argument("--spacing", type=float, default=None, help="working grid spacing in mm (default: the "
                                                                "model's, else 2)")
     p.add_argument("--normalize", choices=("auto", "ct", "mr"), default="auto",

@@ -2,8 +2,9 @@
 
 Pipeline: initial alignment (centres of geometry or of intensity mass) -> both images on one
 isotropic working grid over the fixed image -> optionally the GVSL network's affine and
-displacement prediction -> instance optimisation (Adam over a 12-parameter affine at half
-resolution, then a stationary velocity field, local NCC + smoothness, early stopping) -> ITK
+displacement prediction -> instance optimisation (Adam over a 12-parameter affine at quarter
+resolution, then a stationary velocity field coarse to fine, local NCC + smoothness, early
+stopping) -> ITK
 transforms that map fixed-space points to moving-space points (LPS, mm).
 
 The network and the optimiser only see the working grid; ``gvsl.geometry`` turns their results
@@ -38,14 +39,16 @@ class RegistrationError(ValueError):
 class RegistrationOptions:
     spacing: float | None = None  # working grid, mm; default: the model's, else 2 mm
     max_size: int = 160  # voxels per axis of the working grid at most
-    iterations: int = 160  # deformable iterations, 3/4 at half resolution (the affine stage: half as many)
+    iterations: int = 100  # deformable iterations over all levels (the affine stage: half as many)
     initialisation: str = "moments"  # see INITIALISATIONS
     normalize: str = "auto"  # ct | mr | auto (ct when the fixed image holds Hounsfield-like values)
     ncc_window: int = 7
     smooth_weight: float = 1.0
     affine_lr: float = 0.01
     deform_lr: float = 0.02
-    control_stride: int = 2  # velocity field at 1/stride of the working resolution
+    # deformable levels: (image shrink, velocity-grid shrink, share of the iterations), coarse to fine
+    levels: tuple = ((4, 8, 0.45), (2, 4, 0.45), (1, 4, 0.1))
+    affine_shrink: float = 4.0  # the affine stage runs on images shrunk by this factor
     tolerance: float = 1e-5  # early stopping: relative loss change over `patience` iterations
     patience: int = 20
     device: str = "auto"
@@ -122,8 +125,8 @@ class _Stopper:
 
 def _affine_stage(fixed: torch.Tensor, moving: torch.Tensor, theta0: torch.Tensor, opts: RegistrationOptions,
                   iterations: int, report: Callable[[float], None]) -> torch.Tensor:
-    """Adam over the 12 normalised affine parameters at half resolution."""
-    shape = tuple(max(8, s // 2) for s in fixed.shape[2:])
+    """Adam over the 12 normalised affine parameters on shrunk images."""
+    shape = tuple(max(8, round(s / opts.affine_shrink)) for s in fixed.shape[2:])
     f, m = _smooth_resize(fixed, shape), _smooth_resize(moving, shape)
     delta = torch.zeros_like(theta0, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=opts.affine_lr)
@@ -142,18 +145,20 @@ def _affine_stage(fixed: torch.Tensor, moving: torch.Tensor, theta0: torch.Tenso
 
 def _deformable_stage(fixed: torch.Tensor, moving: torch.Tensor, theta: torch.Tensor, velocity0: torch.Tensor,
                       opts: RegistrationOptions, iterations: int, report: Callable[[float], None]) -> torch.Tensor:
-    """Adam over a stationary velocity field (normalised units) at 1/stride resolution, first against
-    half-resolution images (cheap, most iterations), then against the full working grid."""
+    """Adam over a stationary velocity field, coarse to fine: at each level the images are shrunk by
+    one factor and the velocity lives on a grid shrunk by another. The velocity is kept in normalised
+    units, so it carries over from level to level by plain resizing."""
     full = tuple(fixed.shape[2:])
-    half = tuple(max(8, s // 2) for s in full)
-    coarse_iters = (3 * iterations) // 4
-    levels = [(half, coarse_iters), (full, iterations - coarse_iters)]
-    velocity = velocity0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([velocity], lr=opts.deform_lr / max(full))
-    units = spatial.half_extent(tuple(velocity.shape[2:]), fixed.device).reshape(1, 3, 1, 1, 1)  # -> control voxels
+    velocity = velocity0
     done = 0
-    for shape, n in levels:
+    for image_shrink, control_shrink, share in opts.levels:
+        n = max(1, round(share * iterations))
+        shape = tuple(max(8, round(s / image_shrink)) for s in full)
+        control = tuple(max(4, round(s / control_shrink)) for s in full)
         f, m = (fixed, moving) if shape == full else (_smooth_resize(fixed, shape), _smooth_resize(moving, shape))
+        velocity = spatial.resize(velocity.detach(), control).requires_grad_(True)
+        opt = torch.optim.Adam([velocity], lr=opts.deform_lr / max(control))
+        units = spatial.half_extent(control, fixed.device).reshape(1, 3, 1, 1, 1)  # -> control voxels
         stop = _Stopper(opts.tolerance, opts.patience)
         for _ in range(n):
             disp = spatial.integrate_velocity(velocity)
@@ -163,7 +168,7 @@ def _deformable_stage(fixed: torch.Tensor, moving: torch.Tensor, theta: torch.Te
             loss.backward()
             opt.step()
             done += 1
-            report(done / iterations)
+            report(min(1.0, done / iterations))
             if stop(loss.item()):
                 break
     return spatial.integrate_velocity(velocity.detach())
@@ -237,7 +242,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     f_t = _to_tensor(f_img, preset, device)
     m_t = _to_tensor(m_img, preset, device)
     shape = tuple(f_t.shape[2:])
-    control = tuple(max(4, s // opts.control_stride) for s in shape)
+    control = tuple(max(4, round(s / opts.levels[0][1])) for s in shape)
 
     # 2. the network's prediction, or the identity
     theta = spatial.to_normalised(spatial.identity_matrix(1, device), shape)
