@@ -32,7 +32,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--moving-labels", help="label map on the moving image, warped with the result")
     p.add_argument("--iterations", type=int, default=None, help="deformable optimisation iterations over all levels (default 100)")
     p.add_argument("--spacing", type=float, default=None, help="working grid spacing in mm (default: the "
-                                                               "model's, else 2)")
+                        "model's, else the fixed image's median spacing, at least 2)")
     p.add_argument("--normalize", choices=("auto", "ct", "mr"), default="auto",
                    help="intensity preset (auto: ct when the fixed image holds Hounsfield units)")
     p.add_argument("--initialisation", choices=("moments", "geometry", "none"), default="moments",
@@ -76,7 +76,7 @@ def job(args: argparse.Namespace) -> None:
             bar.update(round(100 * fraction) - bar.n)
 
         result = register(fixed, moving, fixed_labels, moving_labels, model, opts, progress)
-    files = save_registration(result, fixed, moving, out)
+    files = save_registration(result, fixed, out)
     m = result.metrics
     print(f"Registered {moving_path.name} to {fixed_path.name} in {m['runtime_s']} s on {m['device']}: "
           f"local NCC {m['ncc_before']} -> {m['ncc_after']}, folding {m['folding_percent']}%")

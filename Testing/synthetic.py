@@ -74,3 +74,10 @@ def synthetic_pair(seed: int = 0, moving_spacing: float = 1.5):
     fixed = sitk.Resample(t1, grid, truth, sitk.sitkLinear, 0.0)
     fixed_labels = sitk.Resample(labels, grid, truth, sitk.sitkNearestNeighbor, 0)
     return fixed, moving, fixed_labels, labels, truth
+
+
+def inside(image: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    """Voxels of ``image``'s grid whose transformed point falls inside ``image`` (SimpleITK's own rule)."""
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    return sitk.GetArrayFromImage(sitk.Resample(ones, image, transform, sitk.sitkNearestNeighbor, 0)) > 0

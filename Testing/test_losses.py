@@ -48,3 +48,11 @@ def test_loss_weights_apply():
     t2 = GVSLLoss(ncc_weight=2, smooth_weight=0, mse_weight=3)(img, torch.roll(img, 2, 2), img * 0.5, flow)
     assert t1["total"].item() == pytest.approx((t1["ncc"] + t1["smooth"] + t1["mse"]).item())
     assert t2["total"].item() == pytest.approx((2 * t1["ncc"] + 3 * t1["mse"]).item(), rel=1e-6)
+
+
+def test_box_mean_equals_average_pooling():
+    from gvsl.losses import box_mean
+    x = torch.rand(2, 3, 11, 14, 9, dtype=torch.float64)
+    for window in (3, 5, 9):
+        expected = torch.nn.functional.avg_pool3d(x, window, 1, window // 2, count_include_pad=True)
+        torch.testing.assert_close(box_mean(x, window), expected)

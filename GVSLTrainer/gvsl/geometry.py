@@ -87,29 +87,6 @@ def affine_transform(matrix: np.ndarray) -> sitk.AffineTransform:
     return t
 
 
-def transform_matrix(transform: sitk.Transform) -> np.ndarray:
-    """4x4 matrix of a linear ITK transform (affine, Euler, versor, translation...)."""
-    if transform.GetName() == "TranslationTransform":
-        m = np.eye(4)
-        m[:3, 3] = transform.GetOffset()
-        return m
-    t = _as_affine(transform)
-    m = np.eye(4)
-    a = np.array(t.GetMatrix()).reshape(3, 3)
-    c = np.array(t.GetCenter())
-    m[:3, :3] = a
-    m[:3, 3] = np.array(t.GetTranslation()) + c - a @ c
-    return m
-
-
-def _as_affine(transform: sitk.Transform) -> sitk.AffineTransform:
-    t = sitk.AffineTransform(3)
-    t.SetMatrix(transform.GetMatrix())
-    t.SetTranslation(transform.GetTranslation())
-    t.SetCenter(transform.GetCenter())
-    return t
-
-
 def voxel_matrix_to_physical(voxel_matrix: np.ndarray, grid: sitk.Image) -> np.ndarray:
     """A 3x4 centred voxel matrix of ``gvsl.spatial`` on ``grid`` as a 4x4 physical (LPS) matrix."""
     centre = (np.array(grid.GetSize()) - 1) / 2

@@ -28,6 +28,7 @@ from .losses import local_ncc, smoothness
 from .runtime import resolve_device
 
 INITIALISATIONS = ("moments", "geometry", "none")
+DEFAULT_SPACING = 2.0  # mm: finer working grids cost much more time for little accuracy
 Progress = Callable[[str, float], None]  # (stage, fraction of the whole job done)
 
 
@@ -37,7 +38,8 @@ class RegistrationError(ValueError):
 
 @dataclass
 class RegistrationOptions:
-    spacing: float | None = None  # working grid, mm; default: the model's, else 2 mm
+    spacing: float | None = None  # working grid, mm; default: the model's, else the fixed image's median
+    #                                spacing but no finer than DEFAULT_SPACING
     max_size: int = 160  # voxels per axis of the working grid at most
     iterations: int = 100  # deformable iterations over all levels (the affine stage: half as many)
     initialisation: str = "moments"  # see INITIALISATIONS
@@ -61,6 +63,8 @@ class RegistrationResult:
     transform: sitk.CompositeTransform  # fixed -> moving: affine(x + d(x))
     inverse: sitk.CompositeTransform  # moving -> fixed
     warped: sitk.Image  # moving on the fixed grid (linear)
+    before: sitk.Image  # moving on the fixed grid as the files place it (no registration), for comparison
+    jacobian: sitk.Image  # determinant of the fixed -> moving mapping's Jacobian on the fixed grid
     warped_labels: sitk.Image | None
     metrics: dict = field(default_factory=dict)
     working_grid: sitk.Image | None = None
@@ -226,7 +230,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     # 1. initial alignment and the working grid over the fixed image
     report("initial alignment", 0.0)
     init = initial_alignment(fixed, moving, opts.initialisation)
-    spacing = opts.spacing or (model.meta.get("spacing", [2.0])[0] if model is not None else 2.0)
+    spacing = opts.spacing or (model.meta.get("spacing", [DEFAULT_SPACING])[0] if model is not None
+                               else max(DEFAULT_SPACING, float(np.median(fixed.GetSpacing()))))
     grid = geometry.working_grid(fixed, float(spacing), opts.max_size)
     f_img = geometry.resample(fixed, grid)
     m_img = geometry.resample(moving, grid, geometry.affine_transform(init))
@@ -268,7 +273,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     field_f = _on_grid(field_w, fixed)
     forward = sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(sitk.Image(field_f))])
     # invert on the working grid (the field's own resolution), then bring it to the fixed grid
-    inverse_w = sitk.InvertDisplacementField(field_w, maximumNumberOfIterations=20,
+    inverse_w = sitk.InvertDisplacementField(field_w, maximumNumberOfIterations=10,
                                              maxErrorToleranceThreshold=0.01, meanErrorToleranceThreshold=0.001)
     inverse = sitk.CompositeTransform([sitk.DisplacementFieldTransform(_on_grid(inverse_w, fixed)),
                                        affine.GetInverse()])
@@ -276,16 +281,19 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     # 5. outputs and quality figures
     report("resampling", 0.92)
     warped = geometry.resample(moving, fixed, forward)
+    before = geometry.resample(moving, fixed)
     warped_labels = None
     if moving_labels is not None:
         warped_labels = geometry.resample(moving_labels, fixed, forward, sitk.sitkNearestNeighbor, 0)
-    metrics = quality(fixed, moving, warped, field_f, affine_m, forward, inverse, preset, opts.ncc_window,
+    jacobian = jacobian_determinant(field_f, float(np.linalg.det(affine_m[:3, :3])))
+    metrics = quality(fixed, before, warped, jacobian, forward, inverse, preset, opts.ncc_window,
                       fixed_labels, moving_labels, warped_labels)
     metrics.update(runtime_s=round(time.perf_counter() - start, 2), device=str(device),
                    working_grid={"size": list(grid.GetSize()), "spacing_mm": grid.GetSpacing()[0]},
                    model=str(model.path) if model is not None else None, normalize=preset)
     report("done", 1.0)
-    return RegistrationResult(affine, field_f, forward, inverse, warped, warped_labels, metrics, grid)
+    return RegistrationResult(affine, field_f, forward, inverse, warped, before, jacobian, warped_labels, metrics,
+                              grid)
 
 
 def _on_grid(field: sitk.Image, grid: sitk.Image) -> sitk.Image:
@@ -300,15 +308,14 @@ def _theta_to_voxel(theta: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
     return torch.cat([linear, translation[:, None]], dim=1).double().cpu().numpy()
 
 
-def quality(fixed: sitk.Image, moving: sitk.Image, warped: sitk.Image, field_f: sitk.Image, affine_m: np.ndarray,
+def quality(fixed: sitk.Image, before: sitk.Image, warped: sitk.Image, jacobian: sitk.Image,
             forward: sitk.Transform, inverse: sitk.Transform, preset: str, window: int,
             fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None,
             warped_labels: sitk.Image | None = None) -> dict:
     """Local NCC before/after, Dice per label, folding and inverse consistency."""
-    before = geometry.resample(moving, fixed)  # physical space as given, no alignment
     out = {"ncc_before": round(_local_ncc_similarity(fixed, before, preset, window), 4),
            "ncc_after": round(_local_ncc_similarity(fixed, warped, preset, window), 4)}
-    jac = sitk.GetArrayFromImage(jacobian_determinant(field_f, float(np.linalg.det(affine_m[:3, :3]))))
+    jac = sitk.GetArrayFromImage(jacobian)
     out["folding_percent"] = round(float((jac <= 0).mean() * 100), 4)
     out["jacobian_min"] = round(float(jac.min()), 4)
     round_trip = sitk.CompositeTransform([inverse, forward])  # forward first, then inverse

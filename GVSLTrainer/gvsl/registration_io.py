@@ -4,12 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
-from . import geometry
 from .outputs import staged_files
-from .registration import RegistrationResult, jacobian_determinant
+from .registration import RegistrationResult
 from .report import registration_report
 
 FILES = {"warped": "warped.nii.gz", "transform": "transform.h5", "inverse": "inverse.h5", "affine": "affine.tfm",
@@ -17,8 +15,7 @@ FILES = {"warped": "warped.nii.gz", "transform": "transform.h5", "inverse": "inv
          "metrics": "metrics.json", "report": "report.png"}
 
 
-def save_registration(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Image,
-                      output_dir: str | Path) -> dict[str, Path]:
+def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir: str | Path) -> dict[str, Path]:
     """Write every output into ``output_dir`` at once (nothing half-written on failure)."""
     output_dir = Path(output_dir)
     with staged_files(output_dir) as stage:
@@ -30,9 +27,7 @@ def save_registration(result: RegistrationResult, fixed: sitk.Image, moving: sit
         if result.warped_labels is not None:
             sitk.WriteImage(result.warped_labels, str(stage / FILES["warped_labels"]))
         (stage / FILES["metrics"]).write_text(json.dumps(result.metrics, indent=2))
-        det = float(np.linalg.det(geometry.transform_matrix(result.affine)[:3, :3]))
-        registration_report(fixed, geometry.resample(moving, fixed), result.warped,
-                            jacobian_determinant(result.displacement, det), stage / FILES["report"],
+        registration_report(fixed, result.before, result.warped, result.jacobian, stage / FILES["report"],
                             result.metrics)
         written = {k: output_dir / v for k, v in FILES.items() if (stage / v).exists()}
     return written
