@@ -140,11 +140,15 @@ class Preprocessing:
     normalize: str = "mr"
 
     def __call__(self, path: str | Path) -> torch.Tensor:
-        image = geometry.canonical(read_volume(path), self.spacing)
+        return self.prepare(read_volume(path), str(path))[1]
+
+    def prepare(self, image: sitk.Image, source: str = "image") -> tuple[sitk.Image, torch.Tensor]:
+        """(the image on the network's grid, its normalised (D, H, W) tensor)."""
+        image = geometry.canonical(image, self.spacing)
         if min(image.GetSize()) < MIN_SIZE:
-            raise DataError(f"{path}: is only {'x'.join(map(str, image.GetSize()))} voxels at "
+            raise DataError(f"{source}: is only {'x'.join(map(str, image.GetSize()))} voxels at "
                             f"{self.spacing[0]} mm; at least {MIN_SIZE} per axis are needed")
-        return torch.from_numpy(normalise(sitk.GetArrayFromImage(image), self.normalize))
+        return image, torch.from_numpy(normalise(sitk.GetArrayFromImage(image), self.normalize))
 
 
 class _CacheItem(Transform):

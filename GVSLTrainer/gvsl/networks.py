@@ -171,3 +171,22 @@ class GVSL(nn.Module):
         warped = spatial.warp(moving, affine, displacement)
         return GVSLOutput(self.restore(l_fixed), warped, affine, displacement)
 
+
+
+class GVSLSegmenter(nn.Module):
+    """Downstream model of the paper: the GVSL backbone plus a 3x3x3 convolution to class scores."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = DEFAULT_WIDTH):
+        super().__init__()
+        self.width, self.num_classes = width, num_classes
+        self.unet = UNet(in_channels, width)
+        self.seg_head = nn.Conv3d(self.unet.channels[8], num_classes, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seg_head(self.unet(x)[1])
+
+    def load_backbone(self, state_dict: dict[str, torch.Tensor]) -> int:
+        """Copy the ``unet.*`` weights of a GVSL pre-training state_dict; returns how many tensors."""
+        backbone = {k[len("unet."):]: v for k, v in state_dict.items() if k.startswith("unet.")}
+        self.unet.load_state_dict(backbone, strict=True)
+        return len(backbone)

@@ -25,3 +25,21 @@ def staged_files(output_dir: str | Path) -> Iterator[Path]:
             os.replace(item, output_dir / item.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_image(image, path: str | Path) -> Path:
+    """sitk.WriteImage to a temporary name with the same extension, then rename into place."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = path.name
+    suffix = "".join(s for s in path.suffixes if s.lower() in (".nii", ".gz", ".nrrd", ".mha", ".mhd", ".seg")) \
+        or path.suffix
+    tmp = path.with_name(f".{name[:len(name) - len(suffix)] or 'image'}.{os.getpid()}.partial{suffix}")
+    try:
+        sitk.WriteImage(image, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,108 @@
+"""Segmenting a volume with a fine-tuned GVSL model, back in the input's exact geometry."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError
+from .data import Preprocessing
+from .labels import LabelSpec
+from .networks import GVSLSegmenter
+from .runtime import resolve_device
+
+FLIPS = ((), (2,), (3,), (4,))  # test-time augmentation: none, then each axis
+
+
+@dataclass
+class SegmentationOptions:
+    device: str = "auto"
+    overlap: float = 0.5  # of the sliding windows
+    sw_batch_size: int = 2  # windows per forward pass
+    tta: bool = False  # average over flips
+    probabilities: bool = False  # also return one probability image per class
+
+
+@dataclass
+class SegmentationResult:
+    labels: sitk.Image  # the input's geometry, the dataset's original label values
+    spec: LabelSpec
+    probabilities: list[sitk.Image] | None = None
+
+
+def build_segmenter(ckpt: Checkpoint) -> tuple[GVSLSegmenter, LabelSpec]:
+    if ckpt.kind != "segmentation":
+        raise CheckpointError(f"{ckpt.path}: is a {ckpt.kind} model; segmentation needs a fine-tuned model "
+                              "(gvsl_segmentation.pt from finetune.py)")
+    spec = LabelSpec.from_dict(ckpt.meta["labels"])
+    model = GVSLSegmenter(spec.num_classes, int(ckpt.meta.get("in_channels", 1)), ckpt.width)
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt.path}: weights do not fit the model they describe: "
+                              f"{str(e).splitlines()[0]}") from None
+    return model, spec
+
+
+def sliding_window_probabilities(model: torch.nn.Module, volume: torch.Tensor, window: tuple[int, ...],
+                                 options: SegmentationOptions, device: torch.device,
+                                 progress: bool = False) -> torch.Tensor:
+    """(1, C, D, H, W) softmax probabilities, Gaussian-blended windows, accumulated on the CPU."""
+    from monai.inferers import sliding_window_inference
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(model(x), dim=1)
+
+    total = None
+    flips = FLIPS if options.tta else FLIPS[:1]
+    with torch.no_grad():
+        for dims in flips:
+            x = volume.flip(dims) if dims else volume
+            p = sliding_window_inference(x, window, options.sw_batch_size, predictor, overlap=options.overlap,
+                                         mode="gaussian", sw_device=device, device="cpu", progress=progress)
+            p = p.flip(dims) if dims else p
+            total = p if total is None else total + p
+    return total / len(flips)
+
+
+def segment(image: sitk.Image, ckpt: Checkpoint, options: SegmentationOptions | None = None,
+            progress: bool = False) -> SegmentationResult:
+    """Label map (and optionally probabilities) of ``image`` on its own grid."""
+    options = options or SegmentationOptions()
+    device = resolve_device(options.device)
+    model, spec = build_segmenter(ckpt)
+    model = model.to(device).eval()
+    prep = Preprocessing(tuple(ckpt.meta["spacing"]), ckpt.meta["normalize"])
+    grid, volume = prep.prepare(image)
+    window = tuple(int(c) for c in ckpt.meta["crop"])
+    probs = sliding_window_probabilities(model, volume[None, None], window, options, device, progress)[0]
+    return SegmentationResult(*_to_input_grid(probs.numpy(), grid, image, spec, options.probabilities))
+
+
+def _to_input_grid(probs: np.ndarray, grid: sitk.Image, reference: sitk.Image, spec: LabelSpec,
+                   keep: bool) -> tuple[sitk.Image, LabelSpec, list[sitk.Image] | None]:
+    """Resample each class probability linearly onto the input grid, keeping a running arg-max
+    (memory: two input-sized arrays, whatever the number of classes)."""
+    best = None
+    best_p = None
+    kept = [] if keep else None
+    for c in range(probs.shape[0]):
+        p = sitk.GetImageFromArray(probs[c].astype(np.float32))
+        p.CopyInformation(grid)
+        on_input = sitk.Resample(p, reference, sitk.Transform(), sitk.sitkLinear, 1.0 if c == 0 else 0.0,
+                                 sitk.sitkFloat32)
+        arr = sitk.GetArrayFromImage(on_input)
+        if best is None:
+            best, best_p = np.zeros(arr.shape, np.int64), arr
+        else:
+            better = arr > best_p
+            best[better] = c
+            best_p = np.where(better, arr, best_p)
+        if keep:
+            kept.append(on_input)
+    labels = sitk.GetImageFromArray(spec.to_values(best))
+    labels.CopyInformation(reference)
+    return labels, spec, kept
