@@ -151,14 +151,32 @@ class Preprocessing:
         return image, torch.from_numpy(normalise(sitk.GetArrayFromImage(image), self.normalize))
 
 
+def check_same_grid(image: sitk.Image, labels: sitk.Image, image_path, label_path) -> None:
+    same = (image.GetSize() == labels.GetSize()
+            and np.allclose(image.GetSpacing(), labels.GetSpacing(), rtol=1e-4)
+            and np.allclose(image.GetOrigin(), labels.GetOrigin(), atol=1e-3)
+            and np.allclose(image.GetDirection(), labels.GetDirection(), atol=1e-4))
+    if not same:
+        raise DataError(f"{label_path}: its geometry (size {labels.GetSize()}, spacing "
+                        f"{tuple(round(s, 4) for s in labels.GetSpacing())}) differs from its image {image_path} "
+                        f"(size {image.GetSize()}, spacing {tuple(round(s, 4) for s in image.GetSpacing())})")
+
+
 class _CacheItem(Transform):
     """Deterministic, so PersistentDataset caches its result (it re-runs plain callables every time)."""
 
-    def __init__(self, preprocessing: Preprocessing):
-        self.preprocessing = preprocessing
+    def __init__(self, preprocessing: Preprocessing, spec=None):
+        self.preprocessing, self.spec = preprocessing, spec
 
-    def __call__(self, item: dict) -> torch.Tensor:
-        return self.preprocessing(item["image"])
+    def __call__(self, item: dict):
+        if "label" not in item:
+            return self.preprocessing(item["image"])
+        image, labels = read_volume(item["image"]), read_labels(item["label"])
+        check_same_grid(image, labels, item["image"], item["label"])
+        grid, volume = self.preprocessing.prepare(image, item["image"])
+        on_grid = sitk.Resample(labels, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        classes = self.spec.to_classes(sitk.GetArrayFromImage(on_grid), item["label"])
+        return {"image": volume, "label": torch.from_numpy(classes.astype(np.uint8))}
 
 
 class VolumeStore:
@@ -168,18 +186,21 @@ class VolumeStore:
     """
 
     def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing, cache_dir: str | Path,
-                 progress: bool = True):
+                 progress: bool = True, labels: Sequence[Path] | None = None, spec=None):
         from monai.data import PersistentDataset
         from tqdm.auto import tqdm
 
         self.preprocessing = preprocessing
         items = []
-        for p in paths:
-            stat = Path(p).stat()
-            items.append({"image": str(Path(p).resolve()), "mtime": stat.st_mtime_ns, "bytes": stat.st_size,
-                          "spacing": preprocessing.spacing, "normalize": preprocessing.normalize})
+        for i, p in enumerate(paths):
+            item = {"image": str(Path(p).resolve()), **_identity(p), "spacing": preprocessing.spacing,
+                    "normalize": preprocessing.normalize}
+            if labels is not None:
+                item.update(label=str(Path(labels[i]).resolve()), label_id=_identity(labels[i]),
+                            spec=spec.as_dict())
+            items.append(item)
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        self._dataset = PersistentDataset(items, transform=_CacheItem(preprocessing), cache_dir=cache_dir)
+        self._dataset = PersistentDataset(items, transform=_CacheItem(preprocessing, spec), cache_dir=cache_dir)
         self.paths: list[Path] = []
         self.skipped: dict[Path, str] = {}
         self._index: list[int] = []
@@ -202,8 +223,14 @@ class VolumeStore:
     def __len__(self) -> int:
         return len(self._index)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int):
+        """A (D, H, W) tensor, or {"image", "label"} tensors for labelled volumes."""
         return self._dataset[self._index[i]]
+
+
+def _identity(path) -> dict:
+    stat = Path(path).stat()
+    return {"mtime": stat.st_mtime_ns, "bytes": stat.st_size}
 
 
 def _root_cause(e: BaseException) -> BaseException:
@@ -255,3 +282,73 @@ class StepSampler(torch.utils.data.Sampler):
         for step in range(self.start, self.end):
             base = (step * self.world + self.rank) * self.batch
             yield from range(base, base + self.batch)
+
+
+def _case_name(path: Path) -> str:
+    """'case_0000.nii.gz' and 'case.nii.gz' name the same case (nnU-Net's channel suffix)."""
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name[:-5] if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit() else name
+
+
+def discover_labelled(source: str | Path) -> tuple[list[tuple[Path, Path]], dict | None]:
+    """(image, label) pairs and the label mapping, from an MSD ``dataset.json`` or a folder with
+    ``images/`` and ``labels/`` (matched by case name)."""
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".json":
+        try:
+            spec = json.loads(source.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}: not valid JSON ({e})") from None
+        entries = [e for e in spec.get("training", []) if isinstance(e, dict) and "label" in e]
+        pairs = [(_resolve(source.parent, e["image"]), _resolve(source.parent, e["label"])) for e in entries]
+        mapping = spec.get("labels")
+    elif source.is_dir() and (source / "images").is_dir() and (source / "labels").is_dir():
+        labels = {_case_name(p): p for p in (source / "labels").rglob("*") if is_image(p)}
+        images = sorted(p for p in (source / "images").rglob("*") if is_image(p))
+        unmatched = [p for p in images if _case_name(p) not in labels]
+        if unmatched:
+            raise DataError(f"{unmatched[0]}: no label map of the same name in {source / 'labels'}")
+        pairs, mapping = [(p, labels[_case_name(p)]) for p in images], None
+    else:
+        raise DataError(f"{source}: expected a dataset.json or a folder with images/ and labels/")
+    if not pairs:
+        raise DataError(f"{source}: contains no labelled images")
+    missing = [p for pair in pairs for p in pair if not p.is_file()]
+    if missing:
+        raise DataError(f"{source}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]}")
+    return pairs, mapping
+
+
+class LabelledCrops(Dataset):
+    """Sample ``index`` -> (image crop (1, D, H, W), class crop (D, H, W)); a third of the crops are
+    centred on a random foreground voxel. Deterministic in (seed, index)."""
+
+    def __init__(self, store: VolumeStore, indices: Sequence[int], crop: Sequence[int], seed: int, length: int,
+                 foreground_rate: float = 1 / 3):
+        self.store, self.indices, self.crop = store, list(indices), tuple(crop)
+        self.seed, self.length, self.foreground_rate = seed, length, foreground_rate
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, index))
+        item = self.store[self.indices[int(rng.integers(len(self.indices)))]]
+        image, label = item["image"], item["label"]
+        both = torch.stack([image, label.float()])
+        pad = [max(0, s - v) for s, v in zip(self.crop, image.shape)]
+        if any(pad):
+            both = torch.nn.functional.pad(both, [q for p in reversed(pad) for q in (p // 2, p - p // 2)])
+        shape = both.shape[1:]
+        fg = torch.nonzero(both[1] > 0) if rng.random() < self.foreground_rate else None
+        if fg is not None and len(fg):
+            centre = fg[int(rng.integers(len(fg)))].tolist()
+            start = [min(max(0, c - s // 2), v - s) for c, s, v in zip(centre, self.crop, shape)]
+        else:
+            start = [int(rng.integers(0, v - s + 1)) for v, s in zip(shape, self.crop)]
+        crop = both[(slice(None), *[slice(a, a + s) for a, s in zip(start, self.crop)])]
+        return crop[0:1], crop[1].long()

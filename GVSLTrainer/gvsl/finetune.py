@@ -1,0 +1,219 @@
+"""Fine-tuning a segmentation model from a GVSL backbone: the job behind ``GVSLTrainer/finetune.py``.
+
+The paper's downstream set-up: backbone + a 3x3x3 convolution to the classes, Dice + cross-entropy.
+``--freeze-backbone`` trains only the head (the paper's linear evaluation).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from . import augment, checkpoint, data, runtime, spatial
+from .config import TrainConfig, to_dict
+from .labels import LabelSpec
+from .logs import TrainingLog
+from .networks import GVSLSegmenter
+from .pretrain import LAST, TrainingError, amp_settings, step_seed
+from .segmentation import SegmentationOptions, build_segmenter, sliding_window_probabilities
+
+FINAL = "gvsl_segmentation.pt"
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    output_dir: str = field(default="gvsl_runs/finetune", metadata={"help": "where checkpoints and logs go"})
+    steps: int = field(default=40_000, metadata={"help": "optimisation steps in total (the paper: 40000)"})
+    pretrained: str | None = field(default=None, metadata={
+        "help": "a GVSL pre-training checkpoint (this project's or an official GVSL_epoch_*.pth) for the "
+                "backbone; omitted: train from scratch"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "train only the segmentation head "
+                                                                   "(linear evaluation)"})
+    val_every: int = field(default=500, metadata={"help": "steps between validations (per-class Dice)"})
+    val_fraction: float = field(default=0.2, metadata={"help": "share of the cases held out for validation"})
+
+
+def split_cases(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, validation) case indices; with a single case both are that case."""
+    if n < 2:
+        warnings.warn("only one labelled case: validating on the training case", stacklevel=2)
+        return [0], [0]
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    n_val = min(n - 1, max(1, round(fraction * n)))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def label_spec(pairs: list[tuple[Path, Path]], mapping: dict | None) -> LabelSpec:
+    if mapping:
+        return LabelSpec.from_mapping(mapping)
+    return LabelSpec.infer(sitk.GetArrayFromImage(data.read_labels(lbl)) for _, lbl in pairs)
+
+
+def augment_pair(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator, cfg: augment.AugmentConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random affine + elastic warp for image (linear) and classes (nearest), then a random intensity curve."""
+    n, shape = image.shape[0], tuple(image.shape[2:])
+    matrix = augment.random_affine(gen, n, shape, cfg)
+    field_ = augment.random_elastic(gen, n, shape, cfg)
+    image = spatial.warp(image, matrix, field_)
+    label = spatial.warp(label[:, None].float(), matrix, field_, mode="nearest")[:, 0].round().long()
+    return augment.nonlinear_intensity(image, gen, 0.5), label
+
+
+def validate(model: torch.nn.Module, store: data.VolumeStore, indices: list[int], crop: tuple[int, ...],
+             num_classes: int, device: torch.device) -> np.ndarray:
+    """Per-class (foreground) Dice over the validation cases, sliding windows as at inference."""
+    from monai.metrics import DiceMetric
+
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    model.eval()
+    for i in indices:
+        item = store[i]
+        probs = sliding_window_probabilities(model, item["image"][None, None], crop, SegmentationOptions(), device)
+        pred = torch.nn.functional.one_hot(probs.argmax(1), num_classes).movedim(-1, 1)
+        truth = torch.nn.functional.one_hot(item["label"].long()[None], num_classes).movedim(-1, 1)
+        metric(pred, truth)
+    model.train()
+    return metric.aggregate().cpu().numpy()
+
+
+def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
+    """Fine-tune (or resume); returns the best model (by mean validation Dice) and that Dice."""
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
+    if not cfg.data:
+        raise data.DataError("fine-tuning needs --data: a dataset.json or a folder with images/ and labels/")
+    dist = runtime.init_distributed(cfg.device)
+    device = runtime.resolve_device(cfg.device, dist.local_rank)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    show = cfg.progress and dist.is_main
+
+    pairs, mapping = data.discover_labelled(cfg.data)
+    spec = label_spec(pairs, mapping)
+    pretrained = checkpoint.load(cfg.pretrained) if cfg.pretrained else None
+    if pretrained is not None:
+        if pretrained.kind != "pretrain":
+            raise checkpoint.CheckpointError(f"{pretrained.path}: is a {pretrained.kind} model, not a GVSL "
+                                             "pre-training checkpoint")
+        if pretrained.width != cfg.width and show:
+            print(f"Using the pre-trained backbone's width {pretrained.width} (not {cfg.width})")
+        cfg.width = pretrained.width
+    prep = data.Preprocessing(tuple(cfg.spacing), cfg.normalize)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    if not dist.is_main:
+        dist.barrier()
+    store = data.VolumeStore([p for p, _ in pairs], prep, cache, progress=show, labels=[lbl for _, lbl in pairs],
+                             spec=spec)
+    if dist.is_main:
+        dist.barrier()
+    train_idx, val_idx = split_cases(len(store), cfg.val_fraction, cfg.seed)
+
+    runtime.seed_everything(cfg.seed)
+    model = GVSLSegmenter(spec.num_classes, width=cfg.width).to(device)
+    if pretrained is not None:
+        model.load_backbone(pretrained.state_dict)
+    if cfg.freeze_backbone:
+        model.unet.requires_grad_(False)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr)
+    amp_dtype, need_scaler = amp_settings(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=need_scaler)
+    meta = {"width": cfg.width, "in_channels": 1, "labels": spec.as_dict(), "normalize": cfg.normalize,
+            "spacing": list(cfg.spacing), "crop": list(cfg.crop), "config": to_dict(cfg),
+            "pretrained": str(cfg.pretrained) if cfg.pretrained else None,
+            "pretrained_source": pretrained.source if pretrained is not None else None,
+            "frozen_backbone": cfg.freeze_backbone, "cases": {"train": len(train_idx), "validation": len(val_idx)}}
+
+    start, best = 0, -1.0
+    last = out / LAST
+    if cfg.resume and last.is_file():
+        ckpt = checkpoint.load(last, map_location=device)
+        model.load_state_dict(ckpt.state_dict)
+        optimizer.load_state_dict(ckpt.training_state["optimizer"])
+        scaler.load_state_dict(ckpt.training_state["scaler"])
+        runtime.set_rng_state(ckpt.training_state["rng"])
+        start, best = int(ckpt.training_state["step"]), float(ckpt.training_state["best_dice"])
+        if show:
+            print(f"Resuming from {last} at step {start}")
+
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.enabled and trainable else model
+    crops = data.LabelledCrops(store, train_idx, cfg.crop, cfg.seed, cfg.steps * dist.world_size * cfg.batch_size)
+    loader = DataLoader(crops, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                        sampler=data.StepSampler(start, cfg.steps, cfg.batch_size, dist.rank, dist.world_size),
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    aug_cfg = augment.AugmentConfig()
+    gen = torch.Generator(device=device)
+    logbook = TrainingLog(out, start, ["loss", "val_dice", "steps_per_s"], enabled=dist.is_main)
+
+    def save_last(step: int) -> None:
+        if dist.is_main:
+            checkpoint.save(last, model, "segmentation", meta, training_state={
+                "step": step, "best_dice": best, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": runtime.rng_state()})
+
+    bar = tqdm(total=cfg.steps, initial=start, desc="Fine-tuning", unit="step", disable=not show, dynamic_ncols=True)
+    step, window_loss, window_start, dice = start, [], time.perf_counter(), float("nan")
+    try:
+        for image, label in loader:
+            gen.manual_seed(step_seed(cfg.seed, step, dist.rank))
+            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+            with torch.no_grad():
+                image, label = augment_pair(image, label, gen, aug_cfg)
+            if cfg.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last_3d)
+            autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+            with autocast:
+                loss = loss_fn(ddp(image).float(), label[:, None])
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the loss became {loss.item()} at step {step + 1}; try a lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            window_loss.append(loss.item())
+            bar.update(1)
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                per_class = validate(model, store, val_idx, tuple(cfg.crop), spec.num_classes, device)
+                dice = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else 0.0
+                if dice > best and dist.is_main:
+                    best = dice
+                    checkpoint.save(out / FINAL, model, "segmentation", {
+                        **meta, "steps": step, "val_dice": dice,
+                        "val_dice_per_class": dict(zip(spec.names[1:], map(float, per_class)))})
+            if step % cfg.log_every == 0 or step % cfg.val_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                logbook.write(step, {"loss": float(np.mean(window_loss)), "val_dice": dice,
+                                     "steps_per_s": len(window_loss) / elapsed})
+                bar.set_postfix(loss=f"{np.mean(window_loss):.4f}", val_dice=f"{dice:.3f}", best=f"{best:.3f}")
+                window_loss, window_start = [], time.perf_counter()
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                save_last(step)
+    except KeyboardInterrupt:
+        save_last(step)
+        if dist.is_main:
+            print(f"\nInterrupted at step {step}; saved {last}. Continue with --resume.")
+        raise
+    finally:
+        bar.close()
+        logbook.close()
+    save_last(step)
+    dist.barrier()
+    if dist.is_main:
+        print(f"Segmentation model: {(out / FINAL).resolve()} (best validation Dice {best:.4f})")
+    best_model, _ = build_segmenter(checkpoint.load(out / FINAL))
+    return best_model, best
