@@ -112,3 +112,34 @@ def test_unmatched_images_are_reported(tmp_path, labelled_case):
     sitk.WriteImage(img, str(root / "images" / "other_0000.nii.gz"))
     with pytest.raises(DataError, match="other_0000.nii.gz: no label map of the same name"):
         data.discover_labelled(root)
+
+
+def test_resume_after_interruption_reproduces_the_run(tmp_path, labelled_case, monkeypatch):
+    import gvsl.finetune as ft
+
+    root, _, _ = labelled_case
+    settings = dict(steps=4, val_every=2, checkpoint_every=1, crop=(16, 16, 16), width=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg(root, tmp_path / "a", **settings))
+        real = ft.augment_pair
+        calls = {"n": 0}
+
+        def interrupted(*args):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt  # Ctrl-C during step 3
+            return real(*args)
+
+        monkeypatch.setattr(ft, "augment_pair", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg(root, tmp_path / "b", **settings))
+        monkeypatch.setattr(ft, "augment_pair", real)
+        assert checkpoint.load(tmp_path / "b" / "checkpoint_last.pt").training_state["step"] == 2
+        train(cfg(root, tmp_path / "b", resume=True, **settings))
+    a = checkpoint.load(tmp_path / "a" / "checkpoint_last.pt")
+    b = checkpoint.load(tmp_path / "b" / "checkpoint_last.pt")
+    assert b.training_state["step"] == 4
+    for k, v in a.state_dict.items():
+        torch.testing.assert_close(b.state_dict[k], v, atol=1e-6, rtol=1e-5, msg=k)
+    assert b.training_state["extra"]["best_dice"] == pytest.approx(a.training_state["extra"]["best_dice"])

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gvsl import data, demo, runtime  # noqa: E402
 from gvsl.losses import GVSLLoss  # noqa: E402
 from gvsl.networks import GVSL  # noqa: E402
-from gvsl.pretrain import TrainingStep, amp_settings  # noqa: E402
+from gvsl.pretrain import TrainingStep  # noqa: E402
+from gvsl.training import amp_settings  # noqa: E402
 from gvsl.config import PretrainConfig  # noqa: E402
 import reference_style  # noqa: E402
 

@@ -5,7 +5,6 @@ The paper's downstream set-up: backbone + a 3x3x3 convolution to the classes, Di
 """
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -14,15 +13,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from . import augment, checkpoint, data, runtime, spatial
 from .config import TrainConfig, to_dict
 from .labels import LabelSpec
 from .logs import TrainingLog
 from .networks import GVSLSegmenter
-from .pretrain import LAST, TrainingError, amp_settings, step_seed
+from .training import TrainingError, TrainingRun, step_seed
 from .segmentation import SegmentationOptions, build_segmenter, sliding_window_probabilities
 
 FINAL = "gvsl_segmentation.pt"
@@ -92,128 +89,95 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
 
     if not cfg.data:
         raise data.DataError("fine-tuning needs --data: a dataset.json or a folder with images/ and labels/")
-    dist = runtime.init_distributed(cfg.device)
-    device = runtime.resolve_device(cfg.device, dist.local_rank)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    show = cfg.progress and dist.is_main
-
     pairs, mapping = data.discover_labelled(cfg.data)
     spec = label_spec(pairs, mapping)
     pretrained = checkpoint.load(cfg.pretrained) if cfg.pretrained else None
+    if pretrained is not None and pretrained.kind != "pretrain":
+        raise checkpoint.CheckpointError(f"{pretrained.path}: is a {pretrained.kind} model, not a GVSL "
+                                         "pre-training checkpoint")
+    run = TrainingRun(cfg, "segmentation")
     if pretrained is not None:
-        if pretrained.kind != "pretrain":
-            raise checkpoint.CheckpointError(f"{pretrained.path}: is a {pretrained.kind} model, not a GVSL "
-                                             "pre-training checkpoint")
-        if pretrained.width != cfg.width and show:
+        if pretrained.width != cfg.width and run.show:
             print(f"Using the pre-trained backbone's width {pretrained.width} (not {cfg.width})")
         cfg.width = pretrained.width
-    prep = data.Preprocessing(tuple(cfg.spacing), cfg.normalize)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
-    if not dist.is_main:
-        dist.barrier()
-    store = data.VolumeStore([p for p, _ in pairs], prep, cache, progress=show, labels=[lbl for _, lbl in pairs],
-                             spec=spec)
-    if dist.is_main:
-        dist.barrier()
+    store = run.store([p for p, _ in pairs], data.Preprocessing(tuple(cfg.spacing), cfg.normalize),
+                      labels=[lbl for _, lbl in pairs], spec=spec)
     train_idx, val_idx = split_cases(len(store), cfg.val_fraction, cfg.seed)
 
     runtime.seed_everything(cfg.seed)
-    model = GVSLSegmenter(spec.num_classes, width=cfg.width).to(device)
+    model = GVSLSegmenter(spec.num_classes, width=cfg.width)
     if pretrained is not None:
         model.load_backbone(pretrained.state_dict)
     if cfg.freeze_backbone:
         model.unet.requires_grad_(False)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=cfg.lr)
-    amp_dtype, need_scaler = amp_settings(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=need_scaler)
+    model = run.prepare(model)
+    start = run.resume()
+    best = float(run.extra.get("best_dice", -1.0))
     meta = {"width": cfg.width, "in_channels": 1, "labels": spec.as_dict(), "normalize": cfg.normalize,
             "spacing": list(cfg.spacing), "crop": list(cfg.crop), "config": to_dict(cfg),
             "pretrained": str(cfg.pretrained) if cfg.pretrained else None,
             "pretrained_source": pretrained.source if pretrained is not None else None,
             "frozen_backbone": cfg.freeze_backbone, "cases": {"train": len(train_idx), "validation": len(val_idx)}}
 
-    start, best = 0, -1.0
-    last = out / LAST
-    if cfg.resume and last.is_file():
-        ckpt = checkpoint.load(last, map_location=device)
-        model.load_state_dict(ckpt.state_dict)
-        optimizer.load_state_dict(ckpt.training_state["optimizer"])
-        scaler.load_state_dict(ckpt.training_state["scaler"])
-        runtime.set_rng_state(ckpt.training_state["rng"])
-        start, best = int(ckpt.training_state["step"]), float(ckpt.training_state["best_dice"])
-        if show:
-            print(f"Resuming from {last} at step {start}")
-
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.enabled and trainable else model
-    crops = data.LabelledCrops(store, train_idx, cfg.crop, cfg.seed, cfg.steps * dist.world_size * cfg.batch_size)
-    loader = DataLoader(crops, batch_size=cfg.batch_size, num_workers=cfg.workers,
-                        sampler=data.StepSampler(start, cfg.steps, cfg.batch_size, dist.rank, dist.world_size),
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
+    net = run.wrapped()  # DDP registers only the parameters that train (the head, when frozen)
+    loader = run.loader(data.LabelledCrops(store, train_idx, cfg.crop, cfg.seed,
+                                           cfg.steps * run.dist.world_size * cfg.batch_size))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     aug_cfg = augment.AugmentConfig()
-    gen = torch.Generator(device=device)
-    logbook = TrainingLog(out, start, ["loss", "val_dice", "steps_per_s"], enabled=dist.is_main)
+    gen = torch.Generator(device=run.device)
+    logbook = TrainingLog(run.out, start, ["loss", "val_dice", "steps_per_s"], enabled=run.dist.is_main)
 
-    def save_last(step: int) -> None:
-        if dist.is_main:
-            checkpoint.save(last, model, "segmentation", meta, training_state={
-                "step": step, "best_dice": best, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": runtime.rng_state()})
-
-    bar = tqdm(total=cfg.steps, initial=start, desc="Fine-tuning", unit="step", disable=not show, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc="Fine-tuning", unit="step", disable=not run.show,
+               dynamic_ncols=True)
     step, window_loss, window_start, dice = start, [], time.perf_counter(), float("nan")
+
+    def save_now() -> int:
+        run.save_last(step, meta, best_dice=best)
+        return step
+
     try:
-        for image, label in loader:
-            gen.manual_seed(step_seed(cfg.seed, step, dist.rank))
-            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
-            with torch.no_grad():
-                image, label = augment_pair(image, label, gen, aug_cfg)
-            if cfg.channels_last:
-                image = image.contiguous(memory_format=torch.channels_last_3d)
-            autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-            with autocast:
-                loss = loss_fn(ddp(image).float(), label[:, None])
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the loss became {loss.item()} at step {step + 1}; try a lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            window_loss.append(loss.item())
-            bar.update(1)
-            if step % cfg.val_every == 0 or step == cfg.steps:
-                per_class = validate(model, store, val_idx, tuple(cfg.crop), spec.num_classes, device)
-                dice = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else 0.0
-                if dice > best and dist.is_main:
-                    best = dice
-                    checkpoint.save(out / FINAL, model, "segmentation", {
-                        **meta, "steps": step, "val_dice": dice,
-                        "val_dice_per_class": dict(zip(spec.names[1:], map(float, per_class)))})
-            if step % cfg.log_every == 0 or step % cfg.val_every == 0 or step == cfg.steps:
-                elapsed = time.perf_counter() - window_start
-                logbook.write(step, {"loss": float(np.mean(window_loss)), "val_dice": dice,
-                                     "steps_per_s": len(window_loss) / elapsed})
-                bar.set_postfix(loss=f"{np.mean(window_loss):.4f}", val_dice=f"{dice:.3f}", best=f"{best:.3f}")
-                window_loss, window_start = [], time.perf_counter()
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save_last(step)
-    except KeyboardInterrupt:
-        save_last(step)
-        if dist.is_main:
-            print(f"\nInterrupted at step {step}; saved {last}. Continue with --resume.")
-        raise
+        with run.checkpoint_on_interrupt(save_now):
+            for image, label in loader:
+                gen.manual_seed(step_seed(cfg.seed, step, run.dist.rank))
+                image, label = image.to(run.device, non_blocking=True), label.to(run.device, non_blocking=True)
+                with torch.no_grad():
+                    image, label = augment_pair(image, label, gen, aug_cfg)
+                if cfg.channels_last:
+                    image = image.contiguous(memory_format=torch.channels_last_3d)
+                with run.autocast():
+                    loss = loss_fn(net(image).float(), label[:, None])
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"the loss became {loss.item()} at step {step + 1}; try a lower --lr")
+                run.optimizer.zero_grad(set_to_none=True)
+                run.scaler.scale(loss).backward()
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
+                step += 1
+                window_loss.append(loss.item())
+                bar.update(1)
+                if step % cfg.val_every == 0 or step == cfg.steps:
+                    per_class = validate(model, store, val_idx, tuple(cfg.crop), spec.num_classes, run.device)
+                    dice = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else 0.0
+                    if dice > best:
+                        best = dice
+                        if run.dist.is_main:
+                            checkpoint.save(run.out / FINAL, model, "segmentation", {
+                                **meta, "steps": step, "val_dice": dice,
+                                "val_dice_per_class": dict(zip(spec.names[1:], map(float, per_class)))})
+                if step % cfg.log_every == 0 or step % cfg.val_every == 0 or step == cfg.steps:
+                    elapsed = time.perf_counter() - window_start
+                    logbook.write(step, {"loss": float(np.mean(window_loss)), "val_dice": dice,
+                                         "steps_per_s": len(window_loss) / elapsed})
+                    bar.set_postfix(loss=f"{np.mean(window_loss):.4f}", val_dice=f"{dice:.3f}", best=f"{best:.3f}")
+                    window_loss, window_start = [], time.perf_counter()
+                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    save_now()
     finally:
         bar.close()
         logbook.close()
-    save_last(step)
-    dist.barrier()
-    if dist.is_main:
-        print(f"Segmentation model: {(out / FINAL).resolve()} (best validation Dice {best:.4f})")
-    best_model, _ = build_segmenter(checkpoint.load(out / FINAL))
+    save_now()
+    run.dist.barrier()
+    if run.dist.is_main:
+        print(f"Segmentation model: {(run.out / FINAL).resolve()} (best validation Dice {best:.4f})")
+    best_model, _ = build_segmenter(checkpoint.load(run.out / FINAL))
     return best_model, best

@@ -1,0 +1,131 @@
+"""What every training job needs around its loop: process group and device, cached volumes,
+optimiser and AMP, resume, DistributedDataParallel, a step-indexed loader, and checkpoints that
+survive interruptions. Pre-training and fine-tuning share it.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from . import checkpoint, data, runtime
+from .config import TrainConfig
+
+LAST = "checkpoint_last.pt"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether a gradient scaler is needed)."""
+    if not cfg.amp:
+        return None, False
+    if device.type != "cuda":
+        warnings.warn(f"--amp applies to CUDA only; training in float32 on {device.type}", stacklevel=2)
+        return None, False
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step) * 1009 + rank
+
+
+class TrainingRun:
+    def __init__(self, cfg: TrainConfig, kind: str):
+        self.cfg, self.kind = cfg, kind
+        self.dist = runtime.init_distributed(cfg.device)
+        self.device = runtime.resolve_device(cfg.device, self.dist.local_rank)
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.last = self.out / LAST
+        self.show = cfg.progress and self.dist.is_main
+        self.start = 0
+        self.extra: dict[str, Any] = {}
+
+    def store(self, paths, preprocessing: data.Preprocessing, **labelled) -> data.VolumeStore:
+        """Rank 0 decodes and caches every volume first; the others then read the cache."""
+        cache = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.out / "cache"
+        if not self.dist.is_main:
+            self.dist.barrier()
+        store = data.VolumeStore(paths, preprocessing, cache, progress=self.show, **labelled)
+        if self.dist.is_main:
+            self.dist.barrier()
+        return store
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move the model, build Adam over its trainable parameters and the AMP scaler."""
+        model = model.to(self.device)
+        if self.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        self.model = model
+        self.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.cfg.lr)
+        self.amp_dtype, need_scaler = amp_settings(self.cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=need_scaler)
+        return model
+
+    def resume(self, check: Callable[[checkpoint.Checkpoint], None] | None = None) -> int:
+        """With --resume, restore model, optimiser, scaler, RNG and step from checkpoint_last.pt."""
+        if self.cfg.resume:
+            if self.last.is_file():
+                ckpt = checkpoint.load(self.last, map_location=self.device)
+                if ckpt.training_state is None:
+                    raise TrainingError(f"{self.last}: holds no training state to resume from")
+                if check:
+                    check(ckpt)
+                self.model.load_state_dict(ckpt.state_dict)
+                state = ckpt.training_state
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scaler.load_state_dict(state["scaler"])
+                runtime.set_rng_state(state["rng"])
+                self.start = int(state["step"])
+                self.extra = state.get("extra", {})
+                if self.show:
+                    print(f"Resuming from {self.last} at step {self.start}")
+            elif self.show:
+                print(f"--resume: no {self.last} yet, starting from step 0")
+        if self.start >= self.cfg.steps and self.show:
+            print(f"Already at step {self.start} of {self.cfg.steps}: nothing to train")
+        return self.start
+
+    def wrapped(self) -> torch.nn.Module:
+        """The model for the forward pass: DDP-wrapped under torchrun."""
+        if not self.dist.enabled:
+            return self.model
+        return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                       else None)
+
+    def loader(self, dataset: Dataset) -> DataLoader:
+        cfg = self.cfg
+        return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                          sampler=data.StepSampler(self.start, cfg.steps, cfg.batch_size, self.dist.rank,
+                                                   self.dist.world_size),
+                          pin_memory=self.device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+    def save_last(self, step: int, meta: dict, **extra) -> None:
+        if self.dist.is_main:
+            checkpoint.save(self.last, self.model, self.kind, meta, training_state={
+                "step": step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": runtime.rng_state(), "extra": extra})
+
+    @contextlib.contextmanager
+    def checkpoint_on_interrupt(self, save: Callable[[], int]) -> Iterator[None]:
+        """On Ctrl-C, save checkpoint_last.pt at the last completed step, then re-raise."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            step = save()
+            if self.dist.is_main:
+                print(f"\nInterrupted at step {step}; saved {self.last}. Continue with --resume.")
+            raise
