@@ -101,3 +101,18 @@ def test_segment_command_line(tmp_path, anatomical_path):
     res = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "pre.pt"), "--input",
                           str(anatomical_path), "--output", str(tmp_path / "x.nii.gz")], capture_output=True, text=True)
     assert res.returncode == 2 and "is a pretrain model" in res.stderr and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_flip_tta_averages_the_flipped_predictions():
+    from gvsl.segmentation import FLIPS
+
+    torch.manual_seed(0)
+    model = GVSLSegmenter(3, width=4).eval()
+    x = torch.rand(1, 1, 16, 16, 16)
+    tta = sliding_window_probabilities(model, x, (16, 16, 16), SegmentationOptions(tta=True), torch.device("cpu"))
+    with torch.no_grad():
+        manual = sum(torch.softmax(model(x.flip(d)), 1).flip(d) if d else torch.softmax(model(x), 1)
+                     for d in FLIPS) / len(FLIPS)
+    torch.testing.assert_close(tta, manual, atol=1e-5, rtol=1e-4)
+    plain = sliding_window_probabilities(model, x, (16, 16, 16), SegmentationOptions(), torch.device("cpu"))
+    assert not torch.allclose(tta, plain)
