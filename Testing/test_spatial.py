@@ -98,15 +98,6 @@ def test_translation_moves_content_by_whole_voxels_along_each_axis():
     assert tuple(torch.nonzero(out > 0.5)[0].tolist()) == (10 - 1, 14 + 2, 18 - 3)
 
 
-def test_compose_and_invert():
-    m1 = spatial.affine_from_parameters(**{k: v.double() for k, v in params(7).items()})
-    m2 = spatial.affine_from_parameters(**{k: v.double() for k, v in params(8).items()})
-    pts = torch.randn(5, 3, dtype=torch.float64)
-    apply = lambda m, p: p @ m[0, :, :3].T + m[0, :, 3]
-    np.testing.assert_allclose(apply(spatial.compose(m1, m2), pts), apply(m1, apply(m2, pts)), atol=1e-12)
-    np.testing.assert_allclose(apply(spatial.invert(m1), apply(m1, pts)), pts, atol=1e-12)
-
-
 @pytest.mark.parametrize("shape", [(16, 16, 16), (9, 17, 30)])
 def test_identity_warp_is_exact(shape):
     vol = torch.rand(2, 3, *shape, dtype=torch.float64)

@@ -66,18 +66,6 @@ def identity_matrix(batch: int, device=None, dtype=torch.float32) -> torch.Tenso
     return torch.eye(3, 4, device=device, dtype=dtype).expand(batch, 3, 4).clone()
 
 
-def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
-    """The voxel matrix of ``p -> outer(inner(p))``, both centred on the same grid."""
-    linear = outer[:, :, :3] @ inner[:, :, :3]
-    translation = (outer[:, :, :3] @ inner[:, :, 3:]) + outer[:, :, 3:]
-    return torch.cat([linear, translation], dim=-1)
-
-
-def invert(matrix: torch.Tensor) -> torch.Tensor:
-    inv = torch.linalg.inv(matrix[:, :, :3])
-    return torch.cat([inv, -inv @ matrix[:, :, 3:]], dim=-1)
-
-
 def to_normalised(matrix: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Voxel matrix -> the ``theta`` that ``F.affine_grid(align_corners=True)`` expects."""
     s = half_extent(shape, matrix.device, matrix.dtype)
@@ -123,14 +111,6 @@ def warp(image: torch.Tensor, matrix: torch.Tensor | None = None, displacement: 
 def upsample(x: torch.Tensor, size: tuple[int, ...] | None = None, scale_factor: float | None = None) -> torch.Tensor:
     """Trilinear feature upsampling with this module's corner convention (as the reference U-Net)."""
     return F.interpolate(x, size=size, scale_factor=scale_factor, mode="trilinear", align_corners=ALIGN_CORNERS)
-
-
-def voxel_points(shape: tuple[int, ...], device=None, dtype=torch.float32) -> torch.Tensor:
-    """(D, H, W, 3) voxel coordinates in (x, y, z) order."""
-    d, h, w = shape[-3:]
-    z, y, x = torch.meshgrid(torch.arange(d, device=device, dtype=dtype), torch.arange(h, device=device, dtype=dtype),
-                             torch.arange(w, device=device, dtype=dtype), indexing="ij")
-    return torch.stack([x, y, z], dim=-1)
 
 
 # Resolution-independent forms, used where one transform is applied at several resolutions
