@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,6 @@ from monai.transforms import Transform
 from torch.utils.data import Dataset
 
 from . import geometry
-
-log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 PRESETS = ("ct", "mr")
@@ -75,20 +72,25 @@ def _from_dataset_json(path: Path) -> list[Path]:
     return [_resolve(path.parent, e) for e in entries]
 
 
-def read_volume(path: str | Path) -> sitk.Image:
-    """Read one 3D scalar volume, or raise a DataError saying what is wrong with the file."""
-    path = Path(path)
+def _read_3d_scalar(path: Path, what: str) -> sitk.Image:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
-        raise DataError(f"{path}: cannot be read as an image ({first})") from None
+        raise DataError(f"{path}: cannot be read as {what} ({first})") from None
     dim = image.GetDimension()
     if dim != 3:
         raise DataError(f"{path}: is a {dim}D image of size {image.GetSize()}; a 3D volume is needed")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
                         "a scalar (single-channel) volume is needed")
+    return image
+
+
+def read_volume(path: str | Path) -> sitk.Image:
+    """Read one 3D scalar volume, or raise a DataError saying what is wrong with the file."""
+    path = Path(path)
+    image = _read_3d_scalar(path, "an image")
     if min(image.GetSize()) < 2:
         raise DataError(f"{path}: has size {image.GetSize()}; a 3D volume needs at least 2 voxels per axis")
     array = sitk.GetArrayViewFromImage(image)
@@ -102,13 +104,7 @@ def read_volume(path: str | Path) -> sitk.Image:
 def read_labels(path: str | Path) -> sitk.Image:
     """Read a 3D label map (integer values; float files are rounded), naming the file on any problem."""
     path = Path(path)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise DataError(f"{path}: cannot be read as a label map ({str(e).strip().splitlines()[-1]})") from None
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError(f"{path}: a label map must be a 3D scalar image, got {image.GetDimension()}D with "
-                        f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+    image = _read_3d_scalar(path, "a label map")
     array = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(array).all() or array.min() < 0:
         raise DataError(f"{path}: a label map needs finite, non-negative values")
