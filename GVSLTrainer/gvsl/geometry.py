@@ -29,17 +29,21 @@ def canonical(image: sitk.Image, spacing: float | Sequence[float] | None,
     image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
     if spacing is None:
         return image
-    new_spacing = np.array(isotropic(spacing))
-    old_spacing = np.array(image.GetSpacing())
-    old_size = np.array(image.GetSize())
-    new_size = np.maximum(1, np.round(old_size * old_spacing / new_spacing)).astype(int)
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    # keep the outer edge of the first voxel where it was
-    origin = np.array(image.GetOrigin()) + direction @ ((new_spacing - old_spacing) / 2)
-    background = float(sitk.GetArrayViewFromImage(image).min())
-    pixel = image.GetPixelID() if interpolator == sitk.sitkNearestNeighbor else sitk.sitkFloat32
-    return sitk.Resample(image, [int(s) for s in new_size], sitk.Transform(), interpolator, origin.tolist(),
-                         new_spacing.tolist(), image.GetDirection(), background, pixel)
+    return resample(image, _box_grid(image, np.array(isotropic(spacing)), min_size=1), interpolator=interpolator)
+
+
+def _box_grid(reference: sitk.Image, spacing: np.ndarray, min_size: int) -> sitk.Image:
+    """An empty grid of ``spacing`` over ``reference``'s physical box, in its orientation: the first
+    voxel's outer corner stays where it was, the size is rounded to whole voxels."""
+    extent = np.array(reference.GetSize()) * np.array(reference.GetSpacing())
+    size = np.maximum(min_size, np.round(extent / spacing)).astype(int)
+    grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
+    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    corner = np.array(reference.GetOrigin()) - direction @ (np.array(reference.GetSpacing()) / 2)
+    grid.SetOrigin((corner + direction @ (spacing / 2)).tolist())
+    grid.SetSpacing(spacing.tolist())
+    grid.SetDirection(reference.GetDirection())
+    return grid
 
 
 def index_to_physical(image: sitk.Image) -> np.ndarray:
@@ -56,18 +60,10 @@ def working_grid(reference: sitk.Image, spacing: float, max_size: int | None = N
     ``max_size`` caps the voxels per axis by coarsening the spacing.
     """
     reference = sitk.DICOMOrient(reference, CANONICAL_ORIENTATION)
-    extent = np.array(reference.GetSize()) * np.array(reference.GetSpacing())
     if max_size:
+        extent = np.array(reference.GetSize()) * np.array(reference.GetSpacing())
         spacing = max(spacing, float(extent.max()) / max_size)
-    size = np.maximum(8, np.round(extent / spacing)).astype(int)
-    grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
-    direction = np.array(reference.GetDirection()).reshape(3, 3)
-    # the same physical box: the first voxel's outer corner stays put
-    corner = np.array(reference.GetOrigin()) - direction @ (np.array(reference.GetSpacing()) / 2)
-    grid.SetOrigin((corner + direction @ (np.full(3, spacing) / 2)).tolist())
-    grid.SetSpacing([spacing] * 3)
-    grid.SetDirection(reference.GetDirection())
-    return grid
+    return _box_grid(reference, np.full(3, float(spacing)), min_size=8)
 
 
 def resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None,
