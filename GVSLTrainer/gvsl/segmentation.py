@@ -1,7 +1,9 @@
 """Segmenting a volume with a fine-tuned GVSL model, back in the input's exact geometry."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -14,6 +16,7 @@ from .networks import GVSLSegmenter
 from .runtime import resolve_device
 
 FLIPS = ((), (2,), (3,), (4,))  # test-time augmentation: none, then each axis
+Progress = Callable[[str, float], None]  # (stage, fraction done), as in gvsl.registration
 
 
 @dataclass
@@ -46,29 +49,45 @@ def build_segmenter(ckpt: Checkpoint) -> tuple[GVSLSegmenter, LabelSpec]:
     return model, spec
 
 
+def window_batches(shape: tuple[int, ...], window: tuple[int, ...], options: SegmentationOptions) -> int:
+    """Forward passes of one sliding-window sweep (MONAI's scan: a step of window * (1 - overlap))."""
+    n = 1
+    for size, w in zip(shape, window):
+        step = max(int(w * (1 - options.overlap)), 1)
+        n *= 1 if size <= w else math.ceil((size - w) / step) + 1
+    return math.ceil(n / options.sw_batch_size)
+
+
 def sliding_window_probabilities(model: torch.nn.Module, volume: torch.Tensor, window: tuple[int, ...],
                                  options: SegmentationOptions, device: torch.device,
-                                 progress: bool = False) -> torch.Tensor:
-    """(1, C, D, H, W) softmax probabilities, Gaussian-blended windows, accumulated on the CPU."""
+                                 progress: bool | Progress = False) -> torch.Tensor:
+    """(1, C, D, H, W) softmax probabilities, Gaussian-blended windows, accumulated on the CPU.
+    ``progress``: True for a progress bar, or a callback."""
     from monai.inferers import sliding_window_inference
 
+    flips = FLIPS if options.tta else FLIPS[:1]
+    passes = [0, window_batches(tuple(volume.shape[2:]), window, options) * len(flips)]
+
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(model(x), dim=1)
+        out = torch.softmax(model(x), dim=1)
+        if callable(progress):
+            passes[0] += 1
+            progress("segmenting", min(passes[0] / passes[1], 1.0))
+        return out
 
     total = None
-    flips = FLIPS if options.tta else FLIPS[:1]
     with torch.no_grad():
         for dims in flips:
             x = volume.flip(dims) if dims else volume
             p = sliding_window_inference(x, window, options.sw_batch_size, predictor, overlap=options.overlap,
-                                         mode="gaussian", sw_device=device, device="cpu", progress=progress)
+                                         mode="gaussian", sw_device=device, device="cpu", progress=progress is True)
             p = p.flip(dims) if dims else p
             total = p if total is None else total + p
     return total / len(flips)
 
 
 def segment(image: sitk.Image, ckpt: Checkpoint, options: SegmentationOptions | None = None,
-            progress: bool = False) -> SegmentationResult:
+            progress: bool | Progress = False) -> SegmentationResult:
     """Label map (and optionally probabilities) of ``image`` on its own grid."""
     options = options or SegmentationOptions()
     device = resolve_device(options.device)

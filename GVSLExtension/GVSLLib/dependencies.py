@@ -1,0 +1,46 @@
+"""Python packages the GVSL module needs inside Slicer, installed only with the user's consent.
+
+PyTorch comes through the PyTorch extension (``PyTorchUtils``), which picks the build for the
+machine's GPU; the rest comes from pip. Packages Slicer ships are never installed or upgraded.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+SHIPPED_WITH_SLICER = frozenset({"numpy", "SimpleITK", "vtk"})
+# import name -> pip requirement; torch is handled by PyTorchUtils
+PIP_PACKAGES = {"monai": "monai>=1.3", "tqdm": "tqdm", "yaml": "pyyaml", "matplotlib": "matplotlib"}
+
+
+def missingPackages() -> list[str]:
+    """Import names of what is not importable yet (torch first)."""
+    names = ["torch", *PIP_PACKAGES]
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
+def pipRequirements(missing: list[str]) -> list[str]:
+    """pip requirements for the missing packages, never one that Slicer ships."""
+    return [PIP_PACKAGES[n] for n in missing if n in PIP_PACKAGES and n not in SHIPPED_WITH_SLICER]
+
+
+def ensureDependencies(confirm: Callable[[str], bool]) -> bool:
+    """Install what is missing after asking; False when the user declined or an install failed."""
+    missing = missingPackages()
+    if "torch" in missing:
+        try:
+            import PyTorchUtils  # the PyTorch extension, declared in the extension's DEPENDS
+        except ImportError:
+            raise RuntimeError("PyTorch is not installed and the PyTorch extension is missing: install "
+                               "'PyTorch' from the Extensions Manager, restart Slicer and try again") from None
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=">=2.1") is None:
+            return False
+    requirements = pipRequirements(missing)
+    if requirements:
+        if not confirm("GVSL needs these Python packages, which are not installed yet:\n\n"
+                       + "\n".join(requirements) + "\n\nInstall them now? (This can take a few minutes.)"):
+            return False
+        import slicer
+
+        slicer.util.pip_install(requirements)
+    return not missingPackages()

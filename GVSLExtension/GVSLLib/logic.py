@@ -1,0 +1,284 @@
+"""GVSLLogic: register and segment MRML volumes with gvsl, in this process or in a child process.
+
+In-process calls (``register``, ``segment``) hand SimpleITK images to gvsl, with no temporary
+files; the GUI uses ``startRegistration`` / ``startSegmentation``, which run the headless scripts
+in a separate Python process so Slicer stays responsive. Both paths end in the same node builders,
+and nodes are created only after the computation succeeded.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import SimpleITK as sitk
+
+import slicer
+
+from . import conversion, paths
+from .process import BackgroundProcess, pythonExecutable
+
+try:  # the application's base class where there is one (Slicer), a plain object under pytest
+    from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+except ImportError:
+    ScriptedLoadableModuleLogic = object
+
+Progress = Callable[[str, float], None]  # (stage, fraction done)
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class RegistrationNodes:
+    outputVolume: object  # the moving volume resampled onto the fixed grid
+    transform: object  # maps the moving volume onto the fixed one (Slicer's "from parent" = fixed -> moving)
+    affineTransform: object = None  # linear part, when the transforms are split; its parent is the grid part
+    deformableTransform: object = None  # grid (displacement field) part, applied first
+    segmentation: object = None  # the moving segmentation propagated into fixed space
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class _RegistrationOutputs:
+    """What the node builders need, from ``gvsl.registration.register`` or from register.py's files."""
+    warped: sitk.Image
+    affine: sitk.AffineTransform
+    displacement: sitk.Image
+    warped_labels: sitk.Image | None
+    metrics: dict
+
+    @classmethod
+    def fromFolder(cls, folder: Path) -> "_RegistrationOutputs":
+        from gvsl.registration_io import FILES
+
+        labels = folder / FILES["warped_labels"]
+        return cls(sitk.ReadImage(str(folder / FILES["warped"])),
+                   sitk.ReadTransform(str(folder / FILES["affine"])).Downcast(),
+                   sitk.ReadImage(str(folder / FILES["displacement"]), sitk.sitkVectorFloat64),
+                   sitk.ReadImage(str(labels)) if labels.exists() else None,
+                   json.loads((folder / FILES["metrics"]).read_text()))
+
+
+class BackgroundJob:
+    """A headless script running in a child process; ``finish()`` turns its files into nodes."""
+
+    def __init__(self, argv: list[str], workdir: Path, finish: Callable[[Path], object]):
+        self.workdir = workdir
+        self._finish = finish
+        self.process = BackgroundProcess(argv)
+
+    def finish(self):
+        """The result nodes (call once ``process.poll()`` returned 0); the temporary files go."""
+        try:
+            if self.process.poll() != 0:
+                raise RuntimeError(self.process.error() or "the GVSL process failed")
+            return self._finish(self.workdir / "out")
+        finally:
+            self.cleanup()
+
+    def cancel(self) -> None:
+        self.process.cancel()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class GVSLLogic(ScriptedLoadableModuleLogic):
+    def __init__(self, scene=None):
+        if ScriptedLoadableModuleLogic is not object:
+            ScriptedLoadableModuleLogic.__init__(self)
+        self.scene = scene or slicer.mrmlScene
+        paths.ensureGvslImportable()
+
+    # ---------------------------------------------------------------- checks
+    @staticmethod
+    def registrationInputsProblem(fixedVolume, movingVolume, model=None) -> str:
+        """Why registration cannot run with these inputs ("" when it can); the GUI shows it as a tooltip."""
+        if fixedVolume is None or movingVolume is None:
+            return "Select a fixed and a moving volume."
+        if fixedVolume is movingVolume:
+            return "The fixed and the moving volume are the same node."
+        if model and not Path(model).is_file():
+            return f"Model file not found: {model}"
+        return ""
+
+    @staticmethod
+    def segmentationInputsProblem(inputVolume, model) -> str:
+        if inputVolume is None:
+            return "Select a volume to segment."
+        if not model:
+            return "Select a fine-tuned model (gvsl_segmentation.pt from finetune.py)."
+        if not Path(model).is_file():
+            return f"Model file not found: {model}"
+        return ""
+
+    # ---------------------------------------------------------------- registration
+    def register(self, fixedVolume, movingVolume, model=None, outputVolume=None, outputTransform=None,
+                 splitTransforms: bool = False, iterations: int | None = None, device: str = "auto",
+                 movingSegmentation=None, progress: Progress | None = None) -> RegistrationNodes:
+        """Register ``movingVolume`` onto ``fixedVolume`` in this process (blocking)."""
+        from gvsl import checkpoint
+        from gvsl.registration import RegistrationOptions, register
+
+        problem = self.registrationInputsProblem(fixedVolume, movingVolume, model)
+        if problem:
+            raise ValueError(problem)
+        fixed, moving = conversion.imageFromVolumeNode(fixedVolume), conversion.imageFromVolumeNode(movingVolume)
+        movingLabels, segments = self._movingLabels(movingSegmentation)
+        options = RegistrationOptions(device=device)
+        if iterations:
+            options.iterations = int(iterations)
+        result = register(fixed, moving, None, movingLabels, checkpoint.load(model) if model else None, options,
+                          progress)
+        outputs = _RegistrationOutputs(result.warped, result.affine, result.displacement, result.warped_labels,
+                                       result.metrics)
+        return self._registrationNodes(outputs, fixedVolume, movingVolume, outputVolume, outputTransform,
+                                       splitTransforms, segments)
+
+    def startRegistration(self, fixedVolume, movingVolume, model=None, outputVolume=None, outputTransform=None,
+                          splitTransforms: bool = False, iterations: int | None = None, device: str = "auto",
+                          movingSegmentation=None) -> BackgroundJob:
+        """The same registration in a child process running ``register.py`` on temporary files."""
+        problem = self.registrationInputsProblem(fixedVolume, movingVolume, model)
+        if problem:
+            raise ValueError(problem)
+        workdir = Path(tempfile.mkdtemp(prefix="gvsl_register_"))
+        try:
+            argv = [pythonExecutable(), paths.trainerDir() / "register.py", "--output-dir", workdir / "out",
+                    "--fixed", self._write(fixedVolume, workdir / "fixed.nrrd"),
+                    "--moving", self._write(movingVolume, workdir / "moving.nrrd"), "--device", device]
+            movingLabels, segments = self._movingLabels(movingSegmentation)
+            if movingLabels is not None:
+                sitk.WriteImage(movingLabels, str(workdir / "moving_labels.nrrd"))
+                argv += ["--moving-labels", workdir / "moving_labels.nrrd"]
+            if model:
+                argv += ["--model", model]
+            if iterations:
+                argv += ["--iterations", int(iterations)]
+        except Exception:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+        def finish(folder: Path) -> RegistrationNodes:
+            return self.loadRegistration(folder, fixedVolume, movingVolume, outputVolume, outputTransform,
+                                         splitTransforms, segments)
+
+        return BackgroundJob([str(a) for a in argv], workdir, finish)
+
+    def loadRegistration(self, folder: str | Path, fixedVolume, movingVolume, outputVolume=None,
+                         outputTransform=None, splitTransforms: bool = False,
+                         segments: dict | None = None) -> RegistrationNodes:
+        """Nodes from the files of a headless ``register.py`` run (``segments``: {value: (name, colour)}
+        for warped_labels)."""
+        return self._registrationNodes(_RegistrationOutputs.fromFolder(Path(folder)), fixedVolume, movingVolume,
+                                       outputVolume, outputTransform, splitTransforms, segments or {})
+
+    def _movingLabels(self, segmentation):
+        if segmentation is None:
+            return None, {}
+        labels, segments = conversion.labelsFromSegmentation(segmentation)  # its own resolution
+        return labels, {i + 1: s for i, s in enumerate(segments)}
+
+    def _registrationNodes(self, outputs: _RegistrationOutputs, fixedVolume, movingVolume, outputVolume,
+                           outputTransform, splitTransforms: bool, segments: dict) -> RegistrationNodes:
+        name = movingVolume.GetName()
+        with _NewNodes(self.scene) as new:
+            volume = conversion.volumeNodeFromImage(
+                outputs.warped, outputVolume or new.add("vtkMRMLScalarVolumeNode", f"{name} registered"))
+            if splitTransforms:
+                deformable = conversion.gridTransformToNode(
+                    outputs.displacement, new.add("vtkMRMLGridTransformNode", f"{name} deformable"))
+                affine = conversion.linearTransformToNode(
+                    outputs.affine, outputTransform or new.add("vtkMRMLLinearTransformNode", f"{name} affine"))
+                affine.SetAndObserveTransformNodeID(deformable.GetID())  # the field applies first
+                transform = affine
+            else:
+                affine = deformable = None
+                transform = conversion.compositeTransformToNode(
+                    outputs.affine, outputs.displacement,
+                    outputTransform or new.add("vtkMRMLTransformNode", f"{name} to {fixedVolume.GetName()}"))
+            segmentation = None
+            if outputs.warped_labels is not None:
+                segmentation = conversion.segmentationFromLabels(
+                    outputs.warped_labels, segments,
+                    new.add("vtkMRMLSegmentationNode", f"{name} segmentation registered"))
+                segmentation.SetReferenceImageGeometryParameterFromVolumeNode(fixedVolume)
+        transform.SetAttribute("GVSL.metrics", json.dumps(outputs.metrics))
+        return RegistrationNodes(volume, transform, affine, deformable, segmentation, outputs.metrics)
+
+    # ---------------------------------------------------------------- segmentation
+    def segment(self, inputVolume, model, outputSegmentation=None, device: str = "auto",
+                progress: Progress | None = None):
+        """Segment ``inputVolume`` with a fine-tuned model in this process; returns the segmentation node."""
+        from gvsl import checkpoint
+        from gvsl.segmentation import SegmentationOptions, segment
+
+        problem = self.segmentationInputsProblem(inputVolume, model)
+        if problem:
+            raise ValueError(problem)
+        result = segment(conversion.imageFromVolumeNode(inputVolume), checkpoint.load(model),
+                         SegmentationOptions(device=device), progress or False)
+        return self._segmentationNode(result.labels, result.spec, inputVolume, outputSegmentation)
+
+    def startSegmentation(self, inputVolume, model, outputSegmentation=None, device: str = "auto") -> BackgroundJob:
+        """The same segmentation in a child process running ``segment.py`` on temporary files."""
+        from gvsl import checkpoint
+        from gvsl.segmentation import build_segmenter
+
+        problem = self.segmentationInputsProblem(inputVolume, model)
+        if problem:
+            raise ValueError(problem)
+        _, spec = build_segmenter(checkpoint.load(model))  # a wrong model fails here, before any work
+        workdir = Path(tempfile.mkdtemp(prefix="gvsl_segment_"))
+        try:
+            argv = [pythonExecutable(), paths.trainerDir() / "segment.py", "--model", model,
+                    "--input", self._write(inputVolume, workdir / "input.nrrd"),
+                    "--output", workdir / "out" / "labels.nrrd", "--device", device]
+        except Exception:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+        def finish(folder: Path):
+            return self._segmentationNode(sitk.ReadImage(str(folder / "labels.nrrd")), spec, inputVolume,
+                                          outputSegmentation)
+
+        return BackgroundJob([str(a) for a in argv], workdir, finish)
+
+    def _segmentationNode(self, labels: sitk.Image, spec, inputVolume, outputSegmentation):
+        segments = {v: (n, c) for v, n, c in zip(spec.values, spec.names, spec.colours) if v != 0}
+        with _NewNodes(self.scene) as new:
+            node = outputSegmentation or new.add("vtkMRMLSegmentationNode", f"{inputVolume.GetName()} segmentation")
+            conversion.segmentationFromLabels(labels, segments, node)
+            node.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+        return node
+
+    @staticmethod
+    def _write(volumeNode, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(conversion.imageFromVolumeNode(volumeNode), str(path))
+        return path
+
+
+class _NewNodes:
+    """Nodes created while building results; all removed again if building fails half-way."""
+
+    def __init__(self, scene):
+        self.scene = scene
+        self.created: list = []
+
+    def add(self, className: str, name: str):
+        node = self.scene.AddNewNodeByClass(className, self.scene.GenerateUniqueName(name))
+        self.created.append(node)
+        return node
+
+    def __enter__(self) -> "_NewNodes":
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is not None:
+            for node in self.created:
+                self.scene.RemoveNode(node)
+        return False

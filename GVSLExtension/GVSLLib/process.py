@@ -1,0 +1,103 @@
+"""Running a headless gvsl script in a separate Python process, with progress and cancel.
+
+Slicer stays responsive: the GUI polls ``poll()`` from a timer. Progress comes from the script's
+tqdm bar on stderr ("Registering (affine):  42%|...").
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+PERCENT = re.compile(r"(?:^|\s)(\d{1,3})%\|")
+STAGE = re.compile(r"^\s*([A-Za-z][^:%|]*?)\s*:\s*\d{1,3}%\|")
+
+
+def pythonExecutable() -> str:
+    """Slicer's own launcher-configured interpreter (``PythonSlicer``) when there is one."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+class BackgroundProcess:
+    """One child process; its merged output is kept for the log and parsed for progress."""
+
+    def __init__(self, argv: list[str], cwd: str | Path | None = None):
+        self.argv = [str(a) for a in argv]
+        self.fraction = 0.0
+        self.stage = ""
+        self.lines: list[str] = []
+        self.cancelled = False
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        kwargs = {"start_new_session": True} if os.name == "posix" else \
+            {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        self._proc = subprocess.Popen(self.argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        buffer = b""
+        while chunk := self._proc.stdout.read1(4096):
+            buffer += chunk
+            *parts, buffer = re.split(rb"[\r\n]", buffer)
+            for part in parts:
+                self._line(part.decode(errors="replace"))
+        if buffer:
+            self._line(buffer.decode(errors="replace"))
+
+    def _line(self, line: str) -> None:
+        if not line.strip():
+            return
+        match = PERCENT.search(line)
+        if match:
+            self.fraction = min(int(match.group(1)), 100) / 100
+            stage = STAGE.match(line)
+            if stage:
+                self.stage = stage.group(1)
+            return  # progress-bar refreshes stay out of the log
+        self.lines.append(line)
+
+    def poll(self) -> int | None:
+        """The exit code once finished (its output fully read), else None."""
+        code = self._proc.poll()
+        if code is not None:
+            self._reader.join()
+        return code
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self._proc.wait(timeout)
+        self._reader.join()
+        return code
+
+    def cancel(self, grace_s: float = 5.0) -> None:
+        """Stop the process and its children: a polite signal, then a kill."""
+        if self._proc.poll() is not None:
+            return
+        self.cancelled = True
+        if os.name == "posix":
+            os.killpg(self._proc.pid, signal.SIGTERM)
+        else:
+            self._proc.terminate()
+        try:
+            self._proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            if os.name == "posix":
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            else:
+                self._proc.kill()
+            self._proc.wait()
+        self._reader.join()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def error(self) -> str:
+        """The child's own error line (``error: ...`` from gvsl.cli), else the last lines of output."""
+        errors = [line for line in self.lines if line.startswith("error:")]
+        return errors[-1][len("error:"):].strip() if errors else "\n".join(self.lines[-5:])

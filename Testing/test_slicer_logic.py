@@ -1,0 +1,399 @@
+"""The Slicer module's logic on real MRML (pip slicer-core): nodes in, nodes out, checked against the
+headless tools' files and against SimpleITK, point by point, on oblique anisotropic anatomy."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+slicer = pytest.importorskip("slicer")
+import vtk  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GVSLExtension"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GVSLTrainer"))
+
+import register as register_cli  # noqa: E402
+import synthetic  # noqa: E402
+from GVSLLib import conversion, dependencies  # noqa: E402
+from GVSLLib.logic import GVSLLogic  # noqa: E402
+from gvsl import checkpoint  # noqa: E402
+from gvsl.labels import LabelSpec  # noqa: E402
+from gvsl.networks import GVSLSegmenter  # noqa: E402
+from gvsl.segmentation import segment as headless_segment  # noqa: E402
+
+ITERATIONS = 30  # enough for a real deformation; the comparisons are exact either way
+FLIP = np.array([-1.0, -1.0, 1.0])
+
+
+@pytest.fixture
+def scene():
+    """A scene with the logics the application attaches (colours, volumes, segmentations, transforms)."""
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    app.GetColorLogic().SetMRMLScene(scene)
+    app.GetColorLogic().AddDefaultColorNodes()
+    logics = (("Colors", slicer.vtkMRMLColorLogic()), ("Volumes", slicer.vtkSlicerVolumesLogic()),
+              ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic()),
+              ("Transforms", slicer.vtkSlicerTransformLogic()))
+    for name, logic in logics:
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(app)
+        app.SetModuleLogic(name, logic)
+    slicer.mrmlScene = scene
+    yield scene
+    del slicer.mrmlScene
+    scene.Clear(True)
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory) -> dict:
+    """A real head pair (oblique 2.6x2.4x3.2 mm fixed grid, 1.5 mm moving) with tissue labels, as files."""
+    folder = tmp_path_factory.mktemp("pair")
+    fixed, moving, _, moving_labels, _ = synthetic.synthetic_pair(seed=3)
+    files = {"fixed": folder / "fixed.nrrd", "moving": folder / "moving.nii.gz",
+             "moving_labels": folder / "moving_labels.nii.gz"}
+    sitk.WriteImage(fixed, str(files["fixed"]))
+    sitk.WriteImage(moving, str(files["moving"]))
+    sitk.WriteImage(moving_labels, str(files["moving_labels"]))
+    return files
+
+
+@pytest.fixture(scope="module")
+def headless(pair_files, tmp_path_factory) -> Path:
+    """register.py's outputs for the pair."""
+    out = tmp_path_factory.mktemp("headless")
+    assert register_cli.main(["--fixed", str(pair_files["fixed"]), "--moving", str(pair_files["moving"]),
+                              "--moving-labels", str(pair_files["moving_labels"]), "--iterations", str(ITERATIONS),
+                              "--output-dir", str(out), "--no-progress"]) == 0
+    return out
+
+
+def load_volume(scene, path: Path, name: str, labelmap: bool = False):
+    """What File > Add Data does: a storage node reads the file into a new volume node."""
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    return node
+
+
+def load_segmentation(scene, path: Path):
+    """A segmentation made from a label map file, at the file's resolution (here 1 mm, finer than its volume)."""
+    labelmap = load_volume(scene, path, "labels", labelmap=True)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "tissue")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg)
+    scene.RemoveNode(labelmap)
+    return seg
+
+
+def sample_points_ras(image: sitk.Image, n: int = 400, seed: int = 0) -> np.ndarray:
+    """Random continuous points inside ``image``'s grid, RAS."""
+    rng = np.random.default_rng(seed)
+    idx = rng.uniform(0, 1, (n, 3)) * (np.array(image.GetSize()) - 1)
+    return np.array([image.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in idx]) * FLIP
+
+
+def map_with_node(node, points_ras: np.ndarray) -> np.ndarray:
+    """The fixed -> moving mapping a moving volume under ``node`` gets: world -> node's local space."""
+    t = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, node, t)
+    return np.array([t.TransformPoint(*p) for p in points_ras])
+
+
+def map_with_itk(transform: sitk.Transform, points_ras: np.ndarray) -> np.ndarray:
+    return np.array([transform.TransformPoint((p * FLIP).tolist()) for p in points_ras]) * FLIP
+
+
+def node_geometry_lps(node) -> tuple:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    a = np.diag([-1.0, -1.0, 1.0, 1.0]) @ slicer.util.arrayFromVTKMatrix(m)
+    spacing = np.linalg.norm(a[:3, :3], axis=0)
+    return a[:3, 3], spacing, a[:3, :3] / spacing
+
+
+def assert_same_geometry(node, image: sitk.Image) -> None:
+    origin, spacing, direction = node_geometry_lps(node)
+    assert node.GetImageData().GetDimensions() == image.GetSize()
+    np.testing.assert_allclose(origin, image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(spacing, image.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(direction, np.array(image.GetDirection()).reshape(3, 3), atol=1e-6)
+
+
+def labels_on(seg, reference) -> np.ndarray:
+    """A segmentation as a label array on ``reference``'s grid, values = segment order + 1."""
+    image, _ = conversion.labelsFromSegmentation(seg, reference)
+    assert image.GetSize() == reference.GetImageData().GetDimensions()
+    return sitk.GetArrayFromImage(image)
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+def test_volume_node_round_trips_through_simpleitk_in_lps(scene, pair_files):
+    node = load_volume(scene, pair_files["fixed"], "fixed")
+    reference = sitk.ReadImage(str(pair_files["fixed"]))
+    image = conversion.imageFromVolumeNode(node)
+    assert_same_geometry(node, reference)
+    for a, b in ((image.GetOrigin(), reference.GetOrigin()), (image.GetSpacing(), reference.GetSpacing()),
+                 (image.GetDirection(), reference.GetDirection())):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(reference))
+    back = conversion.volumeNodeFromImage(image, scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"))
+    assert_same_geometry(back, reference)
+
+
+def test_volume_under_a_linear_transform_converts_where_slicer_shows_it(scene, pair_files):
+    node = load_volume(scene, pair_files["fixed"], "fixed")
+    parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    to_parent = slicer.util.arrayFromVTKMatrix(vtk.vtkMatrix4x4())
+    rot = np.array(sitk.VersorTransform((0.3, 0.2, 1.0), 0.4).GetMatrix()).reshape(3, 3)
+    to_parent[:3, :3], to_parent[:3, 3] = rot, (10.0, -4.0, 7.0)
+    slicer.util.updateTransformMatrixFromArray(parent, to_parent)
+    node.SetAndObserveTransformNodeID(parent.GetID())
+    image = conversion.imageFromVolumeNode(node)
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    for ijk in ((0, 0, 0), (5, 60, 3), (63, 75, 49)):
+        ras = to_parent @ slicer.util.arrayFromVTKMatrix(m) @ np.array([*ijk, 1.0])
+        np.testing.assert_allclose(image.TransformIndexToPhysicalPoint(ijk), ras[:3] * FLIP, atol=1e-4)
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    parent.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(conversion.ConversionError, match="fixed: lies under the non-linear transform"):
+        conversion.imageFromVolumeNode(node)
+
+
+# ---------------------------------------------------------------------------------------------- registration
+@pytest.fixture
+def registered(scene, pair_files):
+    fixed = load_volume(scene, pair_files["fixed"], "fixed")
+    moving = load_volume(scene, pair_files["moving"], "moving")
+    seg = load_segmentation(scene, pair_files["moving_labels"])
+    calls = []
+    nodes = GVSLLogic(scene).register(fixed, moving, iterations=ITERATIONS, movingSegmentation=seg,
+                                      progress=lambda stage, f: calls.append(f))
+    return fixed, moving, seg, nodes, calls
+
+
+def test_register_matches_the_headless_tool(registered, headless):
+    """In-process registration of nodes = register.py on their files, within run-to-run tolerance
+    (the inputs differ by ~1e-14 mm after the RAS round trip, which the optimiser amplifies a little)."""
+    fixed, moving, seg, nodes, calls = registered
+    assert calls and calls[-1] == pytest.approx(1.0)
+    warped = sitk.ReadImage(str(headless / "warped.nii.gz"))
+    assert_same_geometry(nodes.outputVolume, warped)
+    ours, theirs = slicer.util.arrayFromVolume(nodes.outputVolume), sitk.GetArrayFromImage(warped)
+    assert np.percentile(np.abs(ours - theirs), 99.9) < 0.01 * theirs.max()
+    points = sample_points_ras(warped)
+    expected = map_with_itk(sitk.ReadTransform(str(headless / "transform.h5")), points)
+    assert np.abs(expected - points).max() > 2.0  # a real deformation, not the identity
+    np.testing.assert_allclose(map_with_node(nodes.transform, points), expected, atol=0.1)
+    headless_metrics = json.loads((headless / "metrics.json").read_text())
+    assert nodes.metrics["ncc_after"] == pytest.approx(headless_metrics["ncc_after"], abs=2e-3)
+    assert json.loads(nodes.transform.GetAttribute("GVSL.metrics"))["ncc_after"] == nodes.metrics["ncc_after"]
+    # the propagated segmentation lands where warped_labels.nii.gz does and keeps the segments' names
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(headless / "warped_labels.nii.gz")))
+    assert (labels_on(nodes.segmentation, fixed) == theirs).mean() > 0.99 and len(np.unique(theirs)) == 3
+    names = [nodes.segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(2)]
+    assert names == [seg.GetSegmentation().GetNthSegment(i).GetName() for i in range(2)]
+    assert moving.GetParentTransformNode() is None  # inputs untouched
+
+
+@pytest.fixture
+def loaded(scene, pair_files, headless):
+    """Nodes built from register.py's files: the conversion alone, to compare exactly."""
+    fixed = load_volume(scene, pair_files["fixed"], "fixed")
+    moving = load_volume(scene, pair_files["moving"], "moving")
+    logic = GVSLLogic(scene)
+    whole = logic.loadRegistration(headless, fixed, moving, segments={1: ("grey", (1, 0, 0)), 2: ("white", (0, 0, 1))})
+    split = logic.loadRegistration(headless, fixed, moving, splitTransforms=True)
+    return fixed, moving, whole, split, sample_points_ras(sitk.ReadImage(str(headless / "warped.nii.gz")), seed=2)
+
+
+def test_transform_node_moves_the_moving_volume_onto_the_fixed_one_in_slicer(loaded):
+    """Slicer's own resampling of the moving volume under the transform reproduces the output volume."""
+    fixed, moving, whole, _, _ = loaded
+    moving.SetAndObserveTransformNodeID(whole.transform.GetID())
+    resampled = slicer.vtkSlicerVolumesLogic.ResampleVolumeToReferenceVolume(moving, fixed)
+    ours, slicers = slicer.util.arrayFromVolume(whole.outputVolume), slicer.util.arrayFromVolume(resampled)
+    inside = ours > 1
+    assert inside.mean() > 0.3
+    assert np.corrcoef(ours[inside], slicers[inside])[0, 1] > 0.99
+    assert np.median(np.abs(ours[inside] - slicers[inside])) < 0.02 * ours.max()
+
+
+def test_loaded_nodes_are_the_headless_files_exactly(loaded, headless):
+    fixed, _, whole, _, points = loaded
+    warped = sitk.ReadImage(str(headless / "warped.nii.gz"))
+    assert_same_geometry(whole.outputVolume, warped)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(whole.outputVolume), sitk.GetArrayFromImage(warped))
+    np.testing.assert_allclose(map_with_node(whole.transform, points),
+                               map_with_itk(sitk.ReadTransform(str(headless / "transform.h5")), points), atol=1e-3)
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(headless / "warped_labels.nii.gz")))
+    np.testing.assert_array_equal(labels_on(whole.segmentation, fixed), theirs)
+    segments = whole.segmentation.GetSegmentation()
+    assert [segments.GetNthSegment(i).GetName() for i in range(2)] == ["grey", "white"]
+    np.testing.assert_allclose(segments.GetNthSegment(1).GetColor(), (0, 0, 1))
+
+
+def test_split_transforms_compose_to_the_same_mapping(loaded, headless):
+    _, _, _, split, points = loaded
+    assert split.affineTransform.IsA("vtkMRMLLinearTransformNode")
+    assert split.deformableTransform.IsA("vtkMRMLGridTransformNode")
+    assert split.affineTransform.GetParentTransformNode() is split.deformableTransform
+    assert split.transform is split.affineTransform
+    composite = map_with_itk(sitk.ReadTransform(str(headless / "transform.h5")), points)
+    np.testing.assert_allclose(map_with_node(split.affineTransform, points), composite, atol=1e-3)
+    field = sitk.DisplacementFieldTransform(sitk.ReadImage(str(headless / "displacement.nii.gz"),
+                                                           sitk.sitkVectorFloat64))
+    np.testing.assert_allclose(map_with_node(split.deformableTransform, points), map_with_itk(field, points), atol=1e-3)
+    linear = split.affineTransform.GetTransformFromParent()
+    np.testing.assert_allclose([linear.TransformPoint(*p) for p in points],
+                               map_with_itk(sitk.ReadTransform(str(headless / "affine.tfm")), points), atol=1e-3)
+
+
+def test_saved_transform_is_read_by_simpleitk_as_the_same_mapping(loaded, headless, tmp_path):
+    _, _, whole, _, points = loaded
+    storage = whole.transform.GetScene().AddNewNodeByClass("vtkMRMLTransformStorageNode")
+    storage.SetFileName(str(tmp_path / "saved.h5"))
+    assert storage.WriteData(whole.transform)
+    np.testing.assert_allclose(map_with_itk(sitk.ReadTransform(str(tmp_path / "saved.h5")), points),
+                               map_with_itk(sitk.ReadTransform(str(headless / "transform.h5")), points), atol=1e-3)
+
+
+def test_register_refuses_bad_inputs_and_creates_nothing(scene, pair_files):
+    fixed = load_volume(scene, pair_files["fixed"], "fixed")
+    logic = GVSLLogic(scene)
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match="same node"):
+        logic.register(fixed, fixed)
+    with pytest.raises(ValueError, match="Select a fixed and a moving"):
+        logic.register(fixed, None)
+    with pytest.raises(ValueError, match="Model file not found"):
+        logic.register(fixed, load_volume(scene, pair_files["moving"], "moving"), model="/nonexistent/model.pt")
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(conversion.ConversionError, match="empty: the volume has no image data"):
+        logic.register(fixed, empty)
+    assert scene.GetNumberOfNodes() == before + 3  # the moving, the empty volume and a storage node
+    assert logic.registrationInputsProblem(fixed, fixed) and not logic.registrationInputsProblem(fixed, empty)
+
+
+# ---------------------------------------------------------------------------------------------- segmentation
+@pytest.fixture(scope="module")
+def segmentation_model(tmp_path_factory) -> Path:
+    """A small segmentation model with original label values, names and colours."""
+    torch.manual_seed(1)
+    spec = LabelSpec([0, 205, 420], ["background", "grey matter", "white matter"],
+                     [(0, 0, 0), (0.9, 0.3, 0.2), (0.2, 0.6, 0.9)])
+    model = GVSLSegmenter(spec.num_classes, width=4)
+    return checkpoint.save(tmp_path_factory.mktemp("model") / "seg.pt", model, "segmentation", {
+        "width": 4, "in_channels": 1, "labels": spec.as_dict(), "normalize": "mr", "spacing": [3.0] * 3,
+        "crop": [32, 32, 32]})
+
+
+def test_segment_gives_named_coloured_segments_in_the_input_geometry(scene, pair_files, segmentation_model):
+    volume = load_volume(scene, pair_files["fixed"], "head")
+    node = GVSLLogic(scene).segment(volume, str(segmentation_model))
+    headless = headless_segment(sitk.ReadImage(str(pair_files["fixed"])), checkpoint.load(segmentation_model))
+    truth = sitk.GetArrayFromImage(headless.labels)
+    present = [v for v in (205, 420) if (truth == v).any()]
+    assert present, "the model predicts no structure: the test would prove nothing"
+    segmentation = node.GetSegmentation()
+    segments = {segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegment(i)
+                for i in range(segmentation.GetNumberOfSegments())}
+    names = {205: "grey matter", 420: "white matter"}
+    assert set(segments) == {names[v] for v in present}
+    colours = {205: (0.9, 0.3, 0.2), 420: (0.2, 0.6, 0.9)}
+    for v in present:
+        np.testing.assert_allclose(segments[names[v]].GetColor(), colours[v], atol=1e-6)
+    # exported back on the input grid, segment by segment, it is the headless label map
+    ours = labels_on(node, volume)
+    order = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    expected = np.zeros_like(truth)
+    for i, name in enumerate(order):
+        expected[truth == {n: v for v, n in names.items()}[name]] = i + 1
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_segment_refuses_a_registration_model(scene, pair_files, tmp_path):
+    from gvsl.networks import GVSL
+
+    path = checkpoint.save(tmp_path / "pre.pt", GVSL(width=4), "pretrain", {"width": 4})
+    volume = load_volume(scene, pair_files["fixed"], "head")
+    logic = GVSLLogic(scene)
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(checkpoint.CheckpointError, match="pre.pt: is a pretrain model"):
+        logic.segment(volume, str(path))
+    with pytest.raises(ValueError, match="Select a fine-tuned model"):
+        logic.segment(volume, "")
+    assert scene.GetNumberOfNodes() == before
+
+
+# ---------------------------------------------------------------------------------------------- background
+def test_background_registration_equals_the_in_process_one(scene, pair_files, headless):
+    fixed = load_volume(scene, pair_files["fixed"], "fixed")
+    moving = load_volume(scene, pair_files["moving"], "moving")
+    seg = load_segmentation(scene, pair_files["moving_labels"])
+    job = GVSLLogic(scene).startRegistration(fixed, moving, iterations=ITERATIONS, movingSegmentation=seg)
+    before = scene.GetNumberOfNodes()
+    assert job.process.wait(300) == 0, job.process.output
+    assert job.process.fraction == 1.0 and "Registering" in job.process.stage
+    nodes = job.finish()
+    assert not job.workdir.exists()
+    assert scene.GetNumberOfNodes() > before
+    points = sample_points_ras(sitk.ReadImage(str(headless / "warped.nii.gz")), seed=4)
+    np.testing.assert_allclose(map_with_node(nodes.transform, points),
+                               map_with_itk(sitk.ReadTransform(str(headless / "transform.h5")), points), atol=0.05)
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(headless / "warped_labels.nii.gz")))
+    assert (labels_on(nodes.segmentation, fixed) == theirs).mean() > 0.99
+
+
+def test_cancel_stops_the_process_and_leaves_the_scene_as_it_was(scene, pair_files):
+    fixed = load_volume(scene, pair_files["fixed"], "fixed")
+    moving = load_volume(scene, pair_files["moving"], "moving")
+    job = GVSLLogic(scene).startRegistration(fixed, moving, iterations=5000)
+    before = scene.GetNumberOfNodes()
+    deadline = time.time() + 120
+    while job.process.fraction == 0 and time.time() < deadline and job.process.poll() is None:
+        time.sleep(0.2)
+    assert job.process.poll() is None, job.process.output  # still working when cancelled
+    job.cancel()
+    assert job.process.poll() is not None and job.process.cancelled
+    assert not job.workdir.exists()
+    assert scene.GetNumberOfNodes() == before
+
+
+def test_failed_background_run_reports_the_error_and_creates_no_nodes(scene, pair_files, tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"not a checkpoint")
+    fixed = load_volume(scene, pair_files["fixed"], "fixed")
+    moving = load_volume(scene, pair_files["moving"], "moving")
+    job = GVSLLogic(scene).startRegistration(fixed, moving, model=str(bad))
+    before = scene.GetNumberOfNodes()
+    assert job.process.wait(120) != 0
+    with pytest.raises(RuntimeError, match="broken.pt"):
+        job.finish()
+    assert scene.GetNumberOfNodes() == before and not job.workdir.exists()
+
+
+def test_background_segmentation(scene, pair_files, segmentation_model):
+    volume = load_volume(scene, pair_files["fixed"], "head")
+    job = GVSLLogic(scene).startSegmentation(volume, str(segmentation_model))
+    assert job.process.wait(300) == 0, job.process.output
+    node = job.finish()
+    headless = sitk.GetArrayFromImage(headless_segment(sitk.ReadImage(str(pair_files["fixed"])),
+                                                       checkpoint.load(segmentation_model)).labels)
+    ours = labels_on(node, volume)
+    assert ((ours > 0) == (headless > 0)).mean() > 0.999
+
+
+# ---------------------------------------------------------------------------------------------- dependencies
+def test_dependencies_never_reinstall_what_slicer_ships():
+    assert dependencies.pipRequirements(["numpy", "SimpleITK", "vtk", "monai", "tqdm"]) == ["monai>=1.3", "tqdm"]
+    assert dependencies.missingPackages() == []  # this environment has everything
