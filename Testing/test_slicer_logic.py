@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GVSLTrainer"))
 import register as register_cli  # noqa: E402
 import synthetic  # noqa: E402
 from GVSLLib import conversion, dependencies  # noqa: E402
-from GVSLLib.logic import GVSLLogic  # noqa: E402
+from GVSLLib.logic import GVSLLogic, formatMetrics  # noqa: E402
 from gvsl import checkpoint  # noqa: E402
 from gvsl.labels import LabelSpec  # noqa: E402
 from gvsl.networks import GVSLSegmenter  # noqa: E402
@@ -197,6 +197,8 @@ def test_register_matches_the_headless_tool(registered, headless):
     headless_metrics = json.loads((headless / "metrics.json").read_text())
     assert nodes.metrics["ncc_after"] == pytest.approx(headless_metrics["ncc_after"], abs=2e-3)
     assert json.loads(nodes.transform.GetAttribute("GVSL.metrics"))["ncc_after"] == nodes.metrics["ncc_after"]
+    text = formatMetrics(nodes.metrics)
+    assert f"{nodes.metrics['ncc_before']} → {nodes.metrics['ncc_after']}" in text and "Folding" in text
     # the propagated segmentation lands where warped_labels.nii.gz does and keeps the segments' names
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(headless / "warped_labels.nii.gz")))
     assert (labels_on(nodes.segmentation, fixed) == theirs).mean() > 0.99 and len(np.unique(theirs)) == 3
@@ -397,3 +399,26 @@ def test_background_segmentation(scene, pair_files, segmentation_model):
 def test_dependencies_never_reinstall_what_slicer_ships():
     assert dependencies.pipRequirements(["numpy", "SimpleITK", "vtk", "monai", "tqdm"]) == ["monai>=1.3", "tqdm"]
     assert dependencies.missingPackages() == []  # this environment has everything
+
+
+def test_installs_hold_slicers_own_packages_at_their_versions(tmp_path):
+    import importlib.metadata
+
+    args = dependencies.pipArguments(["monai>=1.3"], tmp_path / "pins.txt")
+    assert args[0] == "monai>=1.3" and args[1:] == ["--constraint", str(tmp_path / "pins.txt")]
+    pins = (tmp_path / "pins.txt").read_text().split()
+    assert f"numpy=={importlib.metadata.version('numpy')}" in pins
+    assert f"SimpleITK=={importlib.metadata.version('SimpleITK')}" in pins
+
+
+# ---------------------------------------------------------------------------------------------- self-test
+def test_module_self_test_recovers_the_known_transform(scene, pair_files):
+    """What GVSLTest runs inside Slicer: a known oblique affine recovered to well under a voxel."""
+    from GVSLLib import selftest
+
+    fixed, moving = selftest.makePair(scene, sitk.ReadImage(str(pair_files["moving"])))
+    nodes = GVSLLogic(scene).register(fixed, moving)
+    error = selftest.registrationError(nodes.transform, fixed, moving)
+    assert np.median(error) < 1.0 and np.percentile(error, 95) < 2.0, (np.median(error), error.max())
+    identity = selftest.registrationError(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode"), fixed, moving)
+    assert np.median(identity) > 5.0  # the test pair does need registering

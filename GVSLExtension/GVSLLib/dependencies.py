@@ -5,7 +5,10 @@ machine's GPU; the rest comes from pip. Packages Slicer ships are never installe
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 SHIPPED_WITH_SLICER = frozenset({"numpy", "SimpleITK", "vtk"})
@@ -22,6 +25,23 @@ def missingPackages() -> list[str]:
 def pipRequirements(missing: list[str]) -> list[str]:
     """pip requirements for the missing packages, never one that Slicer ships."""
     return [PIP_PACKAGES[n] for n in missing if n in PIP_PACKAGES and n not in SHIPPED_WITH_SLICER]
+
+
+def shippedPins() -> list[str]:
+    """pip constraints that hold the packages Slicer ships at their installed versions, so that no
+    dependency of ours (MONAI needs numpy, say) upgrades them."""
+    pins = []
+    for name in sorted(SHIPPED_WITH_SLICER):
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue  # built into Slicer rather than pip-installed (VTK): pip cannot touch it anyway
+    return pins
+
+
+def pipArguments(requirements: list[str], constraints: Path) -> list[str]:
+    constraints.write_text("\n".join(shippedPins()) + "\n")
+    return [*requirements, "--constraint", str(constraints)]
 
 
 def ensureDependencies(confirm: Callable[[str], bool]) -> bool:
@@ -42,5 +62,6 @@ def ensureDependencies(confirm: Callable[[str], bool]) -> bool:
             return False
         import slicer
 
-        slicer.util.pip_install(requirements)
+        with tempfile.TemporaryDirectory() as tmp:
+            slicer.util.pip_install(pipArguments(requirements, Path(tmp) / "slicer-pins.txt"))
     return not missingPackages()

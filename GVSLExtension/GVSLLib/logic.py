@@ -262,6 +262,18 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         return path
 
 
+def formatMetrics(metrics: dict) -> str:
+    """The quality figures of a registration (the headless metrics.json) as rich text for the GUI."""
+    inverse = metrics.get("inverse_consistency_mm") or {}
+    rows = [("Local NCC", f"{metrics['ncc_before']} → {metrics['ncc_after']} (before → after)"),
+            ("Folding", f"{metrics['folding_percent']} % of voxels (Jacobian min {metrics.get('jacobian_min')})"),
+            ("Inverse consistency", f"{inverse.get('mean')} mm mean, {inverse.get('p95')} mm 95th percentile"),
+            ("Run time", f"{metrics['runtime_s']} s on {metrics['device']}")]
+    for label, after in (metrics.get("dice_after") or {}).items():
+        rows.append((f"Dice {label}", f"{metrics['dice_before'][label]} → {after}"))
+    return "<br>".join(f"<b>{name}:</b> {value}" for name, value in rows)
+
+
 class _NewNodes:
     """Nodes created while building results; all removed again if building fails half-way."""
 

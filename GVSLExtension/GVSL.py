@@ -1,0 +1,282 @@
+"""GVSL: deep-learning registration and segmentation in 3D Slicer (Module, Widget and self-test).
+
+All processing is in the Qt-free GVSLLib package (``GVSLLib.logic.GVSLLogic``); this file holds
+only the GUI. Long work runs in a separate Python process so Slicer stays responsive.
+"""
+import json
+import logging
+import pathlib
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
+                                           ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from GVSLLib import dependencies, paths
+from GVSLLib.logic import DEVICES, GVSLLogic, formatMetrics
+
+
+class GVSL(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "GVSL"
+        self.parent.categories = ["Registration"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["GVSL for 3D Slicer developers"]
+        self.parent.helpText = (
+            "Register two volumes (affine + deformable, in physical space) or segment a volume with a "
+            "fine-tuned GVSL model. The registration works without a model (optimisation only); a GVSL "
+            "checkpoint gives it a starting point. See the project README for the command-line tools "
+            "that pre-train and fine-tune models.")
+        self.parent.acknowledgementText = (
+            "Method: He et al., Geometric Visual Similarity Learning in 3D Medical Image Self-supervised "
+            "Pre-training, CVPR 2023.")
+        iconPath = paths.resourcePath("Icons/GVSL.png")
+        if iconPath.exists():
+            self.parent.icon = qt.QIcon(str(iconPath))
+
+
+@parameterNodeWrapper
+class GVSLParameterNode:
+    """Every setting of the module; saved with the scene."""
+    # Register
+    fixedVolume: vtkMRMLScalarVolumeNode
+    movingVolume: vtkMRMLScalarVolumeNode
+    registrationModel: pathlib.Path  # empty: optimisation only
+    iterations: Annotated[int, WithinRange(10, 5000)] = 100
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    outputVolume: vtkMRMLScalarVolumeNode
+    outputTransform: vtkMRMLTransformNode
+    splitTransforms: bool = False
+    movingSegmentation: vtkMRMLSegmentationNode
+    # Segment
+    segmentInputVolume: vtkMRMLScalarVolumeNode
+    segmentationModel: pathlib.Path
+    outputSegmentation: vtkMRMLSegmentationNode
+
+
+def modelPath(path) -> str:
+    """The chosen model file, or "" for none (an empty path line edit reads as ".")."""
+    text = str(path or "").strip()
+    return "" if text in ("", ".") else text
+
+
+class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._jobButton = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.connect("timeout()", self._pollJob)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(str(paths.resourcePath("UI/GVSL.ui")))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = GVSLLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.progressBar.hide()
+        self.initializeParameterNode()
+        qt.QTimer.singleShot(0, self._disableMissingDevices)
+
+    def cleanup(self) -> None:
+        self._cancelJob()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._cancelJob()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(GVSLParameterNode(self.logic.getParameterNode()))
+        if not self._parameterNode.fixedVolume:
+            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if volume:
+                self._parameterNode.fixedVolume = volume
+                self._parameterNode.segmentInputVolume = volume
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        """Apply buttons are enabled only for valid inputs; the tooltip says what is missing."""
+        p = self._parameterNode
+        if self._job is not None:
+            return
+        problem = GVSLLogic.registrationInputsProblem(p.fixedVolume, p.movingVolume, modelPath(p.registrationModel))
+        self.ui.registerButton.enabled = not problem
+        self.ui.registerButton.toolTip = problem or "Register the moving volume onto the fixed one."
+        problem = GVSLLogic.segmentationInputsProblem(p.segmentInputVolume, modelPath(p.segmentationModel))
+        self.ui.segmentButton.enabled = not problem
+        self.ui.segmentButton.toolTip = problem or "Segment the volume with the fine-tuned model."
+
+    def _disableMissingDevices(self) -> None:
+        """Offer GPU devices only when there is one (torch is imported here, not at Slicer start-up)."""
+        available = {"auto", "cpu"}
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                available.add("cuda")
+            if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+                available.add("mps")
+        except ImportError:
+            pass
+        model = self.ui.deviceComboBox.model()
+        for index, device in enumerate(DEVICES):
+            model.item(index).setEnabled(device in available)
+
+    # ------------------------------------------------------------------ running
+    def _ensureDependencies(self) -> bool:
+        try:
+            return dependencies.ensureDependencies(lambda text: slicer.util.confirmOkCancelDisplay(text, "GVSL"))
+        except Exception as e:
+            slicer.util.errorDisplay(str(e), windowTitle="GVSL")
+            return False
+
+    def onRegisterButton(self) -> None:
+        if self._job is not None:
+            self._cancelJob()
+            return
+        if not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        self._startJob(self.ui.registerButton, self._registrationFinished, lambda: self.logic.startRegistration(
+            p.fixedVolume, p.movingVolume, model=modelPath(p.registrationModel) or None,
+            outputVolume=p.outputVolume, outputTransform=p.outputTransform, splitTransforms=p.splitTransforms,
+            iterations=p.iterations, device=p.device, movingSegmentation=p.movingSegmentation))
+
+    def onSegmentButton(self) -> None:
+        if self._job is not None:
+            self._cancelJob()
+            return
+        if not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        self._startJob(self.ui.segmentButton, self._segmentationFinished, lambda: self.logic.startSegmentation(
+            p.segmentInputVolume, modelPath(p.segmentationModel), outputSegmentation=p.outputSegmentation,
+            device=p.device))
+
+    def _startJob(self, button, onFinished, start) -> None:
+        try:
+            self._job = start()
+        except Exception as e:
+            logging.exception("GVSL could not start")
+            slicer.util.errorDisplay(f"GVSL could not start: {e}", windowTitle="GVSL")
+            return
+        self._jobButton, self._onFinished = button, onFinished
+        self._idleText = button.text
+        button.text = "Cancel"
+        button.enabled = True
+        for other in (self.ui.registerButton, self.ui.segmentButton):
+            if other is not button:
+                other.enabled = False
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.show()
+        self._timer.start()
+
+    def _pollJob(self) -> None:
+        job = self._job
+        self.ui.progressBar.value = int(100 * job.process.fraction)
+        self.ui.progressBar.format = f"{job.process.stage or 'Starting'}: %p%"
+        code = job.process.poll()
+        if code is None:
+            return
+        self._endJob()
+        logging.info(job.process.output)
+        try:
+            result = job.finish()  # raises with the process's own error message when it failed
+        except Exception as e:
+            slicer.util.errorDisplay(f"GVSL failed: {e}", windowTitle="GVSL", detailedText=job.process.output)
+            return
+        self._onFinished(result)
+
+    def _cancelJob(self) -> None:
+        if self._job is None:
+            return
+        job = self._job
+        self._endJob()
+        job.cancel()  # the scene is as it was: nodes are only created when a run finishes
+        slicer.util.showStatusMessage("GVSL: cancelled", 3000)
+
+    def _endJob(self) -> None:
+        self._timer.stop()
+        self._job = None
+        self._jobButton.text = self._idleText
+        self.ui.progressBar.hide()
+        self._checkCanApply()
+
+    def _registrationFinished(self, nodes) -> None:
+        p = self._parameterNode
+        p.outputVolume, p.outputTransform = nodes.outputVolume, nodes.transform
+        slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=nodes.outputVolume,
+                                         foregroundOpacity=0.5, fit=True)
+        self.ui.metricsLabel.text = formatMetrics(nodes.metrics)
+
+    def _segmentationFinished(self, segmentation) -> None:
+        self._parameterNode.outputSegmentation = segmentation
+        slicer.util.setSliceViewerLayers(background=self._parameterNode.segmentInputVolume, fit=True)
+
+
+class GVSLTest(ScriptedLoadableModuleTest):
+    """Registers Slicer's MRHead sample onto a copy moved by a known oblique transform."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_register_recovers_a_known_transform()
+
+    def test_register_recovers_a_known_transform(self):
+        import numpy as np
+        import SampleData
+
+        from GVSLLib import conversion, selftest
+
+        self.delayDisplay("Loading MRHead")
+        head = conversion.imageFromVolumeNode(SampleData.downloadSample("MRHead"))
+        fixed, moving = selftest.makePair(slicer.mrmlScene, head)
+        self.delayDisplay("Registering")
+        nodes = GVSLLogic().register(fixed, moving)
+        error = selftest.registrationError(nodes.transform, fixed, moving)
+        logging.info(f"GVSL self-test: median error {np.median(error):.2f} mm, metrics {json.dumps(nodes.metrics)}")
+        self.assertLess(float(np.median(error)), 1.0)
+        self.assertLess(float(np.percentile(error, 95)), 2.0)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,153 @@
+"""The parts of the Slicer module that need the Slicer application, checked statically: GVSL.py
+against Resources/UI/GVSL.ui and GVSLLogic, and the CMake files against the files they must ship."""
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "GVSLExtension" / "GVSL.py"
+UI = ROOT / "Resources" / "UI" / "GVSL.ui"
+# which widget classes parameterNodeWrapper's GUI connectors bind to each parameter type
+WIDGETS_FOR_TYPE = {"vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"}, "vtkMRMLTransformNode": {"qMRMLNodeComboBox"},
+                    "vtkMRMLSegmentationNode": {"qMRMLNodeComboBox"}, "pathlib.Path": {"ctkPathLineEdit"},
+                    "bool": {"QCheckBox"}, "int": {"QSpinBox", "ctkSliderWidget"}, "str": {"QComboBox", "QLineEdit"}}
+
+
+@pytest.fixture(scope="module")
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE.read_text())
+
+
+@pytest.fixture(scope="module")
+def ui() -> dict:
+    """{widget name: (class, SlicerParameterName or None)} of the .ui file (which must parse)."""
+    root = ET.parse(UI).getroot()
+    out = {}
+    for w in root.iter("widget"):
+        param = [p.find("string").text for p in w.findall("property") if p.get("name") == "SlicerParameterName"]
+        out[w.get("name")] = (w.get("class"), param[0] if param else None)
+    return out
+
+
+def wrapper_fields(tree: ast.Module) -> dict[str, str]:
+    """{parameter: its type's source} of the @parameterNodeWrapper class."""
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper"
+                                                  for d in node.decorator_list):
+            fields = {}
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign):
+                    annotation = item.annotation
+                    if isinstance(annotation, ast.Subscript) and getattr(annotation.value, "id", "") == "Annotated":
+                        annotation = annotation.slice.elts[0]
+                    fields[item.target.id] = ast.unparse(annotation)
+            return fields
+    raise AssertionError("GVSL.py has no @parameterNodeWrapper class")
+
+
+def attributes_of(tree: ast.Module, owner: str) -> set[str]:
+    """Names X used as self.<owner>.X in GVSL.py."""
+    return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
+            and n.value.attr == owner and isinstance(n.value.value, ast.Name) and n.value.value.id == "self"}
+
+
+def test_every_widget_the_code_uses_is_in_the_ui_file(module_tree, ui):
+    used = attributes_of(module_tree, "ui")
+    assert {"registerButton", "segmentButton", "progressBar", "metricsLabel", "deviceComboBox"} <= used
+    assert used - set(ui) == set()
+
+
+def test_every_parameter_has_exactly_one_widget_of_a_class_that_can_show_it(module_tree, ui):
+    fields = wrapper_fields(module_tree)
+    assert {"fixedVolume", "movingVolume", "registrationModel", "iterations", "device", "outputVolume",
+            "outputTransform", "splitTransforms", "movingSegmentation", "segmentInputVolume", "segmentationModel",
+            "outputSegmentation"} <= set(fields)
+    bound = {}
+    for name, (cls, param) in ui.items():
+        if param is not None:
+            assert param not in bound, f"{param} is bound to {bound[param][0]} and {name}"
+            bound[param] = (name, cls)
+    assert set(bound) == set(fields), "parameters without a widget, or widgets naming no parameter"
+    for param, type_source in fields.items():
+        assert bound[param][1] in WIDGETS_FOR_TYPE[type_source], (param, type_source, bound[param])
+
+
+def test_combo_boxes_list_the_node_types_of_their_parameters(module_tree):
+    fields = wrapper_fields(module_tree)
+    root = ET.parse(UI).getroot()
+    for w in root.iter("widget"):
+        props = {p.get("name"): p for p in w.findall("property")}
+        if w.get("class") == "qMRMLNodeComboBox":
+            param = props["SlicerParameterName"].find("string").text
+            types = [s.text for s in props["nodeTypes"].iter("string")]
+            assert types == [fields[param]], (w.get("name"), types)
+    connections = {(c.findtext("receiver"), c.findtext("slot")) for c in root.iter("connection")}
+    combos = {w.get("name") for w in root.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
+    assert {(name, "setMRMLScene(vtkMRMLScene*)") for name in combos} <= connections
+
+
+def test_the_widget_calls_the_logic_as_it_is(module_tree):
+    """Every self.logic.X(...) and GVSLLogic.X(...) call in GVSL.py names a method and keywords that exist."""
+    sys.path.insert(0, str(ROOT / "GVSLExtension"))
+    pytest.importorskip("slicer")
+    from GVSLLib.logic import GVSLLogic
+
+    calls = 0
+    for node in ast.walk(module_tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        owner = node.func.value
+        if isinstance(owner, ast.Call):  # GVSLLogic().register(...)
+            owner = owner.func
+        is_logic = (isinstance(owner, ast.Attribute) and owner.attr == "logic") or \
+            (isinstance(owner, ast.Name) and owner.id == "GVSLLogic")
+        if not is_logic:
+            continue
+        if node.func.attr == "getParameterNode":  # ScriptedLoadableModuleLogic's, in Slicer
+            continue
+        method = getattr(GVSLLogic, node.func.attr)
+        parameters = inspect.signature(method).parameters
+        for keyword in node.keywords:
+            assert keyword.arg in parameters, f"{node.func.attr}() has no parameter {keyword.arg}"
+        calls += 1
+    assert calls >= 5
+
+
+def test_cmake_files_name_every_module_file():
+    top = (ROOT / "CMakeLists.txt").read_text()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
+                "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({key} ", top), key
+    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', top)
+    assert re.search(r'set\(EXTENSION_CATEGORY "Registration"\)', top)
+    assert "find_package(Slicer REQUIRED)" in top and "add_subdirectory(GVSLExtension)" in top
+
+    cmake = (ROOT / "GVSLExtension" / "CMakeLists.txt").read_text()
+
+    def listed(variable: str) -> set[str]:
+        body = re.search(rf"set\({variable}\n(.*?)\n\s*\)", cmake, re.S).group(1)
+        return {line.strip().replace("${MODULE_NAME}", "GVSL") for line in body.splitlines() if line.strip()}
+
+    scripts = listed("MODULE_PYTHON_SCRIPTS")
+    shipped = {str(p.relative_to(ROOT / "GVSLExtension")) for p in (ROOT / "GVSLExtension").rglob("*.py")}
+    assert scripts == shipped
+    shared = listed("MODULE_SHARED_FILES")
+    needed = {str(p.relative_to(ROOT)) for p in (ROOT / "GVSLTrainer" / "gvsl").glob("*.py")}
+    needed |= {"GVSLTrainer/register.py", "GVSLTrainer/segment.py", "Resources/UI/GVSL.ui", "Resources/Icons/GVSL.png"}
+    assert shared == needed
+    assert all((ROOT / f).is_file() for f in shared)
+    assert "slicerMacroBuildScriptedModule" in cmake and "NAME ${MODULE_NAME}" in cmake
+
+
+def test_module_file_keeps_logic_out(module_tree):
+    """GVSL.py imports no gvsl job and no torch at module level: Slicer starts without them."""
+    imported = {alias.name.split(".")[0] for node in module_tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
+    assert not imported & {"torch", "gvsl", "monai", "SimpleITK"}
