@@ -214,7 +214,7 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _pollJob(self) -> None:
         job = self._job
         self.ui.progressBar.value = int(100 * job.process.fraction)
-        self.ui.progressBar.format = f"{job.process.stage or 'Starting'}: %p%"
+        self.ui.progressBar.format = f"{job.process.stage or 'Working'}: %p%"
         code = job.process.poll()
         if code is None:
             return

@@ -301,7 +301,9 @@ def segmentation_model(tmp_path_factory) -> Path:
 
 def test_segment_gives_named_coloured_segments_in_the_input_geometry(scene, pair_files, segmentation_model):
     volume = load_volume(scene, pair_files["fixed"], "head")
-    node = GVSLLogic(scene).segment(volume, str(segmentation_model))
+    calls = []
+    node = GVSLLogic(scene).segment(volume, str(segmentation_model), progress=lambda stage, f: calls.append(f))
+    assert calls[-1] == 1.0 and np.all(np.diff(calls) > 0)  # one call per window batch, none missed
     headless = headless_segment(sitk.ReadImage(str(pair_files["fixed"])), checkpoint.load(segmentation_model))
     truth = sitk.GetArrayFromImage(headless.labels)
     present = [v for v in (205, 420) if (truth == v).any()]
@@ -388,6 +390,7 @@ def test_background_segmentation(scene, pair_files, segmentation_model):
     volume = load_volume(scene, pair_files["fixed"], "head")
     job = GVSLLogic(scene).startSegmentation(volume, str(segmentation_model))
     assert job.process.wait(300) == 0, job.process.output
+    assert job.process.fraction == 1.0  # MONAI's progress bar, read from the child's output
     node = job.finish()
     headless = sitk.GetArrayFromImage(headless_segment(sitk.ReadImage(str(pair_files["fixed"])),
                                                        checkpoint.load(segmentation_model)).labels)

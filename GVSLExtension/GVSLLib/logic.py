@@ -200,6 +200,7 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
                 transform = conversion.compositeTransformToNode(
                     outputs.affine, outputs.displacement,
                     outputTransform or new.add("vtkMRMLTransformNode", f"{name} to {fixedVolume.GetName()}"))
+                transform.SetAndObserveTransformNodeID(None)  # a reused node may sit under an old grid part
             segmentation = None
             if outputs.warped_labels is not None:
                 segmentation = conversion.segmentationFromLabels(
