@@ -139,11 +139,11 @@ def learning_curve(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n, val_fraction = args.cases + 2, 2 / (args.cases + 2)
-        train_idx, _ = finetune.split_cases(n, val_fraction, seed=0)  # the split fine-tuning will use
+        train_idx, _ = finetune.split_cases(n, val_fraction, seed=args.seed)  # the split fine-tuning will use
         dataset = make_task(tmp / "task", n, train_idx)  # pre-training never sees the validation cases
         common = dict(crop=tuple(args.crop), width=args.width, batch_size=2, spacing=(1.5, 1.5, 1.5),
                       normalize="mr", workers=0, progress=args.progress, cache_dir=str(tmp / "cache"),
-                      device=args.device, seed=0)
+                      device=args.device, seed=args.seed)
         t0 = time.perf_counter()
         pretrain.train(PretrainConfig(data=str(tmp / "task/unlabelled.txt"), output_dir=str(tmp / "pre"),
                                       steps=args.pretrain_steps, checkpoint_every=10 ** 9, lr=args.pretrain_lr,
@@ -168,7 +168,7 @@ def learning_curve(args: argparse.Namespace) -> None:
         print(json.dumps({"benchmark": "segmentation_learning_curve", "steps": steps,
                           "scratch": [curves["scratch"][s] for s in steps], "gvsl": [curves["gvsl"][s] for s in steps],
                           "width": args.width, "crop": args.crop, "pretrain_steps": args.pretrain_steps,
-                          "training_cases": args.cases}), flush=True)
+                          "training_cases": args.cases, "seed": args.seed}), flush=True)
 
 
 def main() -> None:
@@ -188,6 +188,7 @@ def main() -> None:
     lc.add_argument("--finetune-steps", type=int, default=240)
     lc.add_argument("--val-every", type=int, default=40)
     lc.add_argument("--lr", type=float, default=1e-3)
+    lc.add_argument("--seed", type=int, default=0, help="weights, crops, augmentation and the validation split")
     for p in (inf, lc):
         p.add_argument("--device", default="cpu")
         p.add_argument("--progress", action="store_true")

@@ -130,12 +130,6 @@ def compositeTransformToNode(affine: sitk.AffineTransform, displacement: sitk.Im
     return node
 
 
-def transformPointsToFixed(node, pointsRas: np.ndarray) -> np.ndarray:
-    """Map RAS points with a transform node's "from parent" transform (fixed -> moving)."""
-    transform = node.GetTransformFromParent()
-    return np.array([transform.TransformPoint(*p) for p in np.asarray(pointsRas, float)])
-
-
 def labelsFromSegmentation(segmentation, reference=None) -> tuple[sitk.Image, list[tuple[str, tuple]]]:
     """All segments as one label image (values 1..N in segment order) with each value's segment
     (name, colour): on ``reference``'s grid, or without one on the segmentation's own labelmap grid
