@@ -1,6 +1,10 @@
 """Fine-tuning on labelled volumes, and the model it writes."""
 import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +15,10 @@ from gvsl import checkpoint, data
 from gvsl.data import DataError
 from gvsl.finetune import FinetuneConfig, train
 from gvsl.networks import GVSL
+from gvsl.networks import GVSLSegmenter
 from gvsl.segmentation import segment
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -143,3 +150,19 @@ def test_resume_after_interruption_reproduces_the_run(tmp_path, labelled_case, m
     for k, v in a.state_dict.items():
         torch.testing.assert_close(b.state_dict[k], v, atol=1e-6, rtol=1e-5, msg=k)
     assert b.training_state["extra"]["best_dice"] == pytest.approx(a.training_state["extra"]["best_dice"])
+
+
+def test_two_process_gloo_ddp_fine_tuning_keeps_replicas_identical(tmp_path, labelled_case):
+    root, _, _ = labelled_case
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(ROOT / "Testing" / "ddp_worker.py"), str(out), str(root), "finetune"],
+                   check=True, env=env, timeout=300, capture_output=True)
+    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    for k in r0:
+        torch.testing.assert_close(r0[k], r1[k], atol=0, rtol=0, msg=k)
+    assert checkpoint.load(out / "gvsl_segmentation.pt").kind == "segmentation"
+    torch.manual_seed(0)  # the trainer's initialisation (seed 0): training must have moved the weights
+    fresh = GVSLSegmenter(3, width=4).state_dict()
+    assert sum(not torch.equal(fresh[k], r0[k]) for k in r0 if r0[k].is_floating_point()) > len(r0) // 2
