@@ -425,3 +425,17 @@ def test_module_self_test_recovers_the_known_transform(scene, pair_files):
     assert np.median(error) < 1.0 and np.percentile(error, 95) < 2.0, (np.median(error), error.max())
     identity = selftest.registrationError(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode"), fixed, moving)
     assert np.median(identity) > 5.0  # the test pair does need registering
+
+
+def test_module_logic_loads_without_torch():
+    """Slicer loads the module before PyTorch is installed: GVSLLib must not need torch or MONAI to import."""
+    import subprocess
+
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['monai'] = None; "
+            f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'GVSLExtension')!r}); "
+            "import slicer; slicer.mrmlScene = slicer.vtkMRMLScene(); "
+            "from GVSLLib.logic import GVSLLogic; from GVSLLib import dependencies, selftest; "
+            "logic = GVSLLogic(); print(logic.registrationInputsProblem(None, None))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Select a fixed and a moving volume." in done.stdout
