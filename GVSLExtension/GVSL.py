@@ -244,7 +244,9 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _registrationFinished(self, nodes) -> None:
         p = self._parameterNode
-        p.outputVolume, p.outputTransform = nodes.outputVolume, nodes.transform
+        p.outputVolume = nodes.outputVolume
+        if not p.splitTransforms:  # a split run's transform is its linear part, which cannot take a whole result
+            p.outputTransform = nodes.transform
         slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=nodes.outputVolume,
                                          foregroundOpacity=0.5, fit=True)
         self.ui.metricsLabel.text = formatMetrics(nodes.metrics)

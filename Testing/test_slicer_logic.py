@@ -260,6 +260,14 @@ def test_split_transforms_compose_to_the_same_mapping(loaded, headless):
                                map_with_itk(sitk.ReadTransform(str(headless / "affine.tfm")), points), atol=1e-3)
 
 
+def test_a_linear_output_transform_cannot_take_a_deformable_result(loaded, headless, scene):
+    fixed, moving, _, split, _ = loaded
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match="affine: a linear transform node cannot hold the deformable"):
+        GVSLLogic(scene).loadRegistration(headless, fixed, moving, outputTransform=split.affineTransform)
+    assert scene.GetNumberOfNodes() == before
+
+
 def test_saved_transform_is_read_by_simpleitk_as_the_same_mapping(loaded, headless, tmp_path):
     _, _, whole, _, points = loaded
     storage = whole.transform.GetScene().AddNewNodeByClass("vtkMRMLTransformStorageNode")

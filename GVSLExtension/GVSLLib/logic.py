@@ -184,6 +184,9 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
 
     def _registrationNodes(self, outputs: _RegistrationOutputs, fixedVolume, movingVolume, outputVolume,
                            outputTransform, splitTransforms: bool, segments: dict) -> RegistrationNodes:
+        if not splitTransforms and outputTransform is not None and outputTransform.IsA("vtkMRMLLinearTransformNode"):
+            raise ValueError(f"{outputTransform.GetName()}: a linear transform node cannot hold the deformable "
+                             "registration; pick another transform node, create a new one, or split the transforms")
         name = movingVolume.GetName()
         with _NewNodes(self.scene) as new:
             volume = conversion.volumeNodeFromImage(
