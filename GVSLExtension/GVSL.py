@@ -171,29 +171,25 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
 
     def onRegisterButton(self) -> None:
-        if self._job is not None:
-            self._cancelJob()
-            return
-        if not self._ensureDependencies():
-            return
         p = self._parameterNode
-        self._startJob(self.ui.registerButton, self._registrationFinished, lambda: self.logic.startRegistration(
+        self._runOrCancel(self.ui.registerButton, self._registrationFinished, lambda: self.logic.startRegistration(
             p.fixedVolume, p.movingVolume, model=modelPath(p.registrationModel) or None,
             outputVolume=p.outputVolume, outputTransform=p.outputTransform, splitTransforms=p.splitTransforms,
             iterations=p.iterations, device=p.device, movingSegmentation=p.movingSegmentation))
 
     def onSegmentButton(self) -> None:
+        p = self._parameterNode
+        self._runOrCancel(self.ui.segmentButton, self._segmentationFinished, lambda: self.logic.startSegmentation(
+            p.segmentInputVolume, modelPath(p.segmentationModel), outputSegmentation=p.outputSegmentation,
+            device=p.device))
+
+    def _runOrCancel(self, button, onFinished, start) -> None:
+        """An Apply button's click: Cancel while a run is going, else check dependencies and start one."""
         if self._job is not None:
             self._cancelJob()
             return
         if not self._ensureDependencies():
             return
-        p = self._parameterNode
-        self._startJob(self.ui.segmentButton, self._segmentationFinished, lambda: self.logic.startSegmentation(
-            p.segmentInputVolume, modelPath(p.segmentationModel), outputSegmentation=p.outputSegmentation,
-            device=p.device))
-
-    def _startJob(self, button, onFinished, start) -> None:
         try:
             self._job = start()
         except Exception as e:
