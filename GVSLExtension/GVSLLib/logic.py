@@ -115,6 +115,23 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
             return f"Model file not found: {model}"
         return ""
 
+    @staticmethod
+    def _require(problem: str) -> None:
+        if problem:
+            raise ValueError(problem)
+
+    def _startBackground(self, prefix: str, script: str, arguments: Callable[[Path], list],
+                         finish: Callable[[Path], object]) -> BackgroundJob:
+        """Run ``script`` of the trainer on ``arguments(workdir)`` in a child process; the temporary
+        folder goes again if writing the inputs fails."""
+        workdir = Path(tempfile.mkdtemp(prefix=prefix))
+        try:
+            argv = [pythonExecutable(), paths.trainerDir() / script, *arguments(workdir)]
+        except Exception:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return BackgroundJob([str(a) for a in argv], workdir, finish)
+
     # ---------------------------------------------------------------- registration
     def register(self, fixedVolume, movingVolume, model=None, outputVolume=None, outputTransform=None,
                  splitTransforms: bool = False, iterations: int | None = None, device: str = "auto",
@@ -123,9 +140,7 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         from gvsl import checkpoint
         from gvsl.registration import RegistrationOptions, register
 
-        problem = self.registrationInputsProblem(fixedVolume, movingVolume, model)
-        if problem:
-            raise ValueError(problem)
+        self._require(self.registrationInputsProblem(fixedVolume, movingVolume, model))
         fixed, moving = conversion.imageFromVolumeNode(fixedVolume), conversion.imageFromVolumeNode(movingVolume)
         movingLabels, segments = self._movingLabels(movingSegmentation)
         options = RegistrationOptions(device=device)
@@ -142,15 +157,12 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
                           splitTransforms: bool = False, iterations: int | None = None, device: str = "auto",
                           movingSegmentation=None) -> BackgroundJob:
         """The same registration in a child process running ``register.py`` on temporary files."""
-        problem = self.registrationInputsProblem(fixedVolume, movingVolume, model)
-        if problem:
-            raise ValueError(problem)
-        workdir = Path(tempfile.mkdtemp(prefix="gvsl_register_"))
-        try:
-            argv = [pythonExecutable(), paths.trainerDir() / "register.py", "--output-dir", workdir / "out",
-                    "--fixed", self._write(fixedVolume, workdir / "fixed.nrrd"),
+        self._require(self.registrationInputsProblem(fixedVolume, movingVolume, model))
+        movingLabels, segments = self._movingLabels(movingSegmentation)
+
+        def arguments(workdir: Path) -> list:
+            argv = ["--output-dir", workdir / "out", "--fixed", self._write(fixedVolume, workdir / "fixed.nrrd"),
                     "--moving", self._write(movingVolume, workdir / "moving.nrrd"), "--device", device]
-            movingLabels, segments = self._movingLabels(movingSegmentation)
             if movingLabels is not None:
                 sitk.WriteImage(movingLabels, str(workdir / "moving_labels.nrrd"))
                 argv += ["--moving-labels", workdir / "moving_labels.nrrd"]
@@ -158,15 +170,13 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
                 argv += ["--model", model]
             if iterations:
                 argv += ["--iterations", int(iterations)]
-        except Exception:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
+            return argv
 
         def finish(folder: Path) -> RegistrationNodes:
             return self.loadRegistration(folder, fixedVolume, movingVolume, outputVolume, outputTransform,
                                          splitTransforms, segments)
 
-        return BackgroundJob([str(a) for a in argv], workdir, finish)
+        return self._startBackground("gvsl_register_", "register.py", arguments, finish)
 
     def loadRegistration(self, folder: str | Path, fixedVolume, movingVolume, outputVolume=None,
                          outputTransform=None, splitTransforms: bool = False,
@@ -220,9 +230,7 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         from gvsl import checkpoint
         from gvsl.segmentation import SegmentationOptions, segment
 
-        problem = self.segmentationInputsProblem(inputVolume, model)
-        if problem:
-            raise ValueError(problem)
+        self._require(self.segmentationInputsProblem(inputVolume, model))
         result = segment(conversion.imageFromVolumeNode(inputVolume), checkpoint.load(model),
                          SegmentationOptions(device=device), progress or False)
         return self._segmentationNode(result.labels, result.spec, inputVolume, outputSegmentation)
@@ -232,24 +240,18 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         from gvsl import checkpoint
         from gvsl.segmentation import build_segmenter
 
-        problem = self.segmentationInputsProblem(inputVolume, model)
-        if problem:
-            raise ValueError(problem)
+        self._require(self.segmentationInputsProblem(inputVolume, model))
         _, spec = build_segmenter(checkpoint.load(model))  # a wrong model fails here, before any work
-        workdir = Path(tempfile.mkdtemp(prefix="gvsl_segment_"))
-        try:
-            argv = [pythonExecutable(), paths.trainerDir() / "segment.py", "--model", model,
-                    "--input", self._write(inputVolume, workdir / "input.nrrd"),
+
+        def arguments(workdir: Path) -> list:
+            return ["--model", model, "--input", self._write(inputVolume, workdir / "input.nrrd"),
                     "--output", workdir / "out" / "labels.nrrd", "--device", device]
-        except Exception:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
 
         def finish(folder: Path):
             return self._segmentationNode(sitk.ReadImage(str(folder / "labels.nrrd")), spec, inputVolume,
                                           outputSegmentation)
 
-        return BackgroundJob([str(a) for a in argv], workdir, finish)
+        return self._startBackground("gvsl_segment_", "segment.py", arguments, finish)
 
     def _segmentationNode(self, labels: sitk.Image, spec, inputVolume, outputSegmentation):
         segments = {v: (n, c) for v, n, c in zip(spec.values, spec.names, spec.colours) if v != 0}
