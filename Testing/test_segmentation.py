@@ -116,3 +116,16 @@ def test_flip_tta_averages_the_flipped_predictions():
     torch.testing.assert_close(tta, manual, atol=1e-5, rtol=1e-4)
     plain = sliding_window_probabilities(model, x, (16, 16, 16), SegmentationOptions(), torch.device("cpu"))
     assert not torch.allclose(tta, plain)
+
+
+@pytest.mark.parametrize("shape", [(239, 239, 200), (53, 61, 51), (20, 140, 129)])
+@pytest.mark.parametrize("overlap", [0.5, 0.25])
+def test_window_count_follows_monais_scan(shape, overlap):
+    from monai.inferers.utils import _get_scan_interval, dense_patch_slices
+
+    from gvsl.segmentation import window_count
+
+    for window in ((128,) * 3, (32, 48, 32)):
+        padded = [max(s, w) for s, w in zip(shape, window)]
+        monai_windows = dense_patch_slices(padded, window, _get_scan_interval(padded, window, 3, (overlap,) * 3))
+        assert window_count(shape, window, overlap) == len(monai_windows)

@@ -76,15 +76,12 @@ def inference(args: argparse.Namespace) -> None:
     assert result.labels.GetSize() == image.GetSize()
 
     # baseline in the same run: the network alone, once per window of the same sliding-window grid
-    from monai.inferers.utils import _get_scan_interval, dense_patch_slices
-
     from gvsl.data import Preprocessing
+    from gvsl.segmentation import window_count
 
     window = (args.window,) * 3
-    prepared = [max(n, w) for n, w in zip(Preprocessing((1.5,) * 3, "ct").prepare(image)[1].shape, window)]
-    scan = _get_scan_interval(prepared, window, 3, (opts.overlap,) * 3)
-    n_windows = len(dense_patch_slices(prepared, window, scan))
-    n_windows *= 4 if args.tta else 1
+    prepared = tuple(Preprocessing((1.5,) * 3, "ct").prepare(image)[1].shape)
+    n_windows = window_count(prepared, window, opts.overlap) * (4 if args.tta else 1)
     x = torch.zeros(opts.sw_batch_size, 1, *window)
     model.eval()
     with torch.no_grad():

@@ -49,13 +49,18 @@ def build_segmenter(ckpt: Checkpoint) -> tuple[GVSLSegmenter, LabelSpec]:
     return model, spec
 
 
-def window_batches(shape: tuple[int, ...], window: tuple[int, ...], options: SegmentationOptions) -> int:
-    """Forward passes of one sliding-window sweep (MONAI's scan: a step of window * (1 - overlap))."""
+def window_count(shape: tuple[int, ...], window: tuple[int, ...], overlap: float) -> int:
+    """Windows of one sliding-window sweep (MONAI's scan: a step of window * (1 - overlap))."""
     n = 1
     for size, w in zip(shape, window):
-        step = max(int(w * (1 - options.overlap)), 1)
+        step = max(int(w * (1 - overlap)), 1)
         n *= 1 if size <= w else math.ceil((size - w) / step) + 1
-    return math.ceil(n / options.sw_batch_size)
+    return n
+
+
+def window_batches(shape: tuple[int, ...], window: tuple[int, ...], options: SegmentationOptions) -> int:
+    """Forward passes of one sweep."""
+    return math.ceil(window_count(shape, window, options.overlap) / options.sw_batch_size)
 
 
 def sliding_window_probabilities(model: torch.nn.Module, volume: torch.Tensor, window: tuple[int, ...],
