@@ -85,6 +85,12 @@ def load_volume(scene, path: Path, name: str, labelmap: bool = False):
     return node
 
 
+@pytest.fixture
+def pair_nodes(scene, pair_files) -> tuple:
+    """(fixed, moving) volume nodes read from the pair's files."""
+    return load_volume(scene, pair_files["fixed"], "fixed"), load_volume(scene, pair_files["moving"], "moving")
+
+
 def load_segmentation(scene, path: Path):
     """A segmentation made from a label map file, at the file's resolution (here 1 mm, finer than its volume)."""
     labelmap = load_volume(scene, path, "labels", labelmap=True)
@@ -171,9 +177,8 @@ def test_volume_under_a_linear_transform_converts_where_slicer_shows_it(scene, p
 
 # ---------------------------------------------------------------------------------------------- registration
 @pytest.fixture
-def registered(scene, pair_files):
-    fixed = load_volume(scene, pair_files["fixed"], "fixed")
-    moving = load_volume(scene, pair_files["moving"], "moving")
+def registered(scene, pair_files, pair_nodes):
+    fixed, moving = pair_nodes
     seg = load_segmentation(scene, pair_files["moving_labels"])
     calls = []
     nodes = GVSLLogic(scene).register(fixed, moving, iterations=ITERATIONS, movingSegmentation=seg,
@@ -208,10 +213,9 @@ def test_register_matches_the_headless_tool(registered, headless):
 
 
 @pytest.fixture
-def loaded(scene, pair_files, headless):
+def loaded(scene, headless, pair_nodes):
     """Nodes built from register.py's files: the conversion alone, to compare exactly."""
-    fixed = load_volume(scene, pair_files["fixed"], "fixed")
-    moving = load_volume(scene, pair_files["moving"], "moving")
+    fixed, moving = pair_nodes
     logic = GVSLLogic(scene)
     whole = logic.loadRegistration(headless, fixed, moving, segments={1: ("grey", (1, 0, 0)), 2: ("white", (0, 0, 1))})
     split = logic.loadRegistration(headless, fixed, moving, splitTransforms=True)
@@ -348,9 +352,8 @@ def test_segment_refuses_a_registration_model(scene, pair_files, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- background
-def test_background_registration_equals_the_in_process_one(scene, pair_files, headless):
-    fixed = load_volume(scene, pair_files["fixed"], "fixed")
-    moving = load_volume(scene, pair_files["moving"], "moving")
+def test_background_registration_equals_the_in_process_one(scene, pair_files, headless, pair_nodes):
+    fixed, moving = pair_nodes
     seg = load_segmentation(scene, pair_files["moving_labels"])
     job = GVSLLogic(scene).startRegistration(fixed, moving, iterations=ITERATIONS, movingSegmentation=seg)
     before = scene.GetNumberOfNodes()
@@ -366,9 +369,8 @@ def test_background_registration_equals_the_in_process_one(scene, pair_files, he
     assert (labels_on(nodes.segmentation, fixed) == theirs).mean() > 0.99
 
 
-def test_cancel_stops_the_process_and_leaves_the_scene_as_it_was(scene, pair_files):
-    fixed = load_volume(scene, pair_files["fixed"], "fixed")
-    moving = load_volume(scene, pair_files["moving"], "moving")
+def test_cancel_stops_the_process_and_leaves_the_scene_as_it_was(scene, pair_nodes):
+    fixed, moving = pair_nodes
     job = GVSLLogic(scene).startRegistration(fixed, moving, iterations=5000)
     before = scene.GetNumberOfNodes()
     deadline = time.time() + 120
@@ -381,11 +383,10 @@ def test_cancel_stops_the_process_and_leaves_the_scene_as_it_was(scene, pair_fil
     assert scene.GetNumberOfNodes() == before
 
 
-def test_failed_background_run_reports_the_error_and_creates_no_nodes(scene, pair_files, tmp_path):
+def test_failed_background_run_reports_the_error_and_creates_no_nodes(scene, tmp_path, pair_nodes):
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a checkpoint")
-    fixed = load_volume(scene, pair_files["fixed"], "fixed")
-    moving = load_volume(scene, pair_files["moving"], "moving")
+    fixed, moving = pair_nodes
     job = GVSLLogic(scene).startRegistration(fixed, moving, model=str(bad))
     before = scene.GetNumberOfNodes()
     assert job.process.wait(120) != 0
