@@ -437,14 +437,16 @@ def test_module_self_test_recovers_the_known_transform(scene, pair_files):
 
 
 def test_module_logic_loads_without_torch():
-    """Slicer loads the module before PyTorch is installed: GVSLLib must not need torch or MONAI to import."""
+    """Slicer loads the module before PyTorch is installed, and reads a child process's results without
+    importing torch into its own process: GVSLLib must need neither torch nor MONAI for that."""
     import subprocess
 
     code = ("import sys; sys.modules['torch'] = None; sys.modules['monai'] = None; "
             f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'GVSLExtension')!r}); "
             "import slicer; slicer.mrmlScene = slicer.vtkMRMLScene(); "
             "from GVSLLib.logic import GVSLLogic; from GVSLLib import dependencies, selftest; "
-            "logic = GVSLLogic(); print(logic.registrationInputsProblem(None, None))")
+            "logic = GVSLLogic(); print(logic.registrationInputsProblem(None, None)); "
+            "from gvsl.registration_io import FILES")  # what loading a child process's results reads
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Select a fixed and a moving volume." in done.stdout

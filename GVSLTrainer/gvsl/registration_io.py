@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import SimpleITK as sitk
 
 from .outputs import staged_files
-from .registration import RegistrationResult
 from .report import registration_report
+
+if TYPE_CHECKING:  # only for the annotation: reading the file names must not import torch (Slicer's GUI does)
+    from .registration import RegistrationResult
 
 FILES = {"warped": "warped.nii.gz", "transform": "transform.h5", "inverse": "inverse.h5", "affine": "affine.tfm",
          "displacement": "displacement.nii.gz", "warped_labels": "warped_labels.nii.gz",
