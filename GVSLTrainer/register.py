@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Register a moving volume to a fixed volume (affine + deformable) in physical space.
+"""Register a moving volume to a fixed volume in physical space: rigid, affine, or affine + deformable.
 
     python GVSLTrainer/register.py                                   # a built-in pair of real T1 heads
     python GVSLTrainer/register.py --fixed F.nii.gz --moving M.nrrd --output-dir out
-    python GVSLTrainer/register.py --fixed F --moving M --model gvsl_pretrained.pt \\
-        --fixed-labels FL.nii.gz --moving-labels ML.nii.gz --output-dir out
+    python GVSLTrainer/register.py --fixed T1.nii.gz --moving CT.nrrd --similarity auto   # CT <-> MR
+    python GVSLTrainer/register.py --fixed F --moving M --mode rigid --fixed-mask brain.nii.gz \\
+        --initial-transform start.h5 --fixed-landmarks F.mrk.json --moving-landmarks M.mrk.json
 
 Writes warped.nii.gz (moving on the fixed grid), transform.h5 (fixed -> moving, as ITK resampling
 expects) and inverse.h5, affine.tfm and displacement.nii.gz (the two parts: the field is applied
-first, then the affine), warped_labels.nii.gz, metrics.json and report.png.
+first, then the affine; in the rigid and affine modes there is no field and transform.h5 is the
+linear transform alone), warped_labels.nii.gz, metrics.json and report.png.
 """
 import argparse
 import sys
@@ -17,7 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
 from gvsl.cli import run  # noqa: E402
+from gvsl.registration.options import MODES  # noqa: E402
 from gvsl.runtime import DEVICES  # noqa: E402
+from gvsl.similarity import SIMILARITIES  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -30,56 +34,78 @@ def parse(argv=None) -> argparse.Namespace:
                                    "prediction starts the optimisation; omitted: start from the identity")
     p.add_argument("--fixed-labels", help="label map on the fixed image, for Dice")
     p.add_argument("--moving-labels", help="label map on the moving image, warped with the result")
-    p.add_argument("--iterations", type=int, default=None, help="deformable optimisation iterations over all levels (default 100)")
+    p.add_argument("--mode", choices=MODES, default="deformable",
+                   help="rigid (3 rotations, 3 translations), affine (12 parameters), or deformable (affine, then "
+                        "a diffeomorphic velocity field; default)")
+    p.add_argument("--similarity", choices=SIMILARITIES, default="auto",
+                   help="ncc: local normalised cross-correlation (same modality); mind: MIND-SSC descriptors (any "
+                        "pair, e.g. CT <-> MR); mi: mutual information; auto (default): mind when the images look "
+                        "like different modalities, else ncc (metrics.json says which and why)")
+    p.add_argument("--fixed-mask", help="mask on the fixed image (any geometry; non-zero = use): the similarity "
+                                        "counts only where both masks hold, e.g. to leave out a tumour or the table")
+    p.add_argument("--moving-mask", help="mask on the moving image (any geometry), warped with the moving image")
+    p.add_argument("--initial-transform", help="a linear fixed -> moving transform (.h5, .tfm, .txt; ITK's "
+                                               "resampling direction, as Slicer saves it) applied first")
+    p.add_argument("--fixed-landmarks", help="landmarks on the fixed image: Slicer .mrk.json, .fcsv, or a CSV of "
+                                             "x,y,z (LPS unless its header says RAS); target registration error "
+                                             "before and after goes to metrics.json and report.png")
+    p.add_argument("--moving-landmarks", help="the corresponding landmarks on the moving image")
+    p.add_argument("--iterations", type=int, default=None, help="deformable optimisation iterations over all "
+                                                                "levels (default 100; each linear level: half)")
     p.add_argument("--spacing", type=float, default=None, help="working grid spacing in mm (default: the "
                         "model's, else the fixed image's median spacing, at least 2)")
-    p.add_argument("--normalize", choices=("auto", "ct", "mr"), default="auto",
-                   help="intensity preset (auto: ct when the fixed image holds Hounsfield units)")
-    p.add_argument("--initialisation", choices=("moments", "geometry", "none"), default="moments",
-                   help="initial alignment: centres of intensity mass, geometric centres, or none (trust the "
-                        "images' physical positions)")
+    p.add_argument("--normalize", nargs="+", choices=("auto", "ct", "mr"), default=["auto"], metavar="PRESET",
+                   help="intensity preset, one for both images or one each (fixed moving): ct (Hounsfield units "
+                        "[-1024, 1024]), mr (0.5-99.5 percentiles), auto (default: ct for an image that holds "
+                        "Hounsfield units, each image its own)")
+    p.add_argument("--initialisation", choices=("moments", "geometry", "none"), default=None,
+                   help="initial alignment: centres of intensity mass (default), geometric centres, or none (trust "
+                        "the images' physical positions; the default with --initial-transform)")
+    p.add_argument("--no-rotation-search", dest="rotation_search", action="store_false",
+                   help="skip the search over large rotations (125 orientations up to 60 degrees per axis, "
+                        "kept only when one matches better than the start)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto picks cuda, then mps, then cpu")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = p.parse_args(argv)
     if (args.fixed is None) != (args.moving is None):
         p.error("give both --fixed and --moving, or neither for the demo pair")
+    if (args.fixed_landmarks is None) != (args.moving_landmarks is None):
+        p.error("give both --fixed-landmarks and --moving-landmarks")
+    if len(args.normalize) > 2:
+        p.error("--normalize takes one preset for both images, or two (fixed moving)")
     return args
 
 
 def job(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from gvsl import checkpoint, data, demo
+    from gvsl import demo
     from gvsl.registration import RegistrationOptions, register
-    from gvsl.registration_io import save_registration
+    from gvsl.registration.inputs import read_inputs
+    from gvsl.registration_io import save_registration, summary
 
     if args.fixed is None:
-        fixed_path, moving_path = demo.demo_registration_pair()
+        args.fixed, args.moving = demo.demo_registration_pair()
         out = Path(args.output_dir or "gvsl_runs/demo_register")
     else:
-        fixed_path, moving_path = Path(args.fixed), Path(args.moving)
         out = Path(args.output_dir or "gvsl_runs/register")
-    fixed, moving = data.read_volume(fixed_path), data.read_volume(moving_path)
-    fixed_labels = data.read_labels(args.fixed_labels) if args.fixed_labels else None
-    moving_labels = data.read_labels(args.moving_labels) if args.moving_labels else None
-    model = checkpoint.load(args.model) if args.model else None
-    if model is not None:
-        checkpoint.build_gvsl(model)  # fail now, not after preprocessing, if it is not a GVSL model
-    opts = RegistrationOptions(device=args.device, normalize=args.normalize, initialisation=args.initialisation,
-                               spacing=args.spacing)
+    inputs = read_inputs(args)
+    opts = RegistrationOptions(mode=args.mode, similarity=args.similarity, device=args.device,
+                               normalize=args.normalize[0] if len(args.normalize) == 1 else tuple(args.normalize),
+                               initialisation=args.initialisation, spacing=args.spacing,
+                               rotation_search=args.rotation_search)
     if args.iterations is not None:
         opts.iterations = args.iterations
+    opts.check()
     with tqdm(total=100, desc="Registering", unit="%", disable=not args.progress,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
         def progress(stage: str, fraction: float) -> None:
             bar.set_description(f"Registering ({stage})", refresh=False)
             bar.update(round(100 * fraction) - bar.n)
 
-        result = register(fixed, moving, fixed_labels, moving_labels, model, opts, progress)
-    files = save_registration(result, fixed, out)
-    m = result.metrics
-    print(f"Registered {moving_path.name} to {fixed_path.name} in {m['runtime_s']} s on {m['device']}: "
-          f"local NCC {m['ncc_before']} -> {m['ncc_after']}, folding {m['folding_percent']}%")
+        result = register(progress=progress, options=opts, **inputs)
+    files = save_registration(result, inputs["fixed"], out)
+    print(summary(result.metrics, Path(args.moving).name, Path(args.fixed).name))
     print(f"Outputs in {out.resolve()}; figure: {files['report'].resolve()}")
 
 

@@ -81,3 +81,43 @@ def inside(image: sitk.Image, transform: sitk.Transform) -> np.ndarray:
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(image)
     return sitk.GetArrayFromImage(sitk.Resample(ones, image, transform, sitk.sitkNearestNeighbor, 0)) > 0
+
+
+def pseudo_ct(seed: int = 0) -> sitk.Image:
+    """A CT-like head in Hounsfield units from the MNI template and its tissue maps, on the template's grid.
+
+    Inside the brain: grey matter 40 HU above white matter 25 (about 15 HU apart, as in real CT),
+    cerebrospinal fluid 8. The template is skull-stripped, so a head is grown around it by distance
+    from the brain: 2 mm of fluid, then a 6 mm skull of bone (700-1100 HU), then air (-1000). Noise on
+    top. CT's contrast relations, which a T1 does not share (its fluid is dark, not between grey and
+    white matter; it shows no skull here).
+    """
+    t1 = mni("t1")
+    g, w = (sitk.GetArrayFromImage(mni(n)) / 255.0 for n in ("gm", "wm"))
+    brain = sitk.BinaryFillhole(sitk.BinaryMorphologicalClosing(t1 > 0.1 * float(sitk.GetArrayViewFromImage(t1).max()),
+                                                                [3] * 3))
+    outside = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(brain, insideIsPositive=False, squaredDistance=False,
+                                                                  useImageSpacing=True))
+    in_brain = sitk.GetArrayFromImage(brain) > 0
+    rng = np.random.default_rng(seed)
+    hu = np.full(g.shape, -1000.0, np.float32)
+    bone = (outside > 2) & (outside <= 8)
+    hu[bone] = 700 + 400 * rng.random(int(bone.sum()))
+    hu[(outside > 0) & (outside <= 2)] = 8.0
+    csf = np.clip(1 - g - w, 0, 1)
+    hu[in_brain] = (40 * g + 25 * w + 8 * csf)[in_brain]
+    hu += rng.normal(0, 4, hu.shape)
+    out = sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(hu.astype(np.float32)), 0.7)
+    out.CopyInformation(t1)
+    return out
+
+
+def multimodal_pair(seed: int = 0, moving_spacing: float = 1.5):
+    """(fixed T1, moving pseudo-CT, fixed_labels, moving_labels, truth), the same anatomy and warp as
+    ``synthetic_pair``: fixed(x) shows the anatomy that the CT shows at truth(x)."""
+    fixed, _, fixed_labels, labels, truth = synthetic_pair(seed, moving_spacing)
+    ct = pseudo_ct(seed)
+    moving = sitk.Resample(ct, [int(round(s / moving_spacing)) for s in np.array(ct.GetSize())],
+                           sitk.Transform(), sitk.sitkLinear, ct.GetOrigin(), [moving_spacing] * 3,
+                           ct.GetDirection(), -1000.0)
+    return fixed, moving, fixed_labels, labels, truth

@@ -70,7 +70,8 @@ def run_sitk(fixed, moving):
     return sitk.CompositeTransform([affine, bspline])  # B-spline first, then the affine
 
 
-def run_ants(fixed, moving):
+def run_ants(fixed, moving, kind="SyN"):
+    """antspyx with its defaults for ``kind`` (SyN, Rigid, Affine): mutual information in every stage."""
     import ants
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,20 +79,42 @@ def run_ants(fixed, moving):
         sitk.WriteImage(sitk.Cast(fixed, sitk.sitkFloat32), fp)
         sitk.WriteImage(sitk.Cast(moving, sitk.sitkFloat32), mp)
         fa, ma = ants.image_read(fp), ants.image_read(mp)
-        out = ants.registration(fa, ma, type_of_transform="SyN", outprefix=f"{tmp}/r")
-        warp, affine = out["fwdtransforms"]
-        field = sitk.DisplacementFieldTransform(sitk.ReadImage(warp, sitk.sitkVectorFloat64))
-        aff = sitk.ReadTransform(affine)
+        out = ants.registration(fa, ma, type_of_transform=kind, outprefix=f"{tmp}/r")
+        parts = [sitk.DisplacementFieldTransform(sitk.ReadImage(p, sitk.sitkVectorFloat64)) if p.endswith(".nii.gz")
+                 else sitk.ReadTransform(p) for p in out["fwdtransforms"]]
+        if len(parts) == 1:
+            return parts[0]
+        warp, aff = parts
         # ANTs lists [warp, affine]; find the order that reproduces its own resampling
         reference = sitk.GetArrayFromImage(sitk.ReadImage(_write(ants, out["warpedmovout"], f"{tmp}/w.nii.gz")))
         best = None
-        for order in ([aff, field], [field, aff]):
+        for order in ([aff, warp], [warp, aff]):
             t = sitk.CompositeTransform(order)
             err = np.abs(sitk.GetArrayFromImage(sitk.Resample(moving, fixed, t, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
                          - reference).mean()
             if best is None or err < best[0]:
                 best = (err, t)
         return best[1]
+
+
+def run_elastix(fixed, moving, maps=("affine", "bspline")):
+    """itk-elastix (the engine of SlicerElastix) with its default parameter maps (Mattes MI)."""
+    import itk
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp, mp = f"{tmp}/f.nii.gz", f"{tmp}/m.nii.gz"
+        sitk.WriteImage(sitk.Cast(fixed, sitk.sitkFloat32), fp)
+        sitk.WriteImage(sitk.Cast(moving, sitk.sitkFloat32), mp)
+        f, m = itk.imread(fp, itk.F), itk.imread(mp, itk.F)
+        params = itk.ParameterObject.New()
+        for name in maps:
+            params.AddParameterMap(params.GetDefaultParameterMap(name))
+        _, result = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False)
+        field = itk.transformix_deformation_field(m, result)
+        arr = itk.array_from_image(field).astype(np.float64)
+    image = sitk.GetImageFromArray(arr, isVector=True)
+    image.CopyInformation(fixed)
+    return sitk.DisplacementFieldTransform(image)
 
 
 def _write(ants, image, path):

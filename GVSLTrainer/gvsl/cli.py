@@ -6,7 +6,7 @@ import warnings
 from typing import Callable
 
 from .checkpoint import CheckpointError
-from .data import DataError
+from .volumes import DataError
 
 EXPECTED = (DataError, CheckpointError, ValueError, FileNotFoundError, RuntimeError)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .data import DataError
+from .volumes import DataError
 
 # (package, path inside it): MNI ICBM152 2009a T1 template (1 mm) and a real 2 mm T1 head.
 DEMO_VOLUMES = (

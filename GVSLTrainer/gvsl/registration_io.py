@@ -26,11 +26,41 @@ def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir:
         sitk.WriteTransform(result.transform, str(stage / FILES["transform"]))
         sitk.WriteTransform(result.inverse, str(stage / FILES["inverse"]))
         sitk.WriteTransform(result.affine, str(stage / FILES["affine"]))
-        sitk.WriteImage(result.displacement, str(stage / FILES["displacement"]))
+        if result.displacement is not None:  # none in the linear modes
+            sitk.WriteImage(result.displacement, str(stage / FILES["displacement"]))
         if result.warped_labels is not None:
             sitk.WriteImage(result.warped_labels, str(stage / FILES["warped_labels"]))
         (stage / FILES["metrics"]).write_text(json.dumps(result.metrics, indent=2))
         registration_report(fixed, result.before, result.warped, result.jacobian, stage / FILES["report"],
-                            result.metrics)
+                            result.metrics, result.landmarks)
         written = {k: output_dir / v for k, v in FILES.items() if (stage / v).exists()}
     return written
+
+
+def summary(metrics: dict, moving_name: str, fixed_name: str) -> str:
+    """What a person reads after a run: what was done, from which start, and how well it matched."""
+    sim = metrics["similarity"]
+    arrow = "higher is better" if sim["higher_is_better"] else "lower is better"
+    lines = [f"Registered {moving_name} to {fixed_name} ({metrics['mode']}) in {metrics['runtime_s']} s on "
+             f"{metrics['device']}",
+             f"  similarity: {sim['name']} ({sim['reason']}); {sim['before']} -> {sim['after']} ({arrow}); "
+             f"local NCC {metrics['ncc_before']} -> {metrics['ncc_after']}",
+             f"  normalisation: fixed {metrics['normalize']['fixed']}, moving {metrics['normalize']['moving']}"]
+    start = metrics["start"]
+    search = start.get("rotation_search")
+    taken = f"; rotation search kept {search['taken']} ({search['taken_deg']} degrees)" if search else ""
+    first = "the initial transform, then " if start["initial_transform"] else ""
+    lines.append(f"  start: {first}centring by {start['centring']}{taken}")
+    if "tre_after" in metrics:
+        lines.append(f"  landmarks: TRE {metrics['tre_before']['mean_mm']} -> {metrics['tre_after']['mean_mm']} mm "
+                     f"(max {metrics['tre_after']['max_mm']} mm)")
+    if "dice_after" in metrics:
+        pairs = [f"{k} {metrics['dice_before'][k]:.3f} -> {v:.3f}" for k, v in metrics["dice_after"].items()
+                 if v is not None and metrics["dice_before"].get(k) is not None]
+        lines.append("  Dice: " + ", ".join(pairs))
+    if metrics["mode"] != "deformable":
+        lines.append(f"  {metrics['mode']} mode: no displacement field written; transform.h5 is the linear "
+                     "transform alone (Slicer can harden it)")
+    else:
+        lines.append(f"  folding {metrics['folding_percent']}% of voxels")
+    return "\n".join(lines)

@@ -25,8 +25,11 @@ def _checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
 
 
 def registration_report(fixed: sitk.Image, before: sitk.Image, warped: sitk.Image, jacobian: sitk.Image,
-                        path: str | Path, metrics: dict | None = None) -> Path:
-    """Mid-slices of fixed, moving and warped; checkerboards before and after; the Jacobian determinant."""
+                        path: str | Path, metrics: dict | None = None, landmarks: dict | None = None) -> Path:
+    """Mid-slices of fixed, moving and warped; checkerboards before and after; the Jacobian determinant.
+
+    ``landmarks`` ({"fixed": (n, 3), "moving": (n, 3) mapped into fixed space, LPS mm}) are drawn on the
+    fixed and warped columns, projected onto each slice: + fixed, x moving."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -49,6 +52,8 @@ def registration_report(fixed: sitk.Image, before: sitk.Image, warped: sitk.Imag
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(title, fontsize=10)
+        if landmarks is not None and title in ("fixed", "warped (after)"):
+            _draw_landmarks(axes[:, col], fixed, landmarks, moving=title != "fixed")
         if title.startswith("Jacobian"):
             fig.colorbar(im, ax=axes[:, col], shrink=0.6, label="det J (<= 0: folding)")
     if metrics:
@@ -57,6 +62,19 @@ def registration_report(fixed: sitk.Image, before: sitk.Image, warped: sitk.Imag
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def _draw_landmarks(axes, fixed: sitk.Image, landmarks: dict, moving: bool) -> None:
+    """Project LPS points onto the three mid-slice views of ``fixed`` (as ``_slices`` lays them out)."""
+    d = fixed.GetSize()[2]
+    for key, marker, colour in (("fixed", "+", "lime"), ("moving", "x", "red")):
+        if key == "moving" and not moving:
+            continue
+        idx = np.array([fixed.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in landmarks[key]])
+        i, j, k = idx.T
+        for ax, (x, y) in zip(axes, ((i, j), (i, d - 1 - k), (j, d - 1 - k))):
+            ax.set_autoscale_on(False)  # points off the slice's extent do not widen the view
+            ax.scatter(x, y, marker=marker, c=colour, s=30, linewidths=1.2)
 
 
 def _aspects(image: sitk.Image) -> list[float]:
@@ -69,8 +87,13 @@ def _summary(m: dict) -> str:
              f"folding {m['folding_percent']:.3f}%",
              f"inverse consistency {m['inverse_consistency_mm']['mean']:.2f} mm",
              f"{m.get('runtime_s', 0):.1f} s on {m.get('device', '?')}"]
+    if "similarity" in m and m["similarity"]["name"] != "ncc":
+        parts.insert(0, f"{m['similarity']['name']} {m['similarity']['before']:.3f} -> {m['similarity']['after']:.3f}")
     if "dice_after" in m:
-        mean = np.nanmean(list(m["dice_after"].values()))
-        before = np.nanmean(list(m["dice_before"].values()))
-        parts.insert(1, f"mean Dice {before:.3f} -> {mean:.3f}")
+        after = [v for v in m["dice_after"].values() if v is not None]
+        before = [v for v in m["dice_before"].values() if v is not None]
+        if after and before:
+            parts.insert(1, f"mean Dice {np.mean(before):.3f} -> {np.mean(after):.3f}")
+    if "tre_after" in m:
+        parts.insert(1, f"TRE {m['tre_before']['mean_mm']:.2f} -> {m['tre_after']['mean_mm']:.2f} mm")
     return "   ".join(parts)

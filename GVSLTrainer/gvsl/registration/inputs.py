@@ -1,0 +1,59 @@
+"""Reading what register.py is given, each file checked and named in any error, before any work."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from ..volumes import DataError, read_labels, read_volume
+from .landmarks import pair, read_landmarks
+from .pipeline import linear_matrix, mask_problem
+from .options import RegistrationError
+
+
+def read_transform(path: str | Path) -> sitk.Transform:
+    """A linear 3D ITK transform file (.h5, .tfm, .txt, .mat), or a RegistrationError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RegistrationError(f"{path}: no such transform file")
+    try:
+        transform = sitk.ReadTransform(str(path))
+    except RuntimeError as e:
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
+        raise RegistrationError(f"{path}: cannot be read as an ITK transform ({last})") from None
+    try:
+        linear_matrix(transform, "it")
+    except RegistrationError as e:
+        raise RegistrationError(f"{path}: {e}") from None
+    return transform
+
+
+def read_mask(path: str | Path, image: sitk.Image) -> sitk.Image:
+    """A mask for ``image``: any 3D label or binary file with at least one voxel inside the image."""
+    mask = read_labels(path)
+    problem = mask_problem(mask, image)
+    if problem:
+        raise DataError(f"{path}: this mask {problem}")
+    return mask
+
+
+def read_inputs(args) -> dict:
+    """The keyword arguments of ``register`` from register.py's arguments."""
+    from ..checkpoint import build_gvsl, load
+
+    fixed, moving = read_volume(args.fixed), read_volume(args.moving)
+    inputs = dict(fixed=fixed, moving=moving,
+                  fixed_labels=read_labels(args.fixed_labels) if args.fixed_labels else None,
+                  moving_labels=read_labels(args.moving_labels) if args.moving_labels else None,
+                  fixed_mask=read_mask(args.fixed_mask, fixed) if args.fixed_mask else None,
+                  moving_mask=read_mask(args.moving_mask, moving) if args.moving_mask else None,
+                  initial_transform=read_transform(args.initial_transform) if args.initial_transform else None,
+                  model=load(args.model) if args.model else None)
+    if inputs["model"] is not None:
+        build_gvsl(inputs["model"])  # fail now, not after preprocessing, if it is not a GVSL model
+    if args.fixed_landmarks:
+        fixed_lm, moving_lm = read_landmarks(args.fixed_landmarks), read_landmarks(args.moving_landmarks)
+        pair(fixed_lm, moving_lm)  # unequal counts or labels: an error now
+        inputs.update(fixed_landmarks=fixed_lm, moving_landmarks=moving_lm)
+    return inputs
+

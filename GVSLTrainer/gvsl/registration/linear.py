@@ -1,0 +1,170 @@
+"""The linear stage: a search over large rotations, then rigid and affine refinement by Adam.
+
+Everything here is a voxel matrix of ``gvsl.spatial`` on the isotropic working grid, so a rotation
+in voxels is a rotation in millimetres. Rotations and scalings turn about ``pivot``, the fixed
+image's centre of intensity mass (where the initial alignment put the moving image's centre), so
+that turning the moving image does not also shift it.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import spatial
+from .optim import Adam, Stopper
+from .pyramid import Pyramid
+
+SEARCH_ANGLES_DEG = (-60, -30, 0, 30, 60)  # per axis: 125 orientations, any start within about 75 degrees
+SEARCH_KEEP = 3  # the best few orientations (besides the start) are refined before one is chosen
+
+
+def centre_of_mass(image: torch.Tensor) -> torch.Tensor:
+    """(x, y, z) voxel coordinates of the intensity centre of mass of an (1, 1, D, H, W) image."""
+    w = image[0, 0].clamp_min(0)
+    total = w.sum().clamp_min(1e-8)
+    coords = [torch.arange(n, device=w.device, dtype=w.dtype) for n in w.shape]
+    z = (w.sum((1, 2)) * coords[0]).sum() / total
+    y = (w.sum((0, 2)) * coords[1]).sum() / total
+    x = (w.sum((0, 1)) * coords[2]).sum() / total
+    return torch.stack([x, y, z])
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """The voxel matrix that samples at ``outer(inner(p))``."""
+    a_o, t_o = outer[:, :, :3], outer[:, :, 3]
+    a_i, t_i = inner[:, :, :3], inner[:, :, 3]
+    t = (a_o @ t_i.unsqueeze(-1)).squeeze(-1) + t_o
+    return torch.cat([a_o @ a_i, t.unsqueeze(-1)], dim=2)
+
+
+class LinearParameters:
+    """Rotation (radians), translation (in units of ``unit`` voxels), log-scales and shears about ``pivot``.
+
+    ``rigid`` optimises the first two only; ``free_affine()`` then frees the other two.
+    """
+
+    def __init__(self, pivot: torch.Tensor, centre: torch.Tensor, unit: float, rotation=None):
+        device = pivot.device
+        self.pivot, self.centre, self.unit = pivot, centre, unit
+        self.rotation = torch.zeros(1, 3, device=device) if rotation is None else rotation.clone().reshape(1, 3)
+        self.translation = torch.zeros(1, 3, device=device)
+        self.log_scale = torch.zeros(1, 3, device=device)
+        self.shear = torch.zeros(1, 6, device=device)
+        self.rigid = True
+        for t in self.all():
+            t.requires_grad_(True)
+
+    def all(self) -> list[torch.Tensor]:
+        return [self.rotation, self.translation, self.log_scale, self.shear]
+
+    def trainable(self) -> list[torch.Tensor]:
+        return self.all()[:2] if self.rigid else self.all()
+
+    def free_affine(self) -> None:
+        self.rigid = False
+
+    def matrix(self) -> torch.Tensor:
+        a = spatial.affine_from_parameters(self.rotation, self.log_scale.exp(), torch.zeros_like(self.rotation),
+                                           self.shear)[:, :, :3]
+        eye = torch.eye(3, device=a.device, dtype=a.dtype)
+        t = (a - eye) @ (self.centre - self.pivot) + self.translation[0] * self.unit
+        return torch.cat([a, t.reshape(1, 3, 1)], dim=2)
+
+    def copy(self) -> "LinearParameters":
+        other = LinearParameters(self.pivot, self.centre, self.unit, self.rotation.detach())
+        with torch.no_grad():
+            for mine, theirs in zip(other.all(), self.all()):
+                mine.copy_(theirs)
+        other.rigid = self.rigid
+        return other
+
+
+def _theta(base: torch.Tensor, params: LinearParameters, shape: tuple[int, ...]) -> torch.Tensor:
+    return spatial.to_normalised(compose(base, params.matrix()), shape)
+
+
+def optimise(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearParameters, shrinks, iterations: int,
+             lr: float, tolerance: float, patience: int, report: Callable[[float], None] = lambda x: None) -> float:
+    """Adam over ``params.trainable()`` at each shrink factor in turn; returns the last loss."""
+    loss_value = math.inf
+    total = max(1, iterations * len(shrinks))
+    done = 0
+    for shrink in shrinks:
+        level = pyramid.level(shrink, similarity)
+        opt = Adam(params.trainable(), lr=lr)
+        stop = Stopper(tolerance, patience)
+        for _ in range(iterations):
+            loss = level.loss(similarity, spatial.normalised_grid(level.shape, _theta(base, params, pyramid.shape)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_value = loss.item()
+            done += 1
+            report(done / total)
+            if stop(loss_value):
+                break
+        done = total * (shrinks.index(shrink) + 1) // len(shrinks)
+    return loss_value
+
+
+def candidate_rotations() -> list[tuple[float, float, float]]:
+    """Euler angles (radians, about x, y, z) of the orientations the search tries, the start first."""
+    grid = [tuple(math.radians(a) for a in angles) for angles in itertools.product(SEARCH_ANGLES_DEG, repeat=3)]
+    grid.remove((0.0, 0.0, 0.0))
+    return [(0.0, 0.0, 0.0)] + grid
+
+
+@torch.no_grad()
+def score_rotations(pyramid: Pyramid, similarity, base: torch.Tensor, template: LinearParameters,
+                    shrink: float) -> list[tuple[float, tuple]]:
+    """(loss, angles) of every candidate orientation at one coarse level, best first."""
+    level = pyramid.level(shrink, similarity)
+    scores = []
+    for angles in candidate_rotations():
+        params = template.copy()
+        params.rotation.copy_(torch.tensor([angles], device=params.rotation.device))
+        grid = spatial.normalised_grid(level.shape, _theta(base, params, pyramid.shape))
+        scores.append((level.loss(similarity, grid).item(), angles))
+    return sorted(scores, key=lambda s: s[0])
+
+
+def search(pyramid: Pyramid, similarity, base: torch.Tensor, start: LinearParameters, shrink: float,
+           iterations: int, lr: float, tolerance: float, patience: int) -> tuple[LinearParameters, dict]:
+    """Refine the start rigidly, then try large rotations on top of it at one coarse level; refine the few
+    that match better than the refined start, and keep whichever matches best after refinement.
+
+    The start is always a contender, so the search can only improve the similarity, and images that
+    are already roughly aligned pay for one coarse scoring pass, not for extra refinements."""
+    args = dict(lr=lr, tolerance=tolerance, patience=patience)
+    params = start.copy()
+    loss = optimise(pyramid, similarity, base, params, (shrink,), iterations, **args)
+    results = [(loss, (0.0, 0.0, 0.0), params)]
+    ranked = score_rotations(pyramid, similarity, base, params, shrink)
+    start_score = next(score for score, angles in ranked if angles == (0.0, 0.0, 0.0))
+    better = [angles for score, angles in ranked if score < start_score][:SEARCH_KEEP]
+    for angles in better:
+        candidate = params.copy()
+        with torch.no_grad():
+            candidate.rotation.add_(torch.tensor([angles], device=candidate.rotation.device))
+        results.append((optimise(pyramid, similarity, base, candidate, (shrink,), iterations, **args), angles,
+                        candidate))
+    loss, angles, params = min(results, key=lambda r: r[0])
+    info = {"candidates": len(ranked), "refined": len(better),
+            "taken_deg": [round(math.degrees(a), 1) for a in params.rotation[0].tolist()],
+            "taken": "the start" if angles == (0.0, 0.0, 0.0) else "a searched orientation",
+            "loss_start": round(results[0][0], 5), "loss_taken": round(loss, 5)}
+    return params, info
+
+
+def orthonormalise(matrix: np.ndarray) -> np.ndarray:
+    """The nearest rotation to a 3x3 matrix (polar decomposition): a rigid result stays exactly rigid."""
+    u, _, vt = np.linalg.svd(matrix)
+    r = u @ vt
+    if np.linalg.det(r) < 0:
+        u[:, -1] *= -1
+        r = u @ vt
+    return r

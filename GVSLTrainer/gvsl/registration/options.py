@@ -1,0 +1,68 @@
+"""What a registration is asked for and what it returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import SimpleITK as sitk
+
+MODES = ("rigid", "affine", "deformable")
+INITIALISATIONS = ("moments", "geometry", "none")
+DEFAULT_SPACING = 2.0  # mm: finer working grids cost much more time for little accuracy
+
+
+class RegistrationError(ValueError):
+    pass
+
+
+@dataclass
+class RegistrationOptions:
+    mode: str = "deformable"  # rigid | affine | deformable (affine, then a velocity field)
+    similarity: str = "auto"  # ncc | mind | mi | auto (mind for different modalities, else ncc)
+    spacing: float | None = None  # working grid, mm; default: the model's, else the fixed image's median
+    #                                spacing but no finer than DEFAULT_SPACING
+    max_size: int = 160  # voxels per axis of the working grid at most
+    iterations: int = 100  # deformable iterations over all levels (each linear level: half as many)
+    initialisation: str | None = None  # see INITIALISATIONS; None: moments, or none with an initial transform
+    rotation_search: bool = True  # try large rotations at the coarsest level; keep one only if it matches better
+    normalize: str | tuple[str, str] = "auto"  # ct | mr | auto (each image its own), or (fixed, moving)
+    ncc_window: int = 7
+    smooth_weight: float = 1.0
+    affine_lr: float = 0.01
+    deform_lr: float = 0.02
+    # deformable levels: (image shrink, velocity-grid shrink, share of the iterations), coarse to fine
+    levels: tuple = ((4, 8, 0.45), (2, 4, 0.45), (1, 4, 0.1))
+    linear_shrinks: tuple = (4, 2)  # the linear stage runs on images shrunk by these factors, in turn
+    tolerance: float = 1e-5  # early stopping: relative loss change over `patience` iterations
+    patience: int = 20
+    device: str = "auto"
+
+    def check(self) -> None:
+        """Refuse unknown names before any work."""
+        from ..similarity import SIMILARITIES
+        from ..volumes import PRESETS
+
+        if self.mode not in MODES:
+            raise RegistrationError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.similarity not in SIMILARITIES:
+            raise RegistrationError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
+        if self.initialisation is not None and self.initialisation not in INITIALISATIONS:
+            raise RegistrationError(f"initialisation must be one of {', '.join(INITIALISATIONS)}, "
+                                    f"got {self.initialisation!r}")
+        presets = (self.normalize,) if isinstance(self.normalize, str) else tuple(self.normalize)
+        if len(presets) not in (1, 2) or any(p not in PRESETS + ("auto",) for p in presets):
+            raise RegistrationError(f"normalize must be auto, ct or mr, or one of them per image, got {self.normalize!r}")
+
+
+@dataclass
+class RegistrationResult:
+    affine: sitk.AffineTransform  # fixed -> moving, linear part (the whole result in the linear modes)
+    displacement: sitk.Image | None  # LPS mm vectors on the fixed grid, applied before the affine; None: linear
+    transform: sitk.Transform  # fixed -> moving: affine(x + d(x)), or the affine alone
+    inverse: sitk.Transform  # moving -> fixed
+    warped: sitk.Image  # moving on the fixed grid (linear)
+    before: sitk.Image  # moving on the fixed grid as the files place it (no registration), for comparison
+    jacobian: sitk.Image  # determinant of the fixed -> moving mapping's Jacobian on the fixed grid
+    warped_labels: sitk.Image | None
+    metrics: dict = field(default_factory=dict)
+    working_grid: sitk.Image | None = None
+    landmarks: dict | None = None  # {"fixed": (n, 3), "moving": (n, 3), "labels": [...]} LPS mm, for the figure

@@ -1,0 +1,85 @@
+"""The pair on the working grid at several resolutions, as the features a similarity compares."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import spatial
+
+
+def smooth_resize(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Resize with a light blur first when shrinking by more than 1.5 (against aliasing)."""
+    factor = max(s / t for s, t in zip(image.shape[2:], shape))
+    if factor > 1.5:
+        image = F.avg_pool3d(image, 3, 1, 1, count_include_pad=False)
+    return spatial.resize(image, shape)
+
+
+def shrunk_shape(shape: tuple[int, ...], shrink: float, minimum: int = 8) -> tuple[int, ...]:
+    return tuple(max(minimum, round(s / shrink)) for s in shape)
+
+
+@dataclass
+class Level:
+    """One resolution: the fixed features, the moving features (with the moving mask as a last channel
+    when there are masks, so that one interpolation warps both) and the fixed mask."""
+    shape: tuple[int, ...]
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_mask: torch.Tensor | None
+    masked: bool
+
+    def loss(self, similarity, grid: torch.Tensor) -> torch.Tensor:
+        """The similarity loss of the moving features sampled at ``grid`` (normalised, this level's shape)."""
+        fixed, fixed_mask = self.fixed, self.fixed_mask
+        points = similarity.sample_points(grid[0, ..., 0].numel(), grid.device)
+        if points is not None:  # a metric that samples: interpolate only there
+            def pick(x):
+                return x.flatten(2)[:, :, points, None, None]
+
+            grid = grid.reshape(grid.shape[0], -1, 1, 1, 3)[:, points]
+            fixed, fixed_mask = pick(fixed), None if fixed_mask is None else pick(fixed_mask)
+        warped = spatial.sample(self.moving, grid, padding_mode=similarity.padding)
+        weight = None
+        if self.masked:
+            warped, weight = warped[:, :-1], warped[:, -1:] * fixed_mask
+        return similarity.loss(warped, fixed, weight)
+
+
+class Pyramid:
+    """Levels made on demand and kept: the linear and deformable stages share them."""
+
+    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, fixed_mask: torch.Tensor | None = None,
+                 moving_mask: torch.Tensor | None = None):
+        self.fixed, self.moving = fixed, moving
+        self.masked = fixed_mask is not None or moving_mask is not None
+        self.fixed_mask = fixed_mask if fixed_mask is not None else torch.ones_like(fixed)
+        self.moving_mask = moving_mask if moving_mask is not None else torch.ones_like(moving)
+        self.shape = tuple(fixed.shape[2:])
+        self._levels: dict = {}
+        self._full: dict = {}
+
+    def _features(self, similarity) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of the full-resolution images, shrunk per level afterwards: a descriptor computed on
+        a coarse image (MIND's two-voxel offsets at 10 mm spacing) sees the image border, not anatomy."""
+        if similarity.name not in self._full:
+            self._full[similarity.name] = (similarity.features(self.fixed), similarity.features(self.moving))
+        return self._full[similarity.name]
+
+    def level(self, shrink: float, similarity) -> Level:
+        key = (shrink, similarity.name)
+        if key not in self._levels:
+            shape = shrunk_shape(self.shape, shrink)
+
+            def at(x):
+                return x if shape == self.shape else smooth_resize(x, shape)
+
+            fixed, moving = (at(x) for x in self._features(similarity))
+            fixed_mask = None
+            if self.masked:
+                moving = torch.cat([moving, at(self.moving_mask)], dim=1)
+                fixed_mask = at(self.fixed_mask)
+            self._levels[key] = Level(shape, fixed, moving, fixed_mask, self.masked)
+        return self._levels[key]

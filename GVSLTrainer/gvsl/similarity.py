@@ -1,0 +1,254 @@
+"""Image similarities for registration of any pair of modalities: local NCC, MIND-SSC, mutual information.
+
+Each similarity has the same three calls, so the optimiser never needs to know which one it runs:
+
+* ``features(image)``: what is warped and compared, computed once per resolution level (MIND's
+  12-channel descriptors; the image itself for NCC and MI). Warping the moving image's features
+  instead of recomputing them from the warped image is what ConvexAdam does, and it is cheaper.
+* ``loss(warped, fixed, weight=None)``: a scalar to minimise; ``weight`` (N, 1, D, H, W) is a
+  per-voxel weight (the product of the fixed mask and the warped moving mask).
+* ``score(loss)``: the figure a person reads (local NCC and MI: higher is better; MIND: a mean
+  squared descriptor difference, lower is better).
+
+All are written in torch, batched and device-agnostic. Intensities are expected in [0, 1]
+(``gvsl.volumes.normalise``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .losses import box_mean, local_ncc
+
+SIMILARITIES = ("ncc", "mind", "mi", "auto")
+# auto: a Wasserstein-1 distance between the two images' normalised foreground intensity
+# distributions above this means different contrasts (T1 vs T2, MR vs CT): measured 0.02-0.06
+# between T1 heads of different scanners and templates, 0.15-0.35 between T1 and T2 or pseudo-CT.
+HISTOGRAM_DISTANCE_THRESHOLD = 0.1
+
+
+def weighted_mean(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``x`` (N, C, ...) over voxels and channels, each voxel weighted by ``weight`` (N, 1, ...)."""
+    if weight is None:
+        return x.mean()
+    return (x * weight).sum() / (weight.sum() * x.shape[1]).clamp_min(1e-8)
+
+
+class LocalNCC:
+    """Local normalised cross-correlation (squared), for images of the same modality."""
+    name, higher_is_better, padding = "ncc", True, "zeros"
+    smooth_scale = 1.0  # the field's smoothness weight relative to this loss's size
+
+    def __init__(self, window: int = 7):
+        self.window = window
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def sample_points(self, n: int, device) -> None:
+        return None  # a local window needs every voxel
+
+    def loss(self, warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return 1 - weighted_mean(1 - local_ncc(warped, fixed, self.window, reduce=False), weight)
+
+    def score(self, loss: float) -> float:
+        return 1 - loss
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC descriptors (Heinrich et al., MICCAI 2013): (N, 12, D, H, W) for an (N, 1, D, H, W) image.
+
+    For the six neighbours at ``dilation`` voxels along +-x, +-y, +-z, the twelve pairs of them that
+    are sqrt(2) * dilation apart are compared by a patch distance (a (2 * radius + 1)^3 box mean of
+    squared differences). Distances are shifted to a minimum of 0 and divided by their mean (a local
+    variance estimate), then mapped through exp(-d): a descriptor of local structure that does not
+    depend on the modality's contrast.
+    """
+    d = dilation
+    padded = F.pad(image.float(), (d,) * 6, mode="replicate")
+    size = image.shape[2:]
+    directions = [(0, 0, 1), (0, 0, -1), (0, 1, 0), (0, -1, 0), (1, 0, 0), (-1, 0, 0)]
+
+    def shifted(o):
+        return padded[:, :, d + o[0] * d: d + o[0] * d + size[0], d + o[1] * d: d + o[1] * d + size[1],
+                      d + o[2] * d: d + o[2] * d + size[2]]
+
+    pairs = [(a, b) for i, a in enumerate(directions) for b in directions[i + 1:]
+             if sum((x - y) ** 2 for x, y in zip(a, b)) == 2]
+    diffs = torch.cat([(shifted(a) - shifted(b)) ** 2 for a, b in pairs], dim=1)
+    dist = box_mean(diffs, 2 * radius + 1)
+    dist = dist - dist.min(dim=1, keepdim=True).values
+    variance = dist.mean(dim=1, keepdim=True)
+    overall = variance.mean()
+    variance = variance.clamp(overall * 1e-3, overall * 1e3).clamp_min(1e-12)
+    return torch.exp(-dist / variance)
+
+
+class MIND:
+    """Mean squared difference of MIND-SSC descriptors: the multi-modal loss of ConvexAdam and uniGradICON."""
+    name, higher_is_better, padding = "mind", False, "border"  # outside the image: no new structure
+    smooth_scale = 5.0  # a descriptor difference is about a fifth of 1 - local NCC for the same misalignment
+
+    def __init__(self, radius: int = 1, dilation: int = 2):
+        self.radius, self.dilation = radius, dilation
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        return mind_ssc(image, self.radius, self.dilation)
+
+    def sample_points(self, n: int, device) -> None:
+        return None
+
+    def loss(self, warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return weighted_mean((warped - fixed) ** 2, weight)
+
+    def score(self, loss: float) -> float:
+        return loss
+
+
+def _cubic_bspline(u: torch.Tensor) -> torch.Tensor:
+    a = u.abs()
+    inner = (4 - 6 * a ** 2 + 3 * a ** 3) / 6
+    outer = (2 - a).clamp_min(0) ** 3 / 6
+    return torch.where(a < 1, inner, outer)
+
+
+class MutualInformation:
+    """Mattes-style mutual information (Mattes et al., 2003): a joint histogram with cubic B-spline Parzen
+    windows on both intensities, differentiable. Above ``max_samples`` voxels a fixed random subset is
+    used, as elastix and ITK sample their metrics."""
+    name, higher_is_better, padding = "mi", True, "zeros"
+    smooth_scale = 1.0
+
+    def __init__(self, bins: int = 32, max_samples: int = 16_384):
+        self.bins, self.max_samples = bins, max_samples
+        self._subsets: dict = {}
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def sample_points(self, n: int, device) -> torch.Tensor | None:
+        """A fixed random subset of ``n`` voxels (flat indices) when there are more than ``max_samples``."""
+        if n <= self.max_samples:
+            return None
+        key = (n, str(device))
+        if key not in self._subsets:
+            g = torch.Generator().manual_seed(n)
+            self._subsets[key] = torch.randperm(n, generator=g)[:self.max_samples].to(device)
+        return self._subsets[key]
+
+    def _parzen(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bin indices, weights), each (n, 4): a cubic B-spline touches the four nearest bins only."""
+        u = values.clamp(0, 1) * (self.bins - 1)
+        first = u.detach().floor() - 1
+        idx = first[:, None] + torch.arange(4, device=u.device, dtype=u.dtype)
+        weights = _cubic_bspline(u[:, None] - idx)
+        return idx.long().clamp(0, self.bins - 1), weights
+
+    def loss(self, warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        total = 0.0
+        for i in range(warped.shape[0]):  # one histogram per pair of the batch
+            a, b = warped[i, 0].reshape(-1).float(), fixed[i, 0].reshape(-1).float()
+            w = torch.ones_like(a) if weight is None else weight[i, 0].reshape(-1).float()
+            idx = self.sample_points(a.numel(), a.device)
+            if idx is not None:
+                a, b, w = a[idx], b[idx], w[idx]
+            ia, wa = self._parzen(a)
+            ib, wb = self._parzen(b)
+            cells = (ia[:, :, None] * self.bins + ib[:, None, :]).reshape(-1)
+            mass = (wa[:, :, None] * wb[:, None, :] * w[:, None, None]).reshape(-1)
+            joint = torch.zeros(self.bins * self.bins, device=a.device, dtype=a.dtype).index_add(0, cells, mass)
+            joint = joint.reshape(self.bins, self.bins) / joint.sum().clamp_min(1e-12)
+            pa, pb = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+            total = total + (joint * (torch.log(joint + 1e-10) - torch.log(pa * pb + 1e-10))).sum()
+        return -total / warped.shape[0]
+
+    def score(self, loss: float) -> float:
+        return -loss
+
+
+def equalise(image: torch.Tensor, background: float = 0.05, levels: int = 256) -> torch.Tensor:
+    """Map a [0, 1] image through the distribution of its own foreground: monotonic, so what MI measures
+    is unchanged, but every tissue gets a share of the range in proportion to its volume.
+
+    A CT through its Hounsfield window puts all of the brain within 2 % of the range (grey and white
+    matter 15 HU apart in a window of 2048): one bin of a mutual-information histogram, and noise to
+    MIND next to the bone. Background (below ``background``) keeps [0, 0.1]; the foreground gets (0.1, 1].
+    """
+    flat = image.reshape(-1)
+    fg = flat[flat > background]
+    if fg.numel() < levels:
+        return image
+    qs = torch.quantile(fg[torch.linspace(0, fg.numel() - 1, min(fg.numel(), 200_000), device=fg.device).long()],
+                        torch.linspace(0, 1, levels, device=image.device, dtype=image.dtype))
+    ranks = torch.searchsorted(qs.contiguous(), flat.contiguous()).clamp(1, levels - 1)
+    lo, hi = qs[ranks - 1], qs[ranks]
+    frac = ((flat - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+    cdf = ((ranks - 1).to(image.dtype) + frac) / (levels - 1)
+    out = torch.where(flat > background, 0.1 + 0.9 * cdf, 0.1 * flat / background)
+    return out.reshape(image.shape)
+
+
+def foreground(image: torch.Tensor, threshold: float = 0.05) -> torch.Tensor:
+    """1 where a [0, 1] image holds more than background, closed by one voxel (float mask)."""
+    mask = (image > threshold).float()
+    return -F.max_pool3d(-F.max_pool3d(mask, 3, 1, 1), 3, 1, 1)
+
+
+def prepare(name: str, fixed: torch.Tensor, moving: torch.Tensor, fixed_mask: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    """(fixed, moving, fixed weight, whether the weight is the automatic foreground) as ``name`` compares them.
+
+    For a multi-modal similarity every tissue gets its share of the intensity range (a CT's brain is
+    2 % of its Hounsfield window), and where the fixed image shows nothing (background, or a structure
+    its modality does not show, such as bone in a skull-stripped MR) it cannot vouch for a match: with
+    no fixed mask given, the similarity counts only inside the fixed image's foreground.
+    """
+    if name == "ncc":
+        return fixed, moving, fixed_mask, False
+    fixed, moving = equalise(fixed), equalise(moving)
+    if fixed_mask is not None:
+        return fixed, moving, fixed_mask, False
+    return fixed, moving, foreground(fixed), True
+
+
+def make(name: str, ncc_window: int = 7):
+    """The similarity called ``name`` (not ``auto``: see ``choose``)."""
+    if name == "ncc":
+        return LocalNCC(ncc_window)
+    if name == "mind":
+        return MIND()
+    if name == "mi":
+        return MutualInformation()
+    raise ValueError(f"similarity must be one of {SIMILARITIES}, got {name!r}")
+
+
+def histogram_distance(a: np.ndarray, b: np.ndarray, foreground: float = 0.05) -> float:
+    """Wasserstein-1 distance between the intensity distributions of two [0, 1]-normalised images,
+    over their foreground (values above ``foreground``): 0 for identical contrasts."""
+    qs = np.linspace(0.01, 0.99, 99)
+    fa, fb = a[a > foreground], b[b > foreground]
+    if fa.size < 10 or fb.size < 10:
+        return 0.0
+    return float(np.abs(np.quantile(fa, qs) - np.quantile(fb, qs)).mean())
+
+
+def choose(presets: tuple[str, str], fixed: np.ndarray, moving: np.ndarray) -> tuple[str, str]:
+    """(similarity, why) for ``auto``: MIND when the images look like different modalities, else NCC.
+
+    ``presets`` are the normalisations picked for (fixed, moving): ``ct`` means Hounsfield units.
+    ``fixed`` and ``moving`` are the normalised images.
+    """
+    if presets[0] != presets[1]:
+        return "mind", (f"different modalities: the fixed image holds {_modality(presets[0])}, the moving image "
+                        f"{_modality(presets[1])}")
+    distance = histogram_distance(fixed, moving)
+    if distance > HISTOGRAM_DISTANCE_THRESHOLD:
+        return "mind", (f"different contrasts: the normalised intensity histograms differ by {distance:.3f} "
+                        f"(Wasserstein-1; above {HISTOGRAM_DISTANCE_THRESHOLD} means different modalities)")
+    return "ncc", (f"same modality: both hold {_modality(presets[0])} and their normalised intensity histograms "
+                   f"differ by {distance:.3f} (at most {HISTOGRAM_DISTANCE_THRESHOLD})")
+
+
+def _modality(preset: str) -> str:
+    return "Hounsfield units (CT)" if preset == "ct" else "non-CT intensities (MR-like)"

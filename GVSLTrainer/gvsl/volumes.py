@@ -1,0 +1,80 @@
+"""Reading one 3D scalar volume or label map, checked, and mapping its intensities to [0, 1].
+
+Kept free of MONAI and of the training machinery so that registration imports only what it uses.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+PRESETS = ("ct", "mr")
+CT_WINDOW = (-1024.0, 1024.0)
+MR_PERCENTILES = (0.5, 99.5)
+
+
+class DataError(ValueError):
+    """A problem with an input file or data source, always naming it."""
+
+
+def _read_3d_scalar(path: Path, what: str) -> sitk.Image:
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
+        raise DataError(f"{path}: cannot be read as {what} ({first})") from None
+    dim = image.GetDimension()
+    if dim != 3:
+        raise DataError(f"{path}: is a {dim}D image of size {image.GetSize()}; a 3D volume is needed")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                        "a scalar (single-channel) volume is needed")
+    return image
+
+
+def read_volume(path: str | Path) -> sitk.Image:
+    """Read one 3D scalar volume, or raise a DataError saying what is wrong with the file."""
+    path = Path(path)
+    image = _read_3d_scalar(path, "an image")
+    if min(image.GetSize()) < 2:
+        raise DataError(f"{path}: has size {image.GetSize()}; a 3D volume needs at least 2 voxels per axis")
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(array).all():
+        raise DataError(f"{path}: contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
+    if array.min() == array.max():
+        raise DataError(f"{path}: is constant (every voxel is {array.min()}); there is nothing to learn from it")
+    return image
+
+
+def read_labels(path: str | Path) -> sitk.Image:
+    """Read a 3D label map (integer values; float files are rounded), naming the file on any problem."""
+    path = Path(path)
+    image = _read_3d_scalar(path, "a label map")
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(array).all() or array.min() < 0:
+        raise DataError(f"{path}: a label map needs finite, non-negative values")
+    if image.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkInt16, sitk.sitkInt32):
+        rounded = sitk.GetImageFromArray(np.rint(array).astype(np.uint32))
+        rounded.CopyInformation(image)
+        image = rounded
+    return image
+
+
+def normalise(array: np.ndarray, preset: str) -> np.ndarray:
+    """Intensities to [0, 1]: ``ct`` clips Hounsfield units to [-1024, 1024]; ``mr`` clips percentiles."""
+    array = array.astype(np.float32, copy=False)
+    if preset == "ct":
+        lo, hi = CT_WINDOW
+    elif preset == "mr":
+        lo, hi = (float(v) for v in np.percentile(array, MR_PERCENTILES))
+        if hi <= lo:
+            lo, hi = float(array.min()), float(array.max())
+    else:
+        raise ValueError(f"normalisation preset must be one of {PRESETS}, got {preset!r}")
+    return ((np.clip(array, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def auto_preset(image: sitk.Image) -> str:
+    """``ct`` when the image holds Hounsfield units (air near -1000), else ``mr``."""
+    return "ct" if float(np.percentile(sitk.GetArrayViewFromImage(image), 1)) < -500 else "mr"
