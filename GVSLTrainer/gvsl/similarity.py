@@ -35,6 +35,23 @@ def weighted_mean(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     return (x * weight).sum() / (weight.sum() * x.shape[1]).clamp_min(1e-8)
 
 
+class _Sampled:
+    """A per-voxel metric may be estimated on a fixed random subset of voxels: above ``max_samples``
+    voxels only those are interpolated, as elastix and ITK sample their metrics."""
+    max_samples = 0
+
+    def sample_points(self, n: int, device) -> torch.Tensor | None:
+        """Flat voxel indices to compare, or None for all."""
+        if n <= self.max_samples:
+            return None
+        cache = self.__dict__.setdefault("_subsets", {})
+        key = (n, str(device))
+        if key not in cache:
+            g = torch.Generator().manual_seed(n)
+            cache[key] = torch.randperm(n, generator=g)[:self.max_samples].to(device)
+        return cache[key]
+
+
 class LocalNCC:
     """Local normalised cross-correlation (squared), for images of the same modality."""
     name, higher_is_better, padding = "ncc", True, "zeros"
@@ -85,19 +102,18 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
     return torch.exp(-dist / variance)
 
 
-class MIND:
+class MIND(_Sampled):
     """Mean squared difference of MIND-SSC descriptors: the multi-modal loss of ConvexAdam and uniGradICON."""
     name, higher_is_better, padding = "mind", False, "border"  # outside the image: no new structure
-    smooth_scale = 5.0  # a descriptor difference is about a fifth of 1 - local NCC for the same misalignment
+    # the field's smoothness weight relative to this loss: a descriptor difference is several times smaller
+    # than 1 - local NCC for the same misalignment, and a multi-modal match is less certain
+    smooth_scale = 20.0
 
-    def __init__(self, radius: int = 1, dilation: int = 2):
-        self.radius, self.dilation = radius, dilation
+    def __init__(self, radius: int = 1, dilation: int = 2, max_samples: int = 65_536):
+        self.radius, self.dilation, self.max_samples = radius, dilation, max_samples
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         return mind_ssc(image, self.radius, self.dilation)
-
-    def sample_points(self, n: int, device) -> None:
-        return None
 
     def loss(self, warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         return weighted_mean((warped - fixed) ** 2, weight)
@@ -113,29 +129,17 @@ def _cubic_bspline(u: torch.Tensor) -> torch.Tensor:
     return torch.where(a < 1, inner, outer)
 
 
-class MutualInformation:
+class MutualInformation(_Sampled):
     """Mattes-style mutual information (Mattes et al., 2003): a joint histogram with cubic B-spline Parzen
-    windows on both intensities, differentiable. Above ``max_samples`` voxels a fixed random subset is
-    used, as elastix and ITK sample their metrics."""
+    windows on both intensities, differentiable."""
     name, higher_is_better, padding = "mi", True, "zeros"
     smooth_scale = 1.0
 
     def __init__(self, bins: int = 32, max_samples: int = 16_384):
         self.bins, self.max_samples = bins, max_samples
-        self._subsets: dict = {}
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         return image
-
-    def sample_points(self, n: int, device) -> torch.Tensor | None:
-        """A fixed random subset of ``n`` voxels (flat indices) when there are more than ``max_samples``."""
-        if n <= self.max_samples:
-            return None
-        key = (n, str(device))
-        if key not in self._subsets:
-            g = torch.Generator().manual_seed(n)
-            self._subsets[key] = torch.randperm(n, generator=g)[:self.max_samples].to(device)
-        return self._subsets[key]
 
     def _parzen(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(bin indices, weights), each (n, 4): a cubic B-spline touches the four nearest bins only."""
@@ -233,16 +237,18 @@ def histogram_distance(a: np.ndarray, b: np.ndarray, foreground: float = 0.05) -
     return float(np.abs(np.quantile(fa, qs) - np.quantile(fb, qs)).mean())
 
 
-def choose(presets: tuple[str, str], fixed: np.ndarray, moving: np.ndarray) -> tuple[str, str]:
+def choose(presets: tuple[str, str], fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarray | None = None,
+           moving_mask: np.ndarray | None = None) -> tuple[str, str]:
     """(similarity, why) for ``auto``: MIND when the images look like different modalities, else NCC.
 
     ``presets`` are the normalisations picked for (fixed, moving): ``ct`` means Hounsfield units.
-    ``fixed`` and ``moving`` are the normalised images.
+    ``fixed`` and ``moving`` are the normalised images; only voxels inside their masks count.
     """
     if presets[0] != presets[1]:
         return "mind", (f"different modalities: the fixed image holds {_modality(presets[0])}, the moving image "
                         f"{_modality(presets[1])}")
-    distance = histogram_distance(fixed, moving)
+    distance = histogram_distance(fixed if fixed_mask is None else fixed[fixed_mask],
+                                  moving if moving_mask is None else moving[moving_mask])
     if distance > HISTOGRAM_DISTANCE_THRESHOLD:
         return "mind", (f"different contrasts: the normalised intensity histograms differ by {distance:.3f} "
                         f"(Wasserstein-1; above {HISTOGRAM_DISTANCE_THRESHOLD} means different modalities)")

@@ -61,17 +61,21 @@ def read_labels(path: str | Path) -> sitk.Image:
     return image
 
 
-def normalise(array: np.ndarray, preset: str) -> np.ndarray:
-    """Intensities to [0, 1]: ``ct`` clips Hounsfield units to [-1024, 1024]; ``mr`` clips percentiles."""
+def normalise(array: np.ndarray, preset: str, mask: np.ndarray | None = None) -> np.ndarray:
+    """Intensities to [0, 1]: ``ct`` clips Hounsfield units to [-1024, 1024]; ``mr`` clips percentiles
+    (of the voxels inside ``mask`` when one is given, so that an excluded artefact does not set them)."""
     array = array.astype(np.float32, copy=False)
     if preset == "ct":
         lo, hi = CT_WINDOW
     elif preset == "mr":
-        lo, hi = (float(v) for v in np.percentile(array, MR_PERCENTILES))
+        inside = array if mask is None or not mask.any() else array[mask]
+        lo, hi = (float(v) for v in np.percentile(inside, MR_PERCENTILES))
         if hi <= lo:
             lo, hi = float(array.min()), float(array.max())
     else:
         raise ValueError(f"normalisation preset must be one of {PRESETS}, got {preset!r}")
+    if hi <= lo:  # a constant image (e.g. a region the other image does not reach): no contrast at all
+        return np.zeros_like(array, dtype=np.float32)
     return ((np.clip(array, lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 

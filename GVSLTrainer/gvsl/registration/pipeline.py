@@ -93,8 +93,9 @@ def _presets(normalize, fixed: sitk.Image, moving: sitk.Image) -> tuple[str, str
     return tuple(auto_preset(img) if p == "auto" else p for p, img in zip(pair_, (fixed, moving)))
 
 
-def _to_tensor(image: sitk.Image, preset: str, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(normalise(sitk.GetArrayFromImage(image), preset))[None, None].to(device)
+def _to_tensor(image: sitk.Image, preset: str, device: torch.device, mask: sitk.Image | None = None) -> torch.Tensor:
+    inside = None if mask is None else sitk.GetArrayViewFromImage(mask) > 0.5
+    return torch.from_numpy(normalise(sitk.GetArrayFromImage(image), preset, inside))[None, None].to(device)
 
 
 def _check_image(image: sitk.Image, role: str) -> None:
@@ -195,7 +196,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     mm_img = _mask_on_grid(moving_mask, moving, grid, init_tf, "moving")
     if fm_img is not None and mm_img is not None and not (sitk.GetArrayViewFromImage(fm_img * mm_img) > 0.25).any():
         raise RegistrationError("the fixed and moving masks do not overlap after the initial alignment")
-    f_t, m_t = _to_tensor(f_img, presets[0], device), _to_tensor(m_img, presets[1], device)
+    f_t, m_t = _to_tensor(f_img, presets[0], device, fm_img), _to_tensor(m_img, presets[1], device, mm_img)
     masks = [None if m is None else torch.from_numpy(sitk.GetArrayFromImage(m))[None, None].to(device)
              for m in (fm_img, mm_img)]
     shape = tuple(f_t.shape[2:])
@@ -203,7 +204,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     timing = {"preparation": time.perf_counter() - start}
     # 2. the similarity, and the network's prediction or the identity
     if opts.similarity == "auto":
-        name, reason = similarities.choose(presets, f_t.cpu().numpy(), m_t.cpu().numpy())
+        inside = [None if m is None else m.cpu().numpy() > 0.5 for m in masks]
+        name, reason = similarities.choose(presets, f_t.cpu().numpy(), m_t.cpu().numpy(), *inside)
     else:
         name, reason = opts.similarity, "chosen by the user"
     sim = similarities.make(name, opts.ncc_window)

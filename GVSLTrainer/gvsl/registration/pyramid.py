@@ -81,5 +81,7 @@ class Pyramid:
             if self.masked:
                 moving = torch.cat([moving, at(self.moving_mask)], dim=1)
                 fixed_mask = at(self.fixed_mask)
+            if moving.shape[1] > 1:  # interpolating many channels gathers each voxel's channels together:
+                moving = moving.contiguous(memory_format=torch.channels_last_3d)  # 3x faster on a CPU
             self._levels[key] = Level(shape, fixed, moving, fixed_mask, self.masked)
         return self._levels[key]

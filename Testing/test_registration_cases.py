@@ -1,0 +1,182 @@
+"""The registrations users bring every day: CT <-> MR, masks, rigid and affine modes, starting transforms
+far away, landmarks; each checked against transforms made with SimpleITK alone."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from gvsl.registration import RegistrationOptions, register
+
+import synthetic
+
+SCRIPT = Path(__file__).resolve().parents[1] / "GVSLTrainer" / "register.py"
+
+
+def brain_epe(transform, truth, fixed) -> np.ndarray:
+    err = np.linalg.norm(synthetic.transform_field(transform, fixed) - synthetic.transform_field(truth, fixed), axis=-1)
+    arr = sitk.GetArrayFromImage(fixed)
+    return err[arr > 0.15 * arr.max()]
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--no-progress"], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_ct_to_mr_pair_is_recognised_and_registered():
+    fixed, moving, fixed_labels, moving_labels, truth = synthetic.multimodal_pair(seed=0)
+    res = register(fixed, moving, fixed_labels, moving_labels)
+    m = res.metrics
+    assert m["similarity"]["name"] == "mind" and "Hounsfield" in m["similarity"]["reason"]
+    assert m["normalize"] == {"fixed": "mr", "moving": "ct"}
+    assert m["masks"]["fixed"] == "the fixed image's foreground (multi-modal)"
+    assert m["similarity"]["after"] < m["similarity"]["before"]  # MIND: a distance
+    epe = brain_epe(res.transform, truth, fixed)
+    assert epe.mean() < 1.5, epe.mean()
+    assert m["dice_after"]["2"] > 0.94 and m["dice_after"]["1"] > 0.65, m["dice_after"]
+    assert m["folding_percent"] < 0.1
+
+
+def test_auto_keeps_local_ncc_for_the_same_modality():
+    fixed, moving, *_ = synthetic.synthetic_pair(seed=1)
+    from gvsl.similarity import choose
+    from gvsl.volumes import normalise
+    f, m = (normalise(sitk.GetArrayFromImage(x), "mr") for x in (fixed, moving))
+    assert choose(("mr", "mr"), f, m)[0] == "ncc"
+    inverted = np.where(m > 0.05, 1.05 - m, 0)  # a T2-like contrast of the same head
+    name, reason = choose(("mr", "mr"), f, inverted)
+    assert name == "mind" and "histograms differ" in reason
+
+
+def rigid_case(seed=0):
+    """A known rigid motion of real anatomy onto an oblique, non-cubic 2 mm grid, and landmarks."""
+    t1 = synthetic.mni("t1")
+    centre = np.array(t1.TransformContinuousIndexToPhysicalPoint(((np.array(t1.GetSize()) - 1) / 2).tolist()))
+    grid = synthetic.oblique_grid(centre, size=(80, 96, 70), spacing=(2.0, 2.0, 2.0))
+    rng = np.random.default_rng(seed)
+    truth = sitk.Euler3DTransform(centre.tolist(), *np.radians(rng.uniform(-12, 12, 3)), rng.uniform(-8, 8, 3).tolist())
+    fixed = sitk.Resample(t1, grid, truth, sitk.sitkLinear, 0.0)
+    points = centre + rng.uniform(-40, 40, (6, 3))
+    return fixed, t1, truth, points, np.array([truth.TransformPoint(p.tolist()) for p in points])
+
+
+def write_markups_json(path, points, system="LPS"):
+    sign = np.array([-1, -1, 1]) if system == "RAS" else np.ones(3)
+    doc = {"@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
+                      "Schema/markups-schema-v1.0.3.json#",
+           "markups": [{"type": "Fiducial", "coordinateSystem": system, "coordinateUnits": "mm",
+                        "controlPoints": [{"id": str(i + 1), "label": f"F-{i + 1}", "position": (p * sign).tolist(),
+                                           "positionStatus": "defined"} for i, p in enumerate(points)]}]}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def write_fcsv(path, points, system="RAS"):
+    sign = np.array([-1, -1, 1]) if system == "RAS" else np.ones(3)
+    rows = [f"vtkMRMLMarkupsFiducialNode_{i},{x},{y},{z},0,0,0,1,1,1,0,M-{i + 1},,"
+            for i, (x, y, z) in enumerate(points * sign)]
+    path.write_text("# Markups fiducial file version = 4.11\n# CoordinateSystem = " + system + "\n"
+                    "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_rigid_mode_recovers_a_rigid_motion_on_landmarks(tmp_path):
+    fixed, moving, truth, fixed_points, moving_points = rigid_case()
+    paths = {"fixed": tmp_path / "fixed.nii.gz", "moving": tmp_path / "moving.nii.gz"}
+    sitk.WriteImage(fixed, str(paths["fixed"]))
+    sitk.WriteImage(moving, str(paths["moving"]))
+    fl = write_markups_json(tmp_path / "F.mrk.json", fixed_points, "LPS")
+    ml = write_fcsv(tmp_path / "M.fcsv", moving_points, "RAS")
+    out = tmp_path / "out"
+    res = run_cli("--fixed", paths["fixed"], "--moving", paths["moving"], "--mode", "rigid", "--fixed-landmarks", fl,
+                  "--moving-landmarks", ml, "--output-dir", out)
+    assert res.returncode == 0, res.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["mode"] == "rigid" and m["tre_before"]["mean_mm"] > 5
+    assert m["tre_after"]["mean_mm"] < 0.5 and m["tre_after"]["max_mm"] < 1.0, m["tre_after"]
+    assert set(m["tre_after"]["points"]) == {f"F-{i}" for i in range(1, 7)}
+    assert not (out / "displacement.nii.gz").exists() and "no displacement field" in res.stdout
+    transform = sitk.ReadTransform(str(out / "transform.h5")).Downcast()
+    if isinstance(transform, sitk.CompositeTransform):
+        assert transform.GetNumberOfTransforms() == 1
+        transform = transform.GetNthTransform(0).Downcast()
+    matrix = np.array(transform.GetMatrix()).reshape(3, 3)
+    np.testing.assert_allclose(matrix @ matrix.T, np.eye(3), atol=1e-6)  # exactly rigid
+    assert np.linalg.det(matrix) > 0
+    # the same points, independently: SimpleITK maps the fixed landmarks onto the moving ones
+    mapped = np.array([transform.TransformPoint(p.tolist()) for p in fixed_points])
+    assert np.linalg.norm(mapped - moving_points, axis=1).max() < 1.0
+    assert (out / "report.png").stat().st_size > 10_000
+
+
+def test_affine_mode_returns_one_linear_transform():
+    fixed, moving, truth, _, _ = rigid_case(seed=1)
+    res = register(fixed, moving, options=RegistrationOptions(mode="affine"))
+    assert res.displacement is None and isinstance(res.transform, sitk.AffineTransform)
+    assert np.abs(np.array(sitk.GetArrayViewFromImage(res.jacobian)) - 1).max() < 0.05  # volume kept
+    assert brain_epe(res.transform, truth, fixed).mean() < 0.6
+
+
+def moved_in_space(image, transform: sitk.Euler3DTransform) -> sitk.Image:
+    """``image`` placed so that its content sits at transform^-1 of where it was (the header changes, no
+    resampling): then image(transform(p)) is the moved image at p."""
+    rt = np.array(transform.GetMatrix()).reshape(3, 3).T
+    c, t = np.array(transform.GetCenter()), np.array(transform.GetTranslation())
+    moved = sitk.Image(image)
+    moved.SetOrigin((rt @ (np.array(image.GetOrigin()) - c - t) + c).tolist())
+    moved.SetDirection((rt @ np.array(image.GetDirection()).reshape(3, 3)).flatten().tolist())
+    return moved
+
+
+def test_a_start_45_degrees_and_60_mm_away_converges():
+    fixed, moving, truth, _, _ = rigid_case(seed=2)
+    centre = moving.TransformContinuousIndexToPhysicalPoint(((np.array(moving.GetSize()) - 1) / 2).tolist())
+    far = sitk.Euler3DTransform(centre, np.radians(35), np.radians(-20), np.radians(25), (35, -40, 30))
+    angle = np.degrees(np.arccos((np.trace(np.array(far.GetMatrix()).reshape(3, 3)) - 1) / 2))
+    assert angle > 42 and np.linalg.norm(far.GetTranslation()) > 60
+    res = register(fixed, moved_in_space(moving, far), options=RegistrationOptions(mode="rigid"))
+    assert res.metrics["start"]["rotation_search"]["taken"] == "a searched orientation"
+    target = sitk.CompositeTransform([far.GetInverse(), truth])  # truth first, then into the moved pose
+    epe = brain_epe(res.transform, target, fixed)
+    assert epe.mean() < 1.0, epe.mean()
+
+
+def bright_artefact(moving):
+    arr = sitk.GetArrayFromImage(moving)
+    zz, yy, xx = np.indices(arr.shape)
+    c = np.array(arr.shape) // 2 + np.array([10, 25, 20])
+    ball = ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < 14 ** 2
+    spoiled = arr.copy()
+    spoiled[ball] = 3 * arr.max()
+    image, mask = sitk.GetImageFromArray(spoiled), sitk.GetImageFromArray((~ball).astype(np.uint8))
+    image.CopyInformation(moving)
+    mask.CopyInformation(moving)
+    return image, mask
+
+
+def test_a_mask_keeps_a_bright_artefact_out_of_the_match():
+    fixed, moving, fixed_labels, moving_labels, _ = synthetic.synthetic_pair(seed=0)
+    spoiled, mask = bright_artefact(moving)
+    clean = register(fixed, moving, fixed_labels, moving_labels).metrics["dice_after"]["1"]
+    unmasked = register(fixed, spoiled, fixed_labels, moving_labels).metrics["dice_after"]["1"]
+    masked = register(fixed, spoiled, fixed_labels, moving_labels, moving_mask=mask)
+    assert unmasked < clean - 0.03, (clean, unmasked)
+    assert masked.metrics["dice_after"]["1"] > unmasked + 0.03, (unmasked, masked.metrics["dice_after"]["1"])
+    assert masked.metrics["masks"]["moving"] == "given" and masked.metrics["similarity"]["name"] == "ncc"
+
+
+def test_an_initial_transform_is_applied_first():
+    fixed, moving, truth, _, _ = rigid_case(seed=3)
+    shifted = sitk.Image(moving)
+    shifted.SetOrigin((np.array(moving.GetOrigin()) + 150).tolist())  # the file puts it 150 mm away
+    start = sitk.TranslationTransform(3, (150.0, 150.0, 150.0))  # the user's rough fixed -> moving start
+    with pytest.raises(ValueError, match="does not overlap"):  # trusting the positions alone fails
+        register(fixed, shifted, options=RegistrationOptions(mode="rigid", initialisation="none"))
+    res = register(fixed, shifted, initial_transform=start, options=RegistrationOptions(mode="rigid"))
+    assert res.metrics["start"]["initial_transform"] and res.metrics["start"]["centring"] == "none"
+    target = sitk.CompositeTransform([start, truth])  # truth first, then the start's shift
+    assert brain_epe(res.transform, target, fixed).mean() < 0.5
