@@ -180,3 +180,64 @@ def test_an_initial_transform_is_applied_first():
     assert res.metrics["start"]["initial_transform"] and res.metrics["start"]["centring"] == "none"
     target = sitk.CompositeTransform([start, truth])  # truth first, then the start's shift
     assert brain_epe(res.transform, target, fixed).mean() < 0.5
+
+
+def load_register_script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("register_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, anatomical_path):
+    tmp = tmp_path_factory.mktemp("bad_registration_inputs")
+    head = sitk.ReadImage(str(anatomical_path))
+    empty = sitk.Image(head.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(head)
+    sitk.WriteImage(empty, str(tmp / "empty_mask.nii.gz"))
+    away = sitk.Image(empty) + 1
+    away.SetOrigin((500.0, 500.0, 500.0))
+    sitk.WriteImage(away, str(tmp / "far_mask.nrrd"))
+    (tmp / "three.csv").write_text("1,2,3\n4,5,6\n7,8,9\n")
+    (tmp / "two.csv").write_text("1,2,3\n4,5,6\n")
+    markups(tmp / "xyz.mrk.json", "XYZ")
+    sitk.WriteTransform(sitk.Euler2DTransform(), str(tmp / "flat.tfm"))
+    (tmp / "garbage.h5").write_bytes(b"not an hdf5 transform at all")
+    sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Image([8, 8, 8], sitk.sitkVectorFloat64, 3)),
+                        str(tmp / "field.h5"))
+    return tmp, anatomical_path
+
+
+def markups(path, system):
+    path.write_text(json.dumps({"markups": [{"type": "Fiducial", "coordinateSystem": system, "controlPoints": [
+        {"label": "1", "position": [1, 2, 3]}]}]}))
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--fixed-mask", "empty_mask.nii.gz"], "empty_mask.nii.gz: this mask has no voxels"),
+    (["--moving-mask", "far_mask.nrrd"], "far_mask.nrrd: this mask lies outside its image"),
+    (["--fixed-landmarks", "three.csv", "--moving-landmarks", "two.csv"], "three.csv holds 3 landmarks but"),
+    (["--fixed-landmarks", "xyz.mrk.json", "--moving-landmarks", "two.csv"],
+     "xyz.mrk.json: unknown coordinate system 'XYZ'"),
+    (["--initial-transform", "flat.tfm"], "flat.tfm: it is 2D; a 3D transform is needed"),
+    (["--initial-transform", "garbage.h5"], "garbage.h5: cannot be read as an ITK transform"),
+    (["--initial-transform", "field.h5"], "field.h5: it is not linear"),
+    (["--similarity", "cosine"], "invalid choice: 'cosine'"),
+    (["--mode", "elastic"], "invalid choice: 'elastic'"),
+])
+def test_bad_registration_inputs_get_one_clear_error_and_no_output(bad_inputs, capsys, extra, expected):
+    folder, head = bad_inputs
+    out = folder / "out"
+    argv = ["--fixed", str(head), "--moving", str(head), "--output-dir", str(out), "--no-progress",
+            *[str(folder / a) if (folder / a).exists() else a for a in extra]]
+    script = load_register_script()
+    try:
+        code = script.main(argv)
+    except SystemExit as e:  # argparse refuses unknown names itself
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err, err
+    assert "Traceback" not in err
+    assert not out.exists() and not list(folder.glob(".out.partial-*"))

@@ -272,6 +272,21 @@ def test_a_linear_output_transform_cannot_take_a_deformable_result(loaded, headl
     assert scene.GetNumberOfNodes() == before
 
 
+def test_a_linear_registration_loads_as_one_linear_node(scene, pair_files, pair_nodes, tmp_path):
+    out = tmp_path / "affine"
+    assert register_cli.main(["--fixed", str(pair_files["fixed"]), "--moving", str(pair_files["moving"]),
+                              "--mode", "affine", "--output-dir", str(out), "--no-progress"]) == 0
+    fixed, moving = pair_nodes
+    nodes = GVSLLogic(scene).loadRegistration(out, fixed, moving)
+    assert nodes.transform.IsA("vtkMRMLLinearTransformNode") and nodes.deformableTransform is None
+    headless = sitk.ReadTransform(str(out / "transform.h5"))
+    points = np.array([[10.0, -20.0, 15.0], [-30.0, 5.0, 40.0]])  # LPS
+    from_parent = nodes.transform.GetTransformFromParent()
+    ras = [from_parent.TransformPoint(*(p * FLIP)) for p in points]
+    np.testing.assert_allclose(np.array(ras) * FLIP, [headless.TransformPoint(p.tolist()) for p in points], atol=1e-3)
+    assert "Run time" in formatMetrics(nodes.metrics)
+
+
 def test_saved_transform_is_read_by_simpleitk_as_the_same_mapping(loaded, headless, tmp_path):
     _, _, whole, _, points = loaded
     storage = whole.transform.GetScene().AddNewNodeByClass("vtkMRMLTransformStorageNode")

@@ -45,7 +45,7 @@ class _RegistrationOutputs:
     """What the node builders need, from ``gvsl.registration.register`` or from register.py's files."""
     warped: sitk.Image
     affine: sitk.AffineTransform
-    displacement: sitk.Image
+    displacement: sitk.Image | None  # None: a rigid or affine registration
     warped_labels: sitk.Image | None
     metrics: dict
 
@@ -53,10 +53,10 @@ class _RegistrationOutputs:
     def fromFolder(cls, folder: Path) -> "_RegistrationOutputs":
         from gvsl.registration_io import FILES
 
-        labels = folder / FILES["warped_labels"]
+        labels, field = folder / FILES["warped_labels"], folder / FILES["displacement"]
         return cls(sitk.ReadImage(str(folder / FILES["warped"])),
                    sitk.ReadTransform(str(folder / FILES["affine"])).Downcast(),
-                   sitk.ReadImage(str(folder / FILES["displacement"]), sitk.sitkVectorFloat64),
+                   sitk.ReadImage(str(field), sitk.sitkVectorFloat64) if field.exists() else None,
                    sitk.ReadImage(str(labels)) if labels.exists() else None,
                    json.loads((folder / FILES["metrics"]).read_text()))
 
@@ -194,14 +194,22 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
 
     def _registrationNodes(self, outputs: _RegistrationOutputs, fixedVolume, movingVolume, outputVolume,
                            outputTransform, splitTransforms: bool, segments: dict) -> RegistrationNodes:
-        if not splitTransforms and outputTransform is not None and outputTransform.IsA("vtkMRMLLinearTransformNode"):
+        linear = outputs.displacement is None
+        if (not linear and not splitTransforms and outputTransform is not None
+                and outputTransform.IsA("vtkMRMLLinearTransformNode")):
             raise ValueError(f"{outputTransform.GetName()}: a linear transform node cannot hold the deformable "
                              "registration; pick another transform node, create a new one, or split the transforms")
         name = movingVolume.GetName()
         with _NewNodes(self.scene) as new:
             volume = conversion.volumeNodeFromImage(
                 outputs.warped, outputVolume or new.add("vtkMRMLScalarVolumeNode", f"{name} registered"))
-            if splitTransforms:
+            if linear:  # rigid or affine: one linear node, which Slicer can harden
+                affine, deformable = None, None
+                transform = conversion.linearTransformToNode(
+                    outputs.affine, outputTransform or new.add("vtkMRMLLinearTransformNode",
+                                                               f"{name} to {fixedVolume.GetName()}"))
+                transform.SetAndObserveTransformNodeID(None)
+            elif splitTransforms:
                 deformable = conversion.gridTransformToNode(
                     outputs.displacement, new.add("vtkMRMLGridTransformNode", f"{name} deformable"))
                 affine = conversion.linearTransformToNode(
@@ -275,6 +283,14 @@ def formatMetrics(metrics: dict) -> str:
             ("Folding", f"{metrics['folding_percent']} % of voxels (Jacobian min {metrics.get('jacobian_min')})"),
             ("Inverse consistency", f"{inverse.get('mean')} mm mean, {inverse.get('p95')} mm 95th percentile"),
             ("Run time", f"{metrics['runtime_s']} s on {metrics['device']}")]
+    similarity = metrics.get("similarity")
+    if similarity and similarity.get("name") != "ncc":
+        better = "higher" if similarity.get("higher_is_better") else "lower"
+        rows.insert(0, (f"Similarity ({similarity['name']})",
+                        f"{similarity['before']} → {similarity['after']} ({better} is better)"))
+    if "tre_after" in metrics:
+        rows.insert(0, ("Landmark error", f"{metrics['tre_before']['mean_mm']} → {metrics['tre_after']['mean_mm']} mm "
+                                          f"mean (max {metrics['tre_after']['max_mm']} mm)"))
     for label, after in (metrics.get("dice_after") or {}).items():
         rows.append((f"Dice {label}", f"{metrics['dice_before'][label]} → {after}"))
     return "<br>".join(f"<b>{name}:</b> {value}" for name, value in rows)

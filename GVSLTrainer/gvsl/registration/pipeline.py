@@ -68,6 +68,11 @@ def linear_matrix(transform: sitk.Transform, what: str = "the initial transform"
     """A linear (rigid, similarity, affine, or a composite of those) 3D ITK transform as a 4x4 matrix."""
     if transform.GetDimension() != 3:
         raise RegistrationError(f"{what} is {transform.GetDimension()}D; a 3D transform is needed")
+    parts = [transform.Downcast()]
+    while isinstance(parts[-1], sitk.CompositeTransform):
+        composite = parts.pop()
+        parts += [composite.GetNthTransform(i).Downcast() for i in range(composite.GetNumberOfTransforms())]
+    nonlinear = [p.GetName() for p in parts if isinstance(p, (sitk.DisplacementFieldTransform, sitk.BSplineTransform))]
     basis = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float64) * 100.0
     mapped = np.array([transform.TransformPoint(p.tolist()) for p in basis])
     m = np.eye(4)
@@ -76,8 +81,9 @@ def linear_matrix(transform: sitk.Transform, what: str = "the initial transform"
     probes = np.random.default_rng(0).uniform(-150, 150, (8, 3))
     expected = probes @ m[:3, :3].T + m[:3, 3]
     actual = np.array([transform.TransformPoint(p.tolist()) for p in probes])
-    if not np.allclose(actual, expected, atol=1e-3):
-        raise RegistrationError(f"{what} is not linear ({transform.GetName()}); give a rigid or affine transform "
+    if nonlinear or not np.allclose(actual, expected, atol=1e-3):
+        raise RegistrationError(f"{what} is not linear ({', '.join(nonlinear) or transform.GetName()}); give a "
+                                "rigid or affine transform "
                                 "(harden a deformable one into the moving image first)")
     if abs(np.linalg.det(m[:3, :3])) < 1e-6:
         raise RegistrationError(f"{what} is singular (it collapses space onto a plane)")

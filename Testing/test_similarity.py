@@ -1,0 +1,87 @@
+"""Similarities, their automatic choice, and the registration's own Adam."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from gvsl import similarity as S
+from gvsl.registration.optim import Adam
+from gvsl.volumes import normalise
+
+
+@pytest.fixture(scope="module")
+def head(anatomical_path):
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(anatomical_path), sitk.sitkFloat32))
+    return torch.from_numpy(normalise(arr, "mr"))[None, None]
+
+
+def shifted(image, voxels):
+    return torch.roll(image, voxels, dims=4)
+
+
+def test_mind_ignores_contrast_but_sees_structure(head):
+    d = S.mind_ssc(head)
+    assert d.shape == (1, 12, *head.shape[2:]) and float(d.min()) >= 0 and float(d.max()) <= 1
+    # an inverted, rescaled contrast (T1 -> T2-like) has the same descriptors
+    torch.testing.assert_close(S.mind_ssc(0.2 + 0.5 * (1 - head)), d, atol=1e-3, rtol=1e-3)  # float32 sums
+    mind = S.MIND()
+    aligned = mind.loss(S.mind_ssc(1 - head), d)
+    moved = mind.loss(S.mind_ssc(shifted(1 - head, 2)), d)
+    assert aligned < 1e-6 < moved
+
+
+def test_mutual_information_prefers_the_aligned_pair_and_has_gradients(head):
+    mi = S.MutualInformation(max_samples=10_000)
+    other = (1 - head) ** 2  # a different, non-linear contrast of the same head
+    assert mi.loss(other, head) < mi.loss(shifted(other, 3), head) < mi.loss(torch.rand_like(head), head)
+    x = other.clone().requires_grad_(True)
+    mi.loss(x, head).backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_weights_restrict_every_similarity(head):
+    half = head.shape[-1] // 2
+    weight = torch.zeros_like(head)
+    weight[..., : half - 4] = 1  # NCC's window and MIND's patches reach 3 voxels
+    for name in ("ncc", "mind", "mi"):
+        sim = S.make(name)
+        clean = head if name == "ncc" else 1 - head
+        spoiled = clean.clone()
+        spoiled[..., half:] = torch.rand_like(spoiled[..., half:])
+        f, c, b = sim.features(head), sim.features(clean), sim.features(spoiled)
+        inside_clean, inside_spoiled = float(sim.loss(c, f, weight)), float(sim.loss(b, f, weight))
+        assert abs(inside_spoiled - inside_clean) < 0.02 + 0.02 * abs(inside_clean), name
+        assert float(sim.loss(b, f)) > float(sim.loss(c, f)) + 0.02, name
+
+
+def test_equalise_is_monotonic_and_spreads_a_narrow_window():
+    hu = torch.cat([torch.full((500,), -1000.0), 25 + 15 * torch.rand(1000), 700 + 400 * torch.rand(200)])
+    x = torch.from_numpy(normalise(hu.numpy(), "ct"))
+    y = S.equalise(x.reshape(1, 1, -1, 1, 1)).reshape(-1)
+    order = torch.argsort(x)
+    assert bool((torch.diff(y[order]) >= -1e-6).all())
+    brain = y[500:1500]
+    assert float(brain.max() - brain.min()) > 0.5 > float(x[500:1500].max() - x[500:1500].min()) * 20
+
+
+def test_choose_names_its_reason():
+    rng = np.random.default_rng(0)
+    a = rng.random((20, 20, 20)).astype(np.float32)
+    name, reason = S.choose(("mr", "ct"), a, a)
+    assert name == "mind" and "Hounsfield" in reason
+    assert S.choose(("mr", "mr"), a, a)[0] == "ncc"
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        S.make("cosine")
+
+
+def test_adam_matches_torch_optim_adam():
+    torch.manual_seed(0)
+    target = torch.randn(3, 4)
+    ours, theirs = torch.zeros(3, 4, requires_grad=True), torch.zeros(3, 4, requires_grad=True)
+    opt_ours, opt_theirs = Adam([ours], lr=0.05), torch.optim.Adam([theirs], lr=0.05)
+    for _ in range(25):
+        for p, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            ((p - target) ** 2 * torch.arange(1.0, 5.0)).sum().backward()
+            opt.step()
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
