@@ -121,3 +121,39 @@ def multimodal_pair(seed: int = 0, moving_spacing: float = 1.5):
                            sitk.Transform(), sitk.sitkLinear, ct.GetOrigin(), [moving_spacing] * 3,
                            ct.GetDirection(), -1000.0)
     return fixed, moving, fixed_labels, labels, truth
+
+
+def rigid_case(seed: int = 0):
+    """A known rigid motion of real anatomy onto an oblique, non-cubic 2 mm grid, and landmarks."""
+    t1 = mni("t1")
+    centre = np.array(t1.TransformContinuousIndexToPhysicalPoint(((np.array(t1.GetSize()) - 1) / 2).tolist()))
+    grid = oblique_grid(centre, size=(80, 96, 70), spacing=(2.0, 2.0, 2.0))
+    rng = np.random.default_rng(seed)
+    truth = sitk.Euler3DTransform(centre.tolist(), *np.radians(rng.uniform(-12, 12, 3)), rng.uniform(-8, 8, 3).tolist())
+    fixed = sitk.Resample(t1, grid, truth, sitk.sitkLinear, 0.0)
+    points = centre + rng.uniform(-40, 40, (6, 3))
+    return fixed, t1, truth, points, np.array([truth.TransformPoint(p.tolist()) for p in points])
+
+
+def moved_in_space(image, transform: sitk.Euler3DTransform) -> sitk.Image:
+    """``image`` placed so that its content sits at transform^-1 of where it was (the header changes, no
+    resampling): then image(transform(p)) is the moved image at p."""
+    rt = np.array(transform.GetMatrix()).reshape(3, 3).T
+    c, t = np.array(transform.GetCenter()), np.array(transform.GetTranslation())
+    moved = sitk.Image(image)
+    moved.SetOrigin((rt @ (np.array(image.GetOrigin()) - c - t) + c).tolist())
+    moved.SetDirection((rt @ np.array(image.GetDirection()).reshape(3, 3)).flatten().tolist())
+    return moved
+
+
+def affine_case(seed: int = 0):
+    """(fixed, moving, fixed_labels, moving_labels, truth): a known affine motion (rotations up to 12
+    degrees, scales of +-10 %, shears up to 5 degrees, shifts up to 8 mm) onto the oblique 2 mm grid."""
+    fixed, t1, rigid, _, _ = rigid_case(seed)
+    rng = np.random.default_rng(seed + 100)
+    shear = np.eye(3) + np.triu(rng.uniform(-1, 1, (3, 3)) * np.tan(np.radians(5)), 1)
+    linear = np.array(rigid.GetMatrix()).reshape(3, 3) @ shear @ np.diag(rng.uniform(0.9, 1.1, 3))
+    truth = sitk.AffineTransform(linear.flatten().tolist(), rigid.GetTranslation(), rigid.GetCenter())
+    labels = tissue_labels()
+    return (sitk.Resample(t1, fixed, truth, sitk.sitkLinear, 0.0), t1,
+            sitk.Resample(labels, fixed, truth, sitk.sitkNearestNeighbor, 0), labels, truth)

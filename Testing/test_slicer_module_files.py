@@ -139,7 +139,7 @@ def test_cmake_files_name_every_module_file():
     shipped = {str(p.relative_to(ROOT / "GVSLExtension")) for p in (ROOT / "GVSLExtension").rglob("*.py")}
     assert scripts == shipped
     shared = listed("MODULE_SHARED_FILES")
-    needed = {str(p.relative_to(ROOT)) for p in (ROOT / "GVSLTrainer" / "gvsl").glob("*.py")}
+    needed = {str(p.relative_to(ROOT)) for p in (ROOT / "GVSLTrainer" / "gvsl").rglob("*.py")}
     needed |= {"GVSLTrainer/register.py", "GVSLTrainer/segment.py", "Resources/UI/GVSL.ui", "Resources/Icons/GVSL.png"}
     assert shared == needed
     assert all((ROOT / f).is_file() for f in shared)

@@ -1,20 +1,30 @@
 #!/usr/bin/env python
-"""Registration accuracy and speed: gvsl next to ANTs SyN and SimpleITK affine + B-spline (Mattes MI).
+"""Registration accuracy and speed: gvsl next to ANTs, elastix and SimpleITK, on pairs with a known truth.
 
-Pairs are real anatomy with a known deformation (the MNI ICBM152 T1 warped by a random affine
-within the GVSL head's bounds plus a smooth field, on an oblique, anisotropic fixed grid), so the
-end-point error against the truth is exact; Dice is over grey/white-matter labels. Prints one
-JSON line per method and pair, then one summary line per method:
+Cases (real anatomy, the MNI ICBM152 T1, with a known transform, so end-point errors are exact):
 
-    python benchmarks/registration.py --seeds 0 1 [--model gvsl_pretrained.pt] [--methods gvsl ants sitk]
+* ``same``: T1 <-> T1, a random affine plus an 8 mm smooth field onto an oblique, anisotropic grid;
+  gvsl (deformable) vs ANTs SyN, elastix affine + B-spline, SimpleITK affine + B-spline.
+* ``multimodal``: the same warp, a T1 fixed and a pseudo-CT moving (Hounsfield units, a skull the
+  skull-stripped T1 does not show); gvsl vs ANTs SyN (mutual information) and elastix (Mattes MI).
+* ``rigid`` / ``affine``: a known rigid / affine motion; gvsl's rigid / affine modes vs ANTs
+  ``Rigid`` / ``Affine`` and elastix's rigid / affine maps; landmark error (TRE) at six points.
+* ``--cli``: register.py end to end (process start to outputs written) on the same and multimodal
+  pairs, next to ANTs SyN's registration itself and a whole ANTs process doing the same job, in one
+  run, with the breakdown (imports, registration, the rest: reading, outputs, figure).
 
-ANTs needs ``pip install antspyx``; a method whose package is missing is reported and skipped.
-One-off import costs are paid before timing (see warm_up), for every method alike.
+Prints one JSON line per method and case, then one summary line per (case, method):
+
+    python benchmarks/registration.py --cases same multimodal rigid affine --seeds 0 1 [--cli]
+
+ANTs needs ``pip install antspyx``, elastix ``pip install itk-elastix``; a missing package is
+reported and skipped. One-off import costs are paid before in-process timing (see warm_up).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,12 +42,11 @@ from gvsl import checkpoint  # noqa: E402
 from gvsl.registration import RegistrationOptions, register  # noqa: E402
 
 
-def run_gvsl(fixed, moving, model=None, iterations=None, spacing=None):
-    opts = RegistrationOptions(spacing=spacing)
+def run_gvsl(fixed, moving, mode="deformable", model=None, iterations=None, spacing=None):
+    opts = RegistrationOptions(mode=mode, spacing=spacing)
     if iterations:
         opts.iterations = iterations
-    res = register(fixed, moving, model=checkpoint.load(model) if model else None, options=opts)
-    return res.transform
+    return register(fixed, moving, model=checkpoint.load(model) if model else None, options=opts).transform
 
 
 def run_sitk(fixed, moving):
@@ -140,52 +149,136 @@ def evaluate(transform, fixed, moving_labels, fixed_labels, truth) -> dict:
             "folding_percent": round(float((jac <= 0).mean() * 100), 4)}
 
 
-def warm_up(methods) -> None:
-    """Pay one-off import costs before timing: ANTs' libraries, and the compiler stack that PyTorch
-    imports when the first optimiser of a process is built (about 3 s here)."""
-    import torch
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-    if "ants" in methods:
+def warm_up() -> None:
+    """Pay one-off import costs before in-process timing (ANTs' and ITK's libraries)."""
+    for name in ("ants", "itk"):
         try:
-            import ants  # noqa: F401
+            __import__(name)
         except ImportError:
             pass
 
 
+def cases(names, seeds):
+    """(case, seed, (fixed, moving, fixed_labels, moving_labels, truth), {method: callable})."""
+    for seed in seeds:
+        for name in names:
+            if name == "same":
+                data = synthetic.synthetic_pair(seed)
+                methods = {"gvsl": run_gvsl, "ants_syn": run_ants, "elastix": run_elastix, "sitk": run_sitk}
+            elif name == "multimodal":
+                data = synthetic.multimodal_pair(seed)
+                methods = {"gvsl": run_gvsl, "ants_syn": run_ants, "elastix": run_elastix}
+            elif name == "rigid":
+                fixed, moving, truth, _, _ = synthetic.rigid_case(seed)
+                labels = synthetic.tissue_labels()
+                data = (fixed, moving, sitk.Resample(labels, fixed, truth, sitk.sitkNearestNeighbor, 0), labels, truth)
+                methods = {"gvsl_rigid": lambda f, m: run_gvsl(f, m, "rigid"),
+                           "ants_rigid": lambda f, m: run_ants(f, m, "Rigid"),
+                           "elastix_rigid": lambda f, m: run_elastix(f, m, ("rigid",))}
+            else:
+                data = synthetic.affine_case(seed)
+                methods = {"gvsl_affine": lambda f, m: run_gvsl(f, m, "affine"),
+                           "ants_affine": lambda f, m: run_ants(f, m, "Affine"),
+                           "elastix_affine": lambda f, m: run_elastix(f, m, ("affine",))}
+            yield name, seed, data, methods
+
+
+def landmark_error(transform, truth, fixed) -> float:
+    """Mean distance at six fixed points around the brain centre (as the tests place landmarks)."""
+    centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint(((np.array(fixed.GetSize()) - 1) / 2).tolist()))
+    points = centre + np.random.default_rng(7).uniform(-40, 40, (6, 3))
+    return float(np.mean([np.linalg.norm(np.subtract(transform.TransformPoint(p.tolist()), truth.TransformPoint(p.tolist())))
+                          for p in points]))
+
+
+def timed_process(argv: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+    return time.perf_counter() - start
+
+
+ANTS_JOB = """import sys, ants
+f, m = ants.image_read(sys.argv[1]), ants.image_read(sys.argv[2])
+out = ants.registration(f, m, type_of_transform="SyN", outprefix=sys.argv[3] + "/r")
+ants.image_write(out["warpedmovout"], sys.argv[3] + "/warped.nii.gz")
+"""
+
+
+def command_line(name: str, seed: int, data) -> dict:
+    """register.py end to end against ANTs SyN on the same files, in one run; the breakdown from a
+    separate import-only process and from the run's own metrics.json."""
+    fixed, moving, fixed_labels, moving_labels, truth = data
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {k: f"{tmp}/{k}.nii.gz" for k in ("fixed", "moving")}
+        sitk.WriteImage(fixed, files["fixed"])
+        sitk.WriteImage(moving, files["moving"])
+        row = {"case": name, "seed": seed, "benchmark": "command_line"}
+        row["gvsl_cli_s"] = timed_process([sys.executable, str(ROOT / "GVSLTrainer" / "register.py"), "--fixed",
+                                           files["fixed"], "--moving", files["moving"], "--output-dir",
+                                           f"{tmp}/out", "--no-progress"])
+        metrics = json.loads(Path(f"{tmp}/out/metrics.json").read_text())
+        row["gvsl_imports_s"] = timed_process([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                                               "import gvsl.cli, gvsl.registration, gvsl.registration.inputs, "
+                                               "gvsl.registration_io, tqdm.auto", str(ROOT / "GVSLTrainer")])
+        row["gvsl_registration_s"] = metrics["runtime_s"]
+        row["gvsl_rest_s"] = round(row["gvsl_cli_s"] - row["gvsl_imports_s"] - metrics["runtime_s"], 2)
+        row["gvsl_stages_s"] = metrics["timing_s"]
+        try:
+            import ants
+        except ImportError as e:
+            row["ants"] = f"skipped: {e}"
+            return row
+        ants_dir = Path(tmp) / "ants"
+        ants_dir.mkdir()
+        row["ants_process_s"] = timed_process([sys.executable, "-c", ANTS_JOB, files["fixed"], files["moving"],
+                                               str(ants_dir)])
+        fa, ma = ants.image_read(files["fixed"]), ants.image_read(files["moving"])
+        start = time.perf_counter()
+        ants.registration(fa, ma, type_of_transform="SyN", outprefix=f"{tmp}/r")
+        row["ants_syn_registration_s"] = time.perf_counter() - start
+    row["ratio_cli_to_syn_registration"] = row["gvsl_cli_s"] / row["ants_syn_registration_s"]
+    row["ratio_cli_to_ants_process"] = row["gvsl_cli_s"] / row["ants_process_s"]
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=["same", "multimodal", "rigid", "affine"],
+                   choices=["same", "multimodal", "rigid", "affine"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--methods", nargs="+", default=["gvsl", "ants", "sitk"], choices=["gvsl", "ants", "sitk"])
-    p.add_argument("--model", help="a GVSL checkpoint for a 'gvsl+model' run as well")
-    p.add_argument("--iterations", type=int, help="gvsl deformable iterations")
-    p.add_argument("--spacing", type=float, help="gvsl working grid spacing, mm")
+    p.add_argument("--methods", nargs="+", help="only these methods (e.g. gvsl ants_syn)")
+    p.add_argument("--model", help="a GVSL checkpoint for a 'gvsl+model' run on the deformable cases as well")
+    p.add_argument("--cli", action="store_true", help="also time the command line end to end against ANTs SyN")
     args = p.parse_args()
-    methods = {"gvsl": lambda f, m: run_gvsl(f, m, None, args.iterations, args.spacing), "ants": run_ants,
-               "sitk": run_sitk}
-    if args.model:
-        methods["gvsl+model"] = lambda f, m: run_gvsl(f, m, args.model, args.iterations, args.spacing)
-        args.methods.append("gvsl+model")
-    warm_up(args.methods)
+    warm_up()
     rows = []
-    for seed in args.seeds:
-        fixed, moving, fixed_labels, moving_labels, truth = synthetic.synthetic_pair(seed)
-        for name in args.methods:
+    for name, seed, data, methods in cases(args.cases, args.seeds):
+        fixed, moving, fixed_labels, moving_labels, truth = data
+        if args.model and "gvsl" in methods:
+            methods["gvsl+model"] = lambda f, m: run_gvsl(f, m, model=args.model)
+        for method, run in methods.items():
+            if args.methods and method not in args.methods:
+                continue
             try:
                 start = time.perf_counter()
-                transform = methods[name](fixed, moving)
+                transform = run(fixed, moving)
                 wall = time.perf_counter() - start
             except ImportError as e:
-                print(json.dumps({"method": name, "skipped": str(e)}), flush=True)
+                print(json.dumps({"case": name, "method": method, "skipped": str(e)}), flush=True)
                 continue
-            row = {"method": name, "seed": seed, "wall_s": round(wall, 2),
+            row = {"case": name, "method": method, "seed": seed, "wall_s": round(wall, 2),
                    **evaluate(transform, fixed, moving_labels, fixed_labels, truth)}
+            if name in ("rigid", "affine"):
+                row["tre_mean_mm"] = round(landmark_error(transform, truth, fixed), 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    for name in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == name]
-        print(json.dumps({"summary": name, **{k: round(float(np.mean([r[k] for r in mine])), 4)
-                                              for k in ("wall_s", "epe_mean_mm", "dice_gm", "dice_wm",
-                                                        "folding_percent")}}), flush=True)
+        if args.cli and name in ("same", "multimodal"):
+            print(json.dumps(command_line(name, seed, data)), flush=True)
+    keys = ("wall_s", "epe_mean_mm", "dice_gm", "dice_wm", "folding_percent", "tre_mean_mm")
+    for case, method in dict.fromkeys((r["case"], r["method"]) for r in rows):
+        mine = [r for r in rows if r["case"] == case and r["method"] == method]
+        print(json.dumps({"summary": method, "case": case, **{k: round(float(np.mean([r[k] for r in mine])), 4)
+                                                             for k in keys if k in mine[0]}}), flush=True)
 
 
 if __name__ == "__main__":

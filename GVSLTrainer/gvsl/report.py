@@ -30,9 +30,7 @@ def registration_report(fixed: sitk.Image, before: sitk.Image, warped: sitk.Imag
 
     ``landmarks`` ({"fixed": (n, 3), "moving": (n, 3) mapped into fixed space, LPS mm}) are drawn on the
     fixed and warped columns, projected onto each slice: + fixed, x moving."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state to close
 
     f, b, w = (_display(sitk.GetArrayFromImage(x).astype(np.float32)) for x in (fixed, before, warped))
     jac = sitk.GetArrayFromImage(jacobian)
@@ -42,7 +40,8 @@ def registration_report(fixed: sitk.Image, before: sitk.Image, warped: sitk.Imag
                ("checkerboard after", [_checkerboard(x, y) for x, y in zip(_slices(f), _slices(w))], "gray"),
                ("Jacobian determinant", _slices(jac), "RdBu_r")]
     aspect = _aspects(fixed)
-    fig, axes = plt.subplots(3, len(columns), figsize=(3 * len(columns), 9.5))
+    fig = Figure(figsize=(3 * len(columns), 9.5))
+    axes = fig.subplots(3, len(columns))
     for col, (title, images, cmap) in enumerate(columns):
         for row, image in enumerate(images):
             ax = axes[row, col]
@@ -60,7 +59,6 @@ def registration_report(fixed: sitk.Image, before: sitk.Image, warped: sitk.Imag
         fig.suptitle(_summary(metrics), fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
 
 

@@ -20,6 +20,7 @@ from .pyramid import Pyramid
 
 SEARCH_ANGLES_DEG = (-60, -30, 0, 30, 60)  # per axis: 125 orientations, any start within about 75 degrees
 SEARCH_KEEP = 3  # the best few orientations (besides the start) are refined before one is chosen
+SEARCH_MARGIN = 0.01  # a coarse orientation is refined only if it matches at least 1 % better than the start
 
 
 def centre_of_mass(image: torch.Tensor) -> torch.Tensor:
@@ -145,13 +146,14 @@ def search(pyramid: Pyramid, similarity, base: torch.Tensor, start: LinearParame
     results = [(loss, (0.0, 0.0, 0.0), params)]
     ranked = score_rotations(pyramid, similarity, base, params, shrink)
     start_score = next(score for score, angles in ranked if angles == (0.0, 0.0, 0.0))
-    better = [angles for score, angles in ranked if score < start_score][:SEARCH_KEEP]
-    for angles in better:
+    margin = SEARCH_MARGIN * abs(start_score)
+    better = [angles for score, angles in ranked if score < start_score - margin][:SEARCH_KEEP]
+    for angles in better:  # half the iterations: a candidate must win clearly, or the start stays
         candidate = params.copy()
         with torch.no_grad():
             candidate.rotation.add_(torch.tensor([angles], device=candidate.rotation.device))
-        results.append((optimise(pyramid, similarity, base, candidate, (shrink,), iterations, **args), angles,
-                        candidate))
+        results.append((optimise(pyramid, similarity, base, candidate, (shrink,), max(1, iterations // 2), **args),
+                        angles, candidate))
     loss, angles, params = min(results, key=lambda r: r[0])
     info = {"candidates": len(ranked), "refined": len(better),
             "taken_deg": [round(math.degrees(a), 1) for a in params.rotation[0].tolist()],

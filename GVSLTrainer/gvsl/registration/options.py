@@ -31,10 +31,17 @@ class RegistrationOptions:
     deform_lr: float = 0.02
     # deformable levels: (image shrink, velocity-grid shrink, share of the iterations), coarse to fine
     levels: tuple = ((4, 8, 0.45), (2, 4, 0.45), (1, 4, 0.1))
-    linear_shrinks: tuple = (4, 2)  # the linear stage runs on images shrunk by these factors, in turn
+    # the linear stage runs on images shrunk by these factors, in turn; None: (4, 2), or only 4 before a
+    # same-modality deformable stage, which absorbs what the finer affine level would add
+    linear_shrinks: tuple | None = None
     tolerance: float = 1e-5  # early stopping: relative loss change over `patience` iterations
     patience: int = 20
     device: str = "auto"
+
+    def linear_levels(self, similarity: str) -> tuple:
+        if self.linear_shrinks is not None:
+            return tuple(self.linear_shrinks)
+        return (4,) if self.mode == "deformable" and similarity == "ncc" else (4, 2)
 
     def check(self) -> None:
         """Refuse unknown names before any work."""

@@ -235,19 +235,26 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     params = linear.LinearParameters(linear.centre_of_mass(weight), centre, float(centre.max()))
     iterations = max(1, opts.iterations // 2)
     linear_args = dict(lr=opts.affine_lr, tolerance=opts.tolerance, patience=opts.patience)
-    search_info = None
-    if opts.rotation_search:
-        report("rotation search", 0.04)
-        params, search_info = linear.search(pyramid, linear_sim, base, params, opts.linear_shrinks[0],
-                                            max(10, iterations // 2), **linear_args)
     deformable_share = 0.5 if opts.mode == "deformable" else 0.0
     span = 0.8 - deformable_share
-    rigid_shrinks = opts.linear_shrinks if opts.mode == "rigid" else opts.linear_shrinks[:1]
-    linear.optimise(pyramid, linear_sim, base, params, rigid_shrinks, iterations,
-                    report=lambda x: report("rigid", 0.1 + span * 0.3 * x), **linear_args)
+    shrinks = opts.linear_levels(name)
+    coarsest, finer = shrinks[:1], shrinks[1:]
+    search_info = None
+    if opts.rotation_search:  # rigid at the coarsest level, from the start and from large rotations
+        report("rotation search", 0.04)
+        params, search_info = linear.search(pyramid, linear_sim, base, params, coarsest[0], iterations,
+                                            **linear_args)
+    searched = search_info is not None  # the search already refined rigidly at the coarsest level
+    if opts.mode == "rigid":
+        rigid_shrinks = finer if searched else shrinks
+    else:
+        rigid_shrinks = () if searched else coarsest
+    if rigid_shrinks:
+        linear.optimise(pyramid, linear_sim, base, params, rigid_shrinks, iterations,
+                        report=lambda x: report("rigid", 0.1 + span * 0.3 * x), **linear_args)
     if opts.mode != "rigid":
         params.free_affine()
-        linear.optimise(pyramid, linear_sim, base, params, opts.linear_shrinks, iterations,
+        linear.optimise(pyramid, linear_sim, base, params, shrinks, iterations,
                         report=lambda x: report("affine", 0.1 + span * (0.3 + 0.7 * x)), **linear_args)
     matrix = linear.compose(base, params.matrix()).detach()
     timing["linear"] = time.perf_counter() - mark
