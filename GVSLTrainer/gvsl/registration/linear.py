@@ -90,15 +90,21 @@ def _theta(base: torch.Tensor, params: LinearParameters, shape: tuple[int, ...])
 
 def optimise(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearParameters, shrinks, iterations: int,
              lr: float, tolerance: float, patience: int, report: Callable[[float], None] = lambda x: None) -> float:
-    """Adam over ``params.trainable()`` at each shrink factor in turn; returns the last loss."""
+    """Adam over ``params.trainable()`` at each shrink factor in turn; returns the last loss.
+
+    The step size halves from level to level and decays linearly to a tenth within each: Adam's
+    steps are about ``lr`` whatever the gradient, so a constant rate would leave the result
+    jittering by about 0.5 degree, half a millimetre at the edge of a head."""
     loss_value = math.inf
     total = max(1, iterations * len(shrinks))
     done = 0
-    for shrink in shrinks:
+    for k, shrink in enumerate(shrinks):
         level = pyramid.level(shrink, similarity)
-        opt = Adam(params.trainable(), lr=lr)
+        level_lr = lr / 2 ** k
+        opt = Adam(params.trainable(), lr=level_lr)
         stop = Stopper(tolerance, patience)
-        for _ in range(iterations):
+        for i in range(iterations):
+            opt.lr = level_lr * (1 - 0.9 * i / iterations)
             loss = level.loss(similarity, spatial.normalised_grid(level.shape, _theta(base, params, pyramid.shape)))
             opt.zero_grad()
             loss.backward()
