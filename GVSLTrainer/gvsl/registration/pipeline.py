@@ -277,19 +277,17 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
         registered[:3, :3] = linear.orthonormalise(registered[:3, :3])
     affine_m = init @ registered
     affine = geometry.affine_transform(affine_m)
-    field_f = None
+    field = None
     if disp is None:
         forward, inverse = affine, affine.GetInverse()
-    else:
+    else:  # the field stays on the working grid, its own resolution: ITK interpolates it as the
+        # optimiser did, and a 1 mm fixed grid does not multiply the files by 8 for nothing
         disp_vox = spatial.displacement_from_normalised(disp, shape)[0].cpu().numpy()
-        field_w = geometry.displacement_image(disp_vox, grid)
-        field_f = _on_grid(field_w, fixed)
-        forward = sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(sitk.Image(field_f))])
-        # invert on the working grid (the field's own resolution), then bring it to the fixed grid
-        inverse_w = sitk.InvertDisplacementField(field_w, maximumNumberOfIterations=10,
-                                                 maxErrorToleranceThreshold=0.01, meanErrorToleranceThreshold=0.001)
-        inverse = sitk.CompositeTransform([sitk.DisplacementFieldTransform(_on_grid(inverse_w, fixed)),
-                                           affine.GetInverse()])
+        field = geometry.displacement_image(disp_vox, grid)
+        forward = sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(sitk.Image(field))])
+        inverse_field = sitk.InvertDisplacementField(field, maximumNumberOfIterations=10,
+                                                     maxErrorToleranceThreshold=0.01, meanErrorToleranceThreshold=0.001)
+        inverse = sitk.CompositeTransform([sitk.DisplacementFieldTransform(inverse_field), affine.GetInverse()])
 
     # 6. outputs and quality figures
     report("resampling", 0.93)
@@ -298,11 +296,13 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     warped_labels = None
     if moving_labels is not None:
         warped_labels = geometry.resample(moving_labels, fixed, forward, sitk.sitkNearestNeighbor, 0)
-    jacobian = jacobian_determinant(field_f, float(np.linalg.det(affine_m[:3, :3])), fixed)
+    affine_det = float(np.linalg.det(affine_m[:3, :3]))
+    jacobian_w = jacobian_determinant(field, affine_det, grid)
+    jacobian = sitk.Resample(jacobian_w, fixed, sitk.Transform(), sitk.sitkLinear, affine_det)  # for the figure
     metrics = similarity_figures(f_img, geometry.resample(moving, grid), geometry.resample(moving, grid, forward),
                                  presets, name, opts.ncc_window, fm_img)
     metrics["similarity"]["reason"] = reason
-    metrics.update(quality(fixed, jacobian, forward, inverse, fixed_labels, moving_labels, warped_labels))
+    metrics.update(quality(grid, jacobian_w, forward, inverse, fixed_labels, moving_labels, warped_labels))
     landmarks = None
     if landmark_pairs is not None:
         fixed_pts, moving_pts, labels = landmark_pairs
@@ -322,9 +322,6 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
                    working_grid={"size": list(grid.GetSize()), "spacing_mm": grid.GetSpacing()[0]},
                    model=str(model.path) if model is not None else None)
     report("done", 1.0)
-    return RegistrationResult(affine, field_f, forward, inverse, warped, before, jacobian, warped_labels, metrics,
+    return RegistrationResult(affine, field, forward, inverse, warped, before, jacobian, warped_labels, metrics,
                               grid, landmarks)
 
-
-def _on_grid(field: sitk.Image, grid: sitk.Image) -> sitk.Image:
-    return sitk.Resample(field, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)

@@ -55,18 +55,18 @@ def similarity_figures(fixed_w: sitk.Image, before_w: sitk.Image, after_w: sitk.
     return out
 
 
-def quality(fixed: sitk.Image, jacobian: sitk.Image, forward: sitk.Transform, inverse: sitk.Transform,
+def quality(grid: sitk.Image, jacobian: sitk.Image, forward: sitk.Transform, inverse: sitk.Transform,
             fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None,
             warped_labels: sitk.Image | None = None) -> dict:
-    """Dice per label before/after, folding and inverse consistency on the fixed grid."""
+    """Folding and inverse consistency on ``grid`` (the working grid, where the field lives), Dice per
+    label before/after on the fixed labels' grid."""
     out = {}
     jac = sitk.GetArrayFromImage(jacobian)
     out["folding_percent"] = round(float((jac <= 0).mean() * 100), 4)
     out["jacobian_min"] = round(float(jac.min()), 4)
     round_trip = sitk.CompositeTransform([inverse, forward])  # forward first, then inverse
     err = sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
-        round_trip, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(), fixed.GetSpacing(),
-        fixed.GetDirection()))
+        round_trip, sitk.sitkVectorFloat64, grid.GetSize(), grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection()))
     norms = np.linalg.norm(err, axis=-1)
     out["inverse_consistency_mm"] = {"mean": round(float(norms.mean()), 4),
                                      "p95": round(float(np.percentile(norms, 95)), 4)}
