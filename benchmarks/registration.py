@@ -119,7 +119,7 @@ def run_elastix(fixed, moving, maps=("affine", "bspline")):
         for name in maps:
             params.AddParameterMap(params.GetDefaultParameterMap(name))
         _, result = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False)
-        field = itk.transformix_deformation_field(m, result)
+        field = itk.transformix_deformation_field(m, result, output_directory=tmp)  # not into the cwd
         arr = itk.array_from_image(field).astype(np.float64)
     image = sitk.GetImageFromArray(arr, isVector=True)
     image.CopyInformation(fixed)

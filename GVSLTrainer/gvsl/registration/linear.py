@@ -168,6 +168,33 @@ def search(pyramid: Pyramid, similarity, base: torch.Tensor, start: LinearParame
     return params, info
 
 
+def run(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearParameters, mode: str, shrinks: tuple,
+        iterations: int, rotation_search: bool, report: Callable[[str, float], None], **args) -> dict | None:
+    """The whole linear stage in place on ``params``: the rotation search (which refines rigidly at the
+    coarsest level), rigid refinement, then affine unless ``mode`` is rigid. Returns the search's
+    summary (None without a search)."""
+    coarsest, finer = shrinks[:1], shrinks[1:]
+    info = None
+    if rotation_search:
+        report("rotation search", 0.0)
+        found, info = search(pyramid, similarity, base, params, coarsest[0], iterations, **args)
+        with torch.no_grad():
+            for mine, theirs in zip(params.all(), found.all()):
+                mine.copy_(theirs)
+    if mode == "rigid":
+        rigid_shrinks = shrinks if info is None else finer
+    else:
+        rigid_shrinks = coarsest if info is None else ()
+    if rigid_shrinks:
+        optimise(pyramid, similarity, base, params, rigid_shrinks, iterations,
+                 report=lambda x: report("rigid", 0.1 + (0.9 if mode == "rigid" else 0.3) * x), **args)
+    if mode != "rigid":
+        params.free_affine()
+        optimise(pyramid, similarity, base, params, shrinks, iterations,
+                 report=lambda x: report("affine", 0.4 + 0.6 * x), **args)
+    return info
+
+
 def orthonormalise(matrix: np.ndarray) -> np.ndarray:
     """The nearest rotation to a 3x3 matrix (polar decomposition): a rigid result stays exactly rigid."""
     u, _, vt = np.linalg.svd(matrix)

@@ -233,29 +233,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     weight = f_t if masks[0] is None else f_t * masks[0]
     centre = (torch.tensor(shape[::-1], device=device, dtype=torch.float32) - 1) / 2
     params = linear.LinearParameters(linear.centre_of_mass(weight), centre, float(centre.max()))
-    iterations = max(1, opts.iterations // 2)
-    linear_args = dict(lr=opts.affine_lr, tolerance=opts.tolerance, patience=opts.patience)
     deformable_share = 0.5 if opts.mode == "deformable" else 0.0
     span = 0.8 - deformable_share
-    shrinks = opts.linear_levels(name)
-    coarsest, finer = shrinks[:1], shrinks[1:]
-    search_info = None
-    if opts.rotation_search:  # rigid at the coarsest level, from the start and from large rotations
-        report("rotation search", 0.04)
-        params, search_info = linear.search(pyramid, linear_sim, base, params, coarsest[0], iterations,
-                                            **linear_args)
-    searched = search_info is not None  # the search already refined rigidly at the coarsest level
-    if opts.mode == "rigid":
-        rigid_shrinks = finer if searched else shrinks
-    else:
-        rigid_shrinks = () if searched else coarsest
-    if rigid_shrinks:
-        linear.optimise(pyramid, linear_sim, base, params, rigid_shrinks, iterations,
-                        report=lambda x: report("rigid", 0.1 + span * 0.3 * x), **linear_args)
-    if opts.mode != "rigid":
-        params.free_affine()
-        linear.optimise(pyramid, linear_sim, base, params, shrinks, iterations,
-                        report=lambda x: report("affine", 0.1 + span * (0.3 + 0.7 * x)), **linear_args)
+    search_info = linear.run(pyramid, linear_sim, base, params, opts.mode, opts.linear_levels(name),
+                             max(1, opts.iterations // 2), opts.rotation_search,
+                             lambda stage, x: report(stage, 0.05 + span * x),
+                             lr=opts.affine_lr, tolerance=opts.tolerance, patience=opts.patience)
     matrix = linear.compose(base, params.matrix()).detach()
     timing["linear"] = time.perf_counter() - mark
     mark = time.perf_counter()
@@ -266,7 +249,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
         theta = spatial.to_normalised(matrix, shape)
         disp = deformable.optimise(pyramid, sim, theta, velocity, opts.levels, opts.iterations, opts.deform_lr,
                                    opts.smooth_weight * sim.smooth_scale, opts.tolerance, opts.patience,
-                                   lambda x: report("deformable", 0.1 + span + deformable_share * x))
+                                   lambda x: report("deformable", 0.05 + span + deformable_share * x))
 
     timing["deformable"] = time.perf_counter() - mark
     mark = time.perf_counter()
