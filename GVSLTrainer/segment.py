@@ -26,6 +26,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto picks cuda, then mps, then cpu")
     p.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring windows (0-1)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips")
+    p.add_argument("--amp", action="store_true", help="mixed precision for the network on a GPU (bf16 where "
+                                                      "supported, else fp16): faster, about the same labels")
     p.add_argument("--probabilities", metavar="DIR", help="also write one probability map per class here")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p.parse_args(argv)
@@ -41,7 +43,7 @@ def job(args: argparse.Namespace) -> None:
     ckpt = checkpoint.load(args.model)
     build_segmenter(ckpt)  # fail now, not after preprocessing, if it is not a segmentation model
     image = data.read_volume(args.input)
-    options = SegmentationOptions(device=args.device, overlap=args.overlap, tta=args.tta,
+    options = SegmentationOptions(device=args.device, overlap=args.overlap, tta=args.tta, amp=args.amp,
                                   probabilities=bool(args.probabilities))
     result = segment(image, ckpt, options, progress=args.progress)
     output = write_image(result.labels, args.output)  # appears whole or not at all

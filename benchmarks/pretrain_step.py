@@ -36,12 +36,6 @@ from gvsl.config import PretrainConfig  # noqa: E402
 import reference_style  # noqa: E402
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
@@ -75,10 +69,10 @@ def time_gvsl(args, store, device) -> dict:
         t0 = time.perf_counter()
         fixed, moving = next(it)
         views = stepper.augment(fixed, moving, gen)
-        sync(device)
+        runtime.synchronize(device)
         t1 = time.perf_counter()
         stepper.optimise(*views)
-        sync(device)
+        runtime.synchronize(device)
         t2 = time.perf_counter()
         if i >= args.warmup:
             steps.append(t2 - t0)
@@ -98,7 +92,7 @@ def time_reference_style(args, store, device) -> dict:
         t0 = time.perf_counter()
         fixed, moving = next(it)
         reference_style.step(model, opt, fixed.to(device), moving.to(device), rng, gen)
-        sync(device)
+        runtime.synchronize(device)
         if i >= args.warmup:
             steps.append(time.perf_counter() - t0)
     return summary("reference-style", args, steps, None, device)

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,8 @@ from gvsl import checkpoint  # noqa: E402
 from gvsl.registration import RegistrationOptions, register  # noqa: E402
 
 
-def run_gvsl(fixed, moving, mode="deformable", model=None, iterations=None, spacing=None):
-    opts = RegistrationOptions(mode=mode, spacing=spacing)
+def run_gvsl(fixed, moving, mode="deformable", model=None, iterations=None, spacing=None, device="auto"):
+    opts = RegistrationOptions(mode=mode, spacing=spacing, device=device)
     if iterations:
         opts.iterations = iterations
     return register(fixed, moving, model=checkpoint.load(model) if model else None, options=opts).transform
@@ -149,35 +150,41 @@ def evaluate(transform, fixed, moving_labels, fixed_labels, truth) -> dict:
             "folding_percent": round(float((jac <= 0).mean() * 100), 4)}
 
 
-def warm_up() -> None:
-    """Pay one-off import costs before in-process timing (ANTs' and ITK's libraries)."""
+def warm_up(device: str = "auto") -> None:
+    """Pay one-off costs before in-process timing: ANTs' and ITK's libraries, and on a GPU the context
+    and kernel loading of a first registration (a tiny one)."""
     for name in ("ants", "itk"):
         try:
             __import__(name)
         except ImportError:
             pass
+    t1 = synthetic.mni("t1")
+    small = sitk.Resample(t1, [24, 28, 24], sitk.Transform(), sitk.sitkLinear, t1.GetOrigin(), [8.0] * 3,
+                          t1.GetDirection(), 0.0)
+    run_gvsl(small, small, iterations=2, spacing=8.0, device=device)
 
 
-def cases(names, seeds):
+def cases(names, seeds, device="auto"):
     """(case, seed, (fixed, moving, fixed_labels, moving_labels, truth), {method: callable})."""
     for seed in seeds:
         for name in names:
             if name == "same":
                 data = synthetic.synthetic_pair(seed)
-                methods = {"gvsl": run_gvsl, "ants_syn": run_ants, "elastix": run_elastix, "sitk": run_sitk}
+                methods = {"gvsl": partial(run_gvsl, device=device), "ants_syn": run_ants, "elastix": run_elastix,
+                           "sitk": run_sitk}
             elif name == "multimodal":
                 data = synthetic.multimodal_pair(seed)
-                methods = {"gvsl": run_gvsl, "ants_syn": run_ants, "elastix": run_elastix}
+                methods = {"gvsl": partial(run_gvsl, device=device), "ants_syn": run_ants, "elastix": run_elastix}
             elif name == "rigid":
                 fixed, moving, truth, _, _ = synthetic.rigid_case(seed)
                 labels = synthetic.tissue_labels()
                 data = (fixed, moving, sitk.Resample(labels, fixed, truth, sitk.sitkNearestNeighbor, 0), labels, truth)
-                methods = {"gvsl_rigid": lambda f, m: run_gvsl(f, m, "rigid"),
+                methods = {"gvsl_rigid": partial(run_gvsl, mode="rigid", device=device),
                            "ants_rigid": lambda f, m: run_ants(f, m, "Rigid"),
                            "elastix_rigid": lambda f, m: run_elastix(f, m, ("rigid",))}
             else:
                 data = synthetic.affine_case(seed)
-                methods = {"gvsl_affine": lambda f, m: run_gvsl(f, m, "affine"),
+                methods = {"gvsl_affine": partial(run_gvsl, mode="affine", device=device),
                            "ants_affine": lambda f, m: run_ants(f, m, "Affine"),
                            "elastix_affine": lambda f, m: run_elastix(f, m, ("affine",))}
             yield name, seed, data, methods
@@ -204,7 +211,7 @@ ants.image_write(out["warpedmovout"], sys.argv[3] + "/warped.nii.gz")
 """
 
 
-def command_line(name: str, seed: int, data) -> dict:
+def command_line(name: str, seed: int, data, device: str = "auto") -> dict:
     """register.py end to end against ANTs SyN on the same files, in one run; the breakdown from a
     separate import-only process and from the run's own metrics.json."""
     fixed, moving, fixed_labels, moving_labels, truth = data
@@ -212,10 +219,10 @@ def command_line(name: str, seed: int, data) -> dict:
         files = {k: f"{tmp}/{k}.nii.gz" for k in ("fixed", "moving")}
         sitk.WriteImage(fixed, files["fixed"])
         sitk.WriteImage(moving, files["moving"])
-        row = {"case": name, "seed": seed, "benchmark": "command_line"}
+        row = {"case": name, "seed": seed, "benchmark": "command_line", "device": device}
         row["gvsl_cli_s"] = timed_process([sys.executable, str(ROOT / "GVSLTrainer" / "register.py"), "--fixed",
                                            files["fixed"], "--moving", files["moving"], "--output-dir",
-                                           f"{tmp}/out", "--no-progress"])
+                                           f"{tmp}/out", "--no-progress", "--device", device])
         metrics = json.loads(Path(f"{tmp}/out/metrics.json").read_text())
         row["gvsl_imports_s"] = timed_process([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                                                "import gvsl.cli, gvsl.registration, gvsl.registration.inputs, "
@@ -227,7 +234,7 @@ def command_line(name: str, seed: int, data) -> dict:
             import ants
         except ImportError as e:
             row["ants"] = f"skipped: {e}"
-            return row
+            return _rounded(row)
         ants_dir = Path(tmp) / "ants"
         ants_dir.mkdir()
         row["ants_process_s"] = timed_process([sys.executable, "-c", ANTS_JOB, files["fixed"], files["moving"],
@@ -238,6 +245,10 @@ def command_line(name: str, seed: int, data) -> dict:
         row["ants_syn_registration_s"] = time.perf_counter() - start
     row["ratio_cli_to_syn_registration"] = row["gvsl_cli_s"] / row["ants_syn_registration_s"]
     row["ratio_cli_to_ants_process"] = row["gvsl_cli_s"] / row["ants_process_s"]
+    return _rounded(row)
+
+
+def _rounded(row: dict) -> dict:
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
 
 
@@ -249,13 +260,14 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", help="only these methods (e.g. gvsl ants_syn)")
     p.add_argument("--model", help="a GVSL checkpoint for a 'gvsl+model' run on the deformable cases as well")
     p.add_argument("--cli", action="store_true", help="also time the command line end to end against ANTs SyN")
+    p.add_argument("--device", default="auto", help="gvsl's device (auto, cpu, cuda, mps); the peers run on the CPU")
     args = p.parse_args()
-    warm_up()
+    warm_up(args.device)
     rows = []
-    for name, seed, data, methods in cases(args.cases, args.seeds):
+    for name, seed, data, methods in cases(args.cases, args.seeds, args.device):
         fixed, moving, fixed_labels, moving_labels, truth = data
         if args.model and "gvsl" in methods:
-            methods["gvsl+model"] = lambda f, m: run_gvsl(f, m, model=args.model)
+            methods["gvsl+model"] = partial(run_gvsl, model=args.model, device=args.device)
         for method, run in methods.items():
             if args.methods and method not in args.methods:
                 continue
@@ -266,14 +278,15 @@ def main() -> None:
             except ImportError as e:
                 print(json.dumps({"case": name, "method": method, "skipped": str(e)}), flush=True)
                 continue
-            row = {"case": name, "method": method, "seed": seed, "wall_s": round(wall, 2),
+            row = {"case": name, "method": method, "seed": seed, "device": args.device if "gvsl" in method else "cpu",
+                   "wall_s": round(wall, 2),
                    **evaluate(transform, fixed, moving_labels, fixed_labels, truth)}
             if name in ("rigid", "affine"):
                 row["tre_mean_mm"] = round(landmark_error(transform, truth, fixed), 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
         if args.cli and name in ("same", "multimodal"):
-            print(json.dumps(command_line(name, seed, data)), flush=True)
+            print(json.dumps(command_line(name, seed, data, args.device)), flush=True)
     keys = ("wall_s", "epe_mean_mm", "dice_gm", "dice_wm", "folding_percent", "tre_mean_mm")
     for case, method in dict.fromkeys((r["case"], r["method"]) for r in rows):
         mine = [r for r in rows if r["case"] == case and r["method"] == method]

@@ -39,6 +39,7 @@ import synthetic  # noqa: E402
 from gvsl import checkpoint  # noqa: E402
 from gvsl.labels import LabelSpec  # noqa: E402
 from gvsl.networks import GVSLSegmenter  # noqa: E402
+from gvsl.runtime import resolve_device, synchronize  # noqa: E402
 from gvsl.segmentation import SegmentationOptions, segment  # noqa: E402
 
 
@@ -60,7 +61,8 @@ def inference(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     spec = LabelSpec([0, 1, 2], ["background", "grey matter", "white matter"])
     model = GVSLSegmenter(spec.num_classes, width=args.width)
-    opts = SegmentationOptions(device=args.device, tta=args.tta)
+    opts = SegmentationOptions(device=args.device, tta=args.tta, amp=args.amp)
+    device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint.save(Path(tmp) / "model.pt", model, "segmentation", {
             "width": args.width, "in_channels": 1, "labels": spec.as_dict(), "normalize": "ct",
@@ -82,17 +84,20 @@ def inference(args: argparse.Namespace) -> None:
     window = (args.window,) * 3
     prepared = tuple(Preprocessing((1.5,) * 3, "ct").prepare(image)[1].shape)
     n_windows = window_count(prepared, window, opts.overlap) * (4 if args.tta else 1)
-    x = torch.zeros(opts.sw_batch_size, 1, *window)
-    model.eval()
-    with torch.no_grad():
+    x = torch.zeros(opts.sw_batch_size, 1, *window, device=device)
+    model = model.to(device).eval()
+    amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
         model(x)
+        synchronize(device)
         t0 = time.perf_counter()
         model(x)
+        synchronize(device)
         per_batch = time.perf_counter() - t0
     network_only = per_batch * n_windows / opts.sw_batch_size
     print(json.dumps({"benchmark": "segmentation_inference", "size": list(image.GetSize()),
                       "spacing": list(image.GetSpacing()), "width": args.width, "window": args.window,
-                      "tta": args.tta, "device": str(args.device), "windows": n_windows,
+                      "tta": args.tta, "amp": args.amp, "device": str(device), "windows": n_windows,
                       "wall_s": round(total, 1), "network_only_s": round(network_only, 1),
                       "ratio_total_to_network": round(total / network_only, 2),
                       "input_gb": round(np.prod(image.GetSize()) * 4 / 1024 ** 3, 2),
@@ -158,9 +163,10 @@ def learning_curve(args: argparse.Namespace) -> None:
             with open(out / "log.csv") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) % args.val_every == 0]
             curves[name] = {int(r["step"]): round(float(r["val_dice"]), 4) for r in rows}
+            wall = time.perf_counter() - t0
             print(json.dumps({"benchmark": "segmentation_finetune", "init": name, "best_val_dice": round(best, 4),
-                              "val_dice_by_step": curves[name], "wall_s": round(time.perf_counter() - t0, 1)}),
-                  flush=True)
+                              "val_dice_by_step": curves[name], "steps": args.finetune_steps, "wall_s": round(wall, 1),
+                              "steps_per_s_with_validation": round(args.finetune_steps / wall, 2)}), flush=True)
         steps = sorted(set(curves["scratch"]) & set(curves["gvsl"]))
         print(json.dumps({"benchmark": "segmentation_learning_curve", "steps": steps,
                           "scratch": [curves["scratch"][s] for s in steps], "gvsl": [curves["gvsl"][s] for s in steps],
@@ -176,6 +182,7 @@ def main() -> None:
     inf.add_argument("--width", type=int, default=32)
     inf.add_argument("--window", type=int, default=128)
     inf.add_argument("--tta", action="store_true")
+    inf.add_argument("--amp", action="store_true", help="mixed precision for the network (GPU)")
     lc = sub.add_parser("learning-curve", help="fine-tuning from scratch vs from a GVSL backbone")
     lc.add_argument("--cases", type=int, default=4, help="training cases (2 more are validation)")
     lc.add_argument("--width", type=int, default=8)

@@ -26,6 +26,7 @@ class SegmentationOptions:
     sw_batch_size: int = 2  # windows per forward pass
     tta: bool = False  # average over flips
     probabilities: bool = False  # also return one probability image per class
+    amp: bool = False  # bf16 (or fp16) autocast for the network on a GPU; the blending stays float32
 
 
 @dataclass
@@ -73,8 +74,12 @@ def sliding_window_probabilities(model: torch.nn.Module, volume: torch.Tensor, w
     flips = FLIPS if options.tta else FLIPS[:1]
     passes = [0, window_batches(tuple(volume.shape[2:]), window, options) * len(flips)]
 
+    amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        out = torch.softmax(model(x), dim=1)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=options.amp):
+            logits = model(x)
+        out = torch.softmax(logits.float(), dim=1)
         if callable(progress):
             passes[0] += 1
             progress("segmenting", min(passes[0] / passes[1], 1.0))
