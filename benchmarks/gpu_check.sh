@@ -55,8 +55,12 @@ for line in sys.stdin:
     echo "{\"check\": \"$name\", \"wall_s\": $((SECONDS - start))}" | tee -a "${RESULTS:-/dev/null}"
 }
 
-# 0. set-up: a fresh environment from the repository (keeps an existing .venv)
+# 0. set-up: a fresh environment from the repository (keeps an existing .venv). Where the machine's
+# Python already has a (CUDA) PyTorch, the environment sees it instead of installing another.
 if [ ! -x .venv/bin/python ]; then
+    if "${PYTHON:-python3}" -c "import torch" 2>/dev/null; then
+        "${PYTHON:-python3}" -m venv --system-site-packages .venv
+    fi
     scripts/bootstrap.sh test >&2
 fi
 PY=.venv/bin/python
