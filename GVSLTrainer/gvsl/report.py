@@ -29,7 +29,7 @@ def registration_report(fixed: sitk.Image, before: sitk.Image, warped: sitk.Imag
     """Mid-slices of fixed, moving and warped; checkerboards before and after; the Jacobian determinant.
 
     ``landmarks`` ({"fixed": (n, 3), "moving": (n, 3) mapped into fixed space, LPS mm}) are drawn on the
-    fixed and warped columns, projected onto each slice: + fixed, x moving."""
+    fixed and warped columns, projected onto each slice: fixed as + (then as circles), moving as x."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state to close
 
     f, b, w = (_display(sitk.GetArrayFromImage(x).astype(np.float32)) for x in (fixed, before, warped))
@@ -65,14 +65,16 @@ def registration_report(fixed: sitk.Image, before: sitk.Image, warped: sitk.Imag
 def _draw_landmarks(axes, fixed: sitk.Image, landmarks: dict, moving: bool) -> None:
     """Project LPS points onto the three mid-slice views of ``fixed`` (as ``_slices`` lays them out)."""
     d = fixed.GetSize()[2]
-    for key, marker, colour in (("fixed", "+", "lime"), ("moving", "x", "red")):
-        if key == "moving" and not moving:
-            continue
+    styles = [("fixed", dict(marker="o", facecolors="none", edgecolors="lime", s=60) if moving else
+               dict(marker="+", c="lime", s=30))]
+    if moving:  # a moving landmark inside its fixed circle: registered there
+        styles.append(("moving", dict(marker="x", c="red", s=30)))
+    for key, style in styles:
         idx = np.array([fixed.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in landmarks[key]])
         i, j, k = idx.T
         for ax, (x, y) in zip(axes, ((i, j), (i, d - 1 - k), (j, d - 1 - k))):
             ax.set_autoscale_on(False)  # points off the slice's extent do not widen the view
-            ax.scatter(x, y, marker=marker, c=colour, s=30, linewidths=1.2)
+            ax.scatter(x, y, linewidths=1.2, **style)
 
 
 def _aspects(image: sitk.Image) -> list[float]:
