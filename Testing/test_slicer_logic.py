@@ -287,6 +287,68 @@ def test_a_linear_registration_loads_as_one_linear_node(scene, pair_files, pair_
     assert "Run time" in formatMetrics(nodes.metrics)
 
 
+def test_nodes_convert_to_masks_transforms_and_lps_points(scene, pair_files):
+    init = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "start")
+    ras = np.eye(4)
+    ras[:3, :3] = np.array(sitk.Euler3DTransform((0, 0, 0), 0.1, -0.2, 0.3).GetMatrix()).reshape(3, 3)
+    ras[:3, 3] = [5.0, -7.0, 9.0]
+    init.SetMatrixTransformFromParent(slicer.util.vtkMatrixFromArray(ras))
+    itk = conversion.linearTransformFromNode(init)
+    points = np.array([[10.0, 20.0, -30.0], [-40.0, 5.0, 12.0]])
+    node_mapped = [init.GetTransformFromParent().TransformPoint(*p) for p in points]
+    np.testing.assert_allclose(map_with_itk(itk, points), node_mapped, atol=1e-9)
+    markups = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "F")
+    for i, p in enumerate(points):
+        markups.AddControlPoint(*p, f"F-{i + 1}")
+    lps, labels = conversion.pointsFromMarkups(markups)
+    np.testing.assert_allclose(lps, points * FLIP)
+    assert labels == ["F-1", "F-2"]
+    seg = load_segmentation(scene, pair_files["moving_labels"])
+    mask = conversion.maskFromNode(seg)
+    labels_file = sitk.ReadImage(str(pair_files["moving_labels"]))
+    assert sitk.GetArrayViewFromImage(mask).sum() == (sitk.GetArrayViewFromImage(labels_file) > 0).sum()
+
+
+def test_registration_options_from_nodes_in_and_out_of_process(scene, pair_files, pair_nodes):
+    fixed, moving = pair_nodes
+    reference = sitk.ReadImage(str(pair_files["fixed"]))
+    centre = np.array(reference.TransformContinuousIndexToPhysicalPoint(
+        ((np.array(reference.GetSize()) - 1) / 2).tolist())) * FLIP  # RAS
+    fixed_ras = centre + np.random.default_rng(0).uniform(-30, 30, (4, 3))
+    moving_ras = fixed_ras + [2.0, -3.0, 1.5]
+    lists = []
+    for name, points in (("F", fixed_ras), ("M", moving_ras)):
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        for i, p in enumerate(points):
+            node.AddControlPoint(*p, f"{name}-{i + 1}")  # Slicer's default names: paired by their numbers
+        lists.append(node)
+    init = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "start")
+    shift = np.eye(4)
+    shift[:3, 3] = [1.0, 0.0, -1.0]
+    init.SetMatrixTransformFromParent(slicer.util.vtkMatrixFromArray(shift))
+    seg = load_segmentation(scene, pair_files["moving_labels"])
+    options = dict(mode="affine", iterations=10, fixedLandmarks=lists[0], movingLandmarks=lists[1],
+                   initialTransform=init, movingMask=seg, similarity="ncc")
+    logic = GVSLLogic(scene)
+    nodes = logic.register(fixed, moving, **options)
+    m = nodes.metrics
+    assert m["mode"] == "affine" and nodes.transform.IsA("vtkMRMLLinearTransformNode")
+    assert m["start"]["initial_transform"] and m["masks"]["moving"] == "given" and m["similarity"]["name"] == "ncc"
+    np.testing.assert_allclose([m["tre_before"]["points"][f"F-{i}"] for i in range(1, 5)],
+                               np.linalg.norm(moving_ras - fixed_ras, axis=1), atol=1e-3)
+    # point by point in RAS, from the result node itself: the markups reached gvsl in LPS
+    after = np.linalg.norm(map_with_node(nodes.transform, fixed_ras) - moving_ras, axis=1)
+    np.testing.assert_allclose([m["tre_after"]["points"][f"F-{i}"] for i in range(1, 5)], after, atol=1e-3)
+    assert "Landmark error" in formatMetrics(m)
+    job = logic.startRegistration(fixed, moving, **{k: v for k, v in options.items()})
+    assert job.process.wait(300) == 0, job.process.output
+    background = job.finish()
+    for key in ("tre_before", "tre_after"):
+        assert background.metrics[key]["mean_mm"] == pytest.approx(m[key]["mean_mm"], abs=0.02)
+    with pytest.raises(ValueError, match="both a fixed and a moving point list"):
+        logic.register(fixed, moving, fixedLandmarks=lists[0])
+
+
 def test_saved_transform_is_read_by_simpleitk_as_the_same_mapping(loaded, headless, tmp_path):
     _, _, whole, _, points = loaded
     storage = whole.transform.GetScene().AddNewNodeByClass("vtkMRMLTransformStorageNode")

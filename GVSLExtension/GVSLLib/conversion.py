@@ -93,6 +93,41 @@ def linearTransformToNode(transform: sitk.AffineTransform, node):
     return node
 
 
+def linearTransformFromNode(node) -> sitk.AffineTransform:
+    """A linear transform node's "from parent" matrix (RAS) as an ITK affine (LPS): the same mapping."""
+    if not node.IsTransformToWorldLinear() or not node.IsLinear():
+        raise ConversionError(f"{node.GetName()}: is not a linear transform; harden it or pick a linear one")
+    m = vtk.vtkMatrix4x4()
+    node.GetMatrixTransformFromParent(m)
+    lps = FLIP4 @ slicer.util.arrayFromVTKMatrix(m) @ FLIP4
+    return sitk.AffineTransform(lps[:3, :3].flatten().tolist(), lps[:3, 3].tolist())
+
+
+def maskFromNode(node) -> sitk.Image:
+    """A segmentation (every segment) or labelmap/scalar volume node as a binary LPS mask image."""
+    if node.IsA("vtkMRMLSegmentationNode"):
+        labels, _ = labelsFromSegmentation(node)
+    else:
+        labels = imageFromVolumeNode(node)
+    return sitk.Cast(labels != 0, sitk.sitkUInt8)
+
+
+def pointsFromMarkups(node) -> tuple[np.ndarray, list[str]]:
+    """The defined control points of a markups node in world LPS (parent transforms applied), and labels."""
+    points, labels = [], []
+    for i in range(node.GetNumberOfControlPoints()):
+        if hasattr(node, "GetNthControlPointPositionStatus") and \
+                node.GetNthControlPointPositionStatus(i) != node.PositionDefined:
+            continue
+        world = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(i, world)
+        points.append(world)
+        labels.append(node.GetNthControlPointLabel(i) or str(i + 1))
+    if not points:
+        raise ConversionError(f"{node.GetName()}: has no placed control points")
+    return rasToLps(np.array(points)), labels
+
+
 def _gridTransform(displacement: sitk.Image):
     """A vtkOrientedGridTransform of an LPS displacement image (vectors and geometry to RAS)."""
     vectors = lpsToRas(sitk.GetArrayFromImage(displacement)).astype(np.float64)  # (K, J, I, 3)

@@ -135,19 +135,30 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
     # ---------------------------------------------------------------- registration
     def register(self, fixedVolume, movingVolume, model=None, outputVolume=None, outputTransform=None,
                  splitTransforms: bool = False, iterations: int | None = None, device: str = "auto",
-                 movingSegmentation=None, progress: Progress | None = None) -> RegistrationNodes:
-        """Register ``movingVolume`` onto ``fixedVolume`` in this process (blocking)."""
+                 movingSegmentation=None, progress: Progress | None = None, similarity: str = "auto",
+                 mode: str = "deformable", fixedMask=None, movingMask=None, initialTransform=None,
+                 fixedLandmarks=None, movingLandmarks=None) -> RegistrationNodes:
+        """Register ``movingVolume`` onto ``fixedVolume`` in this process (blocking).
+
+        ``fixedMask`` / ``movingMask``: segmentation or labelmap nodes; ``initialTransform``: a linear
+        transform node (fixed -> moving, as it would sit on the moving volume); ``fixedLandmarks`` /
+        ``movingLandmarks``: markups point lists (their TRE goes into the metrics)."""
         from gvsl import checkpoint
-        from gvsl.registration import RegistrationOptions, register
+        from gvsl.registration import Landmarks, RegistrationOptions, register
 
         self._require(self.registrationInputsProblem(fixedVolume, movingVolume, model))
         fixed, moving = conversion.imageFromVolumeNode(fixedVolume), conversion.imageFromVolumeNode(movingVolume)
         movingLabels, segments = self._movingLabels(movingSegmentation)
-        options = RegistrationOptions(device=device)
+        extra = self._registrationExtras(fixedMask, movingMask, initialTransform, fixedLandmarks, movingLandmarks)
+        for key in ("fixed_landmarks", "moving_landmarks"):
+            if key in extra:
+                points, labels, name = extra[key]
+                extra[key] = Landmarks(points, labels, name)
+        options = RegistrationOptions(device=device, similarity=similarity, mode=mode)
         if iterations:
             options.iterations = int(iterations)
         result = register(fixed, moving, None, movingLabels, checkpoint.load(model) if model else None, options,
-                          progress)
+                          progress, **extra)
         outputs = _RegistrationOutputs(result.warped, result.affine, result.displacement, result.warped_labels,
                                        result.metrics)
         return self._registrationNodes(outputs, fixedVolume, movingVolume, outputVolume, outputTransform,
@@ -155,14 +166,19 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
 
     def startRegistration(self, fixedVolume, movingVolume, model=None, outputVolume=None, outputTransform=None,
                           splitTransforms: bool = False, iterations: int | None = None, device: str = "auto",
-                          movingSegmentation=None) -> BackgroundJob:
+                          movingSegmentation=None, similarity: str = "auto", mode: str = "deformable",
+                          fixedMask=None, movingMask=None, initialTransform=None, fixedLandmarks=None,
+                          movingLandmarks=None) -> BackgroundJob:
         """The same registration in a child process running ``register.py`` on temporary files."""
         self._require(self.registrationInputsProblem(fixedVolume, movingVolume, model))
         movingLabels, segments = self._movingLabels(movingSegmentation)
+        extra = self._registrationExtras(fixedMask, movingMask, initialTransform, fixedLandmarks, movingLandmarks)
 
         def arguments(workdir: Path) -> list:
             argv = ["--output-dir", workdir / "out", "--fixed", self._write(fixedVolume, workdir / "fixed.nrrd"),
-                    "--moving", self._write(movingVolume, workdir / "moving.nrrd"), "--device", device]
+                    "--moving", self._write(movingVolume, workdir / "moving.nrrd"), "--device", device,
+                    "--similarity", similarity, "--mode", mode]
+            argv += _extraFiles(extra, workdir)
             if movingLabels is not None:
                 sitk.WriteImage(movingLabels, str(workdir / "moving_labels.nrrd"))
                 argv += ["--moving-labels", workdir / "moving_labels.nrrd"]
@@ -185,6 +201,23 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         for warped_labels)."""
         return self._registrationNodes(_RegistrationOutputs.fromFolder(Path(folder)), fixedVolume, movingVolume,
                                        outputVolume, outputTransform, splitTransforms, segments or {})
+
+    @staticmethod
+    def _registrationExtras(fixedMask, movingMask, initialTransform, fixedLandmarks, movingLandmarks) -> dict:
+        """The optional inputs as SimpleITK objects and LPS points, keyed like ``register``'s keywords."""
+        if (fixedLandmarks is None) != (movingLandmarks is None):
+            raise ValueError("Landmarks need both a fixed and a moving point list.")
+        extra = {}
+        if fixedMask is not None:
+            extra["fixed_mask"] = conversion.maskFromNode(fixedMask)
+        if movingMask is not None:
+            extra["moving_mask"] = conversion.maskFromNode(movingMask)
+        if initialTransform is not None:
+            extra["initial_transform"] = conversion.linearTransformFromNode(initialTransform)
+        for key, node in (("fixed_landmarks", fixedLandmarks), ("moving_landmarks", movingLandmarks)):
+            if node is not None:
+                extra[key] = (*conversion.pointsFromMarkups(node), node.GetName())
+        return extra
 
     def _movingLabels(self, segmentation):
         if segmentation is None:
@@ -274,6 +307,30 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         path.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(conversion.imageFromVolumeNode(volumeNode), str(path))
         return path
+
+
+def _extraFiles(extra: dict, workdir: Path) -> list:
+    """register.py's arguments for the optional inputs, written as files (landmarks as LPS CSV)."""
+    import csv
+
+    argv = []
+    for key, flag in (("fixed_mask", "--fixed-mask"), ("moving_mask", "--moving-mask")):
+        if key in extra:
+            sitk.WriteImage(extra[key], str(workdir / f"{key}.nrrd"))
+            argv += [flag, workdir / f"{key}.nrrd"]
+    if "initial_transform" in extra:
+        sitk.WriteTransform(extra["initial_transform"], str(workdir / "initial.tfm"))
+        argv += ["--initial-transform", workdir / "initial.tfm"]
+    for key, flag in (("fixed_landmarks", "--fixed-landmarks"), ("moving_landmarks", "--moving-landmarks")):
+        if key in extra:
+            points, labels, _ = extra[key]
+            with open(workdir / f"{key}.csv", "w", newline="") as f:
+                f.write("# CoordinateSystem = LPS\n")
+                writer = csv.writer(f)
+                writer.writerow(["label", "x", "y", "z"])
+                writer.writerows([label, *map(repr, map(float, p))] for label, p in zip(labels, points))
+            argv += [flag, workdir / f"{key}.csv"]
+    return argv
 
 
 def formatMetrics(metrics: dict) -> str:
