@@ -6,19 +6,20 @@ only the GUI. Long work runs in a separate Python process so Slicer stays respon
 import json
 import logging
 import pathlib
-from typing import Annotated
+from typing import Annotated, Union
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode
+from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLLinearTransformNode, vtkMRMLMarkupsFiducialNode,
+                    vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode)
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
                                            ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
 from GVSLLib import dependencies, paths
-from GVSLLib.logic import DEVICES, GVSLLogic, formatMetrics
+from GVSLLib.logic import DEVICES, MODES, SIMILARITIES, GVSLLogic, formatMetrics
 
 
 class GVSL(ScriptedLoadableModule):
@@ -54,6 +55,13 @@ class GVSLParameterNode:
     outputTransform: vtkMRMLTransformNode
     splitTransforms: bool = False
     movingSegmentation: vtkMRMLSegmentationNode
+    registrationMode: Annotated[str, Choice(list(MODES))] = "deformable"
+    similarity: Annotated[str, Choice(list(SIMILARITIES))] = "auto"
+    fixedMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    movingMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    initialTransform: vtkMRMLLinearTransformNode
+    fixedLandmarks: vtkMRMLMarkupsFiducialNode
+    movingLandmarks: vtkMRMLMarkupsFiducialNode
     # Segment
     segmentInputVolume: vtkMRMLScalarVolumeNode
     segmentationModel: pathlib.Path
@@ -139,7 +147,10 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if self._job is not None:
             return
-        problem = GVSLLogic.registrationInputsProblem(p.fixedVolume, p.movingVolume, modelPath(p.registrationModel))
+        problem = GVSLLogic.registrationInputsProblem(
+            p.fixedVolume, p.movingVolume, modelPath(p.registrationModel), mode=p.registrationMode,
+            outputTransform=p.outputTransform, splitTransforms=p.splitTransforms, fixedLandmarks=p.fixedLandmarks,
+            movingLandmarks=p.movingLandmarks)
         self.ui.registerButton.enabled = not problem
         self.ui.registerButton.toolTip = problem or "Register the moving volume onto the fixed one."
         problem = GVSLLogic.segmentationInputsProblem(p.segmentInputVolume, modelPath(p.segmentationModel))
@@ -175,7 +186,10 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runOrCancel(self.ui.registerButton, self._registrationFinished, lambda: self.logic.startRegistration(
             p.fixedVolume, p.movingVolume, model=modelPath(p.registrationModel) or None,
             outputVolume=p.outputVolume, outputTransform=p.outputTransform, splitTransforms=p.splitTransforms,
-            iterations=p.iterations, device=p.device, movingSegmentation=p.movingSegmentation))
+            iterations=p.iterations, device=p.device, movingSegmentation=p.movingSegmentation,
+            mode=p.registrationMode, similarity=p.similarity, fixedMask=p.fixedMask, movingMask=p.movingMask,
+            initialTransform=p.initialTransform, fixedLandmarks=p.fixedLandmarks,
+            movingLandmarks=p.movingLandmarks))
 
     def onSegmentButton(self) -> None:
         p = self._parameterNode

@@ -345,8 +345,21 @@ def test_registration_options_from_nodes_in_and_out_of_process(scene, pair_files
     background = job.finish()
     for key in ("tre_before", "tre_after"):
         assert background.metrics[key]["mean_mm"] == pytest.approx(m[key]["mean_mm"], abs=0.02)
-    with pytest.raises(ValueError, match="both a fixed and a moving point list"):
+    with pytest.raises(ValueError, match="both fixed and moving landmarks"):
         logic.register(fixed, moving, fixedLandmarks=lists[0])
+
+
+def test_inputs_problem_refuses_before_a_run_what_would_fail_after_it(scene, pair_nodes):
+    fixed, moving = pair_nodes
+    linear = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "affine out")
+    landmarks = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "F")
+    problem = GVSLLogic.registrationInputsProblem
+    assert "cannot hold a deformable result" in problem(fixed, moving, outputTransform=linear)
+    assert problem(fixed, moving, mode="affine", outputTransform=linear) == ""  # a linear result: exactly right
+    assert problem(fixed, moving, outputTransform=linear, splitTransforms=True) == ""
+    assert "both fixed and moving landmarks" in problem(fixed, moving, fixedLandmarks=landmarks)
+    with pytest.raises(ValueError, match="cannot hold a deformable result"):
+        GVSLLogic(scene).startRegistration(fixed, moving, outputTransform=linear)
 
 
 def test_saved_transform_is_read_by_simpleitk_as_the_same_mapping(loaded, headless, tmp_path):

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "GVSLExtension" / "GVSL.py"
 UI = ROOT / "Resources" / "UI" / "GVSL.ui"
 # which widget classes parameterNodeWrapper's GUI connectors bind to each parameter type
-WIDGETS_FOR_TYPE = {"vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"}, "vtkMRMLTransformNode": {"qMRMLNodeComboBox"},
-                    "vtkMRMLSegmentationNode": {"qMRMLNodeComboBox"}, "pathlib.Path": {"ctkPathLineEdit"},
+NODE_TYPES = ("vtkMRMLScalarVolumeNode", "vtkMRMLTransformNode", "vtkMRMLSegmentationNode", "vtkMRMLLinearTransformNode",
+              "vtkMRMLMarkupsFiducialNode", "Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]")
+WIDGETS_FOR_TYPE = {**{t: {"qMRMLNodeComboBox"} for t in NODE_TYPES}, "pathlib.Path": {"ctkPathLineEdit"},
                     "bool": {"QCheckBox"}, "int": {"QSpinBox", "ctkSliderWidget"}, "str": {"QComboBox", "QLineEdit"}}
 
 
@@ -68,7 +69,8 @@ def test_every_parameter_has_exactly_one_widget_of_a_class_that_can_show_it(modu
     fields = wrapper_fields(module_tree)
     assert {"fixedVolume", "movingVolume", "registrationModel", "iterations", "device", "outputVolume",
             "outputTransform", "splitTransforms", "movingSegmentation", "segmentInputVolume", "segmentationModel",
-            "outputSegmentation"} <= set(fields)
+            "outputSegmentation", "registrationMode", "similarity", "fixedMask", "movingMask", "initialTransform",
+            "fixedLandmarks", "movingLandmarks"} <= set(fields)
     bound = {}
     for name, (cls, param) in ui.items():
         if param is not None:
@@ -87,7 +89,8 @@ def test_combo_boxes_list_the_node_types_of_their_parameters(module_tree):
         if w.get("class") == "qMRMLNodeComboBox":
             param = props["SlicerParameterName"].find("string").text
             types = [s.text for s in props["nodeTypes"].iter("string")]
-            assert types == [fields[param]], (w.get("name"), types)
+            expected = re.findall(r"vtkMRML\w+", fields[param])  # a Union lists each of its node classes
+            assert types == expected, (w.get("name"), types)
     connections = {(c.findtext("receiver"), c.findtext("slot")) for c in root.iter("connection")}
     combos = {w.get("name") for w in root.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
     assert {(name, "setMRMLScene(vtkMRMLScene*)") for name in combos} <= connections
@@ -144,6 +147,18 @@ def test_cmake_files_name_every_module_file():
     assert shared == needed
     assert all((ROOT / f).is_file() for f in shared)
     assert "slicerMacroBuildScriptedModule" in cmake and "NAME ${MODULE_NAME}" in cmake
+
+
+def test_the_gui_offers_the_registrations_names():
+    """The module names modes and similarities without importing gvsl; they must be gvsl's."""
+    sys.path.insert(0, str(ROOT / "GVSLExtension"))
+    pytest.importorskip("slicer")
+    from GVSLLib.logic import MODES, SIMILARITIES
+
+    from gvsl.registration import MODES as GVSL_MODES
+    from gvsl.similarity import SIMILARITIES as GVSL_SIMILARITIES
+
+    assert MODES == GVSL_MODES and set(SIMILARITIES) == set(GVSL_SIMILARITIES)
 
 
 def test_module_file_keeps_logic_out(module_tree):

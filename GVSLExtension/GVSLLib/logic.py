@@ -28,6 +28,8 @@ except ImportError:
 
 Progress = Callable[[str, float], None]  # (stage, fraction done)
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MODES = ("rigid", "affine", "deformable")  # gvsl.registration.MODES, named here so the GUI needs no torch
+SIMILARITIES = ("auto", "ncc", "mind", "mi")  # gvsl.similarity.SIMILARITIES, likewise
 
 
 @dataclass
@@ -95,14 +97,25 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
 
     # ---------------------------------------------------------------- checks
     @staticmethod
-    def registrationInputsProblem(fixedVolume, movingVolume, model=None) -> str:
-        """Why registration cannot run with these inputs ("" when it can); the GUI shows it as a tooltip."""
+    def registrationInputsProblem(fixedVolume, movingVolume, model=None, mode: str = "deformable",
+                                  outputTransform=None, splitTransforms: bool = False, fixedLandmarks=None,
+                                  movingLandmarks=None) -> str:
+        """Why registration cannot run with these inputs ("" when it can); the GUI shows it as a tooltip,
+        so a run is refused before it starts, not after."""
         if fixedVolume is None or movingVolume is None:
             return "Select a fixed and a moving volume."
         if fixedVolume is movingVolume:
             return "The fixed and the moving volume are the same node."
         if model and not Path(model).is_file():
             return f"Model file not found: {model}"
+        if mode not in MODES:
+            return f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}."
+        if (mode == "deformable" and not splitTransforms and outputTransform is not None
+                and outputTransform.IsA("vtkMRMLLinearTransformNode")):
+            return (f"{outputTransform.GetName()}: a linear transform node cannot hold a deformable result; pick "
+                    "another output transform, a rigid or affine mode, or split the transforms.")
+        if (fixedLandmarks is None) != (movingLandmarks is None):
+            return "Select both fixed and moving landmarks, or neither."
         return ""
 
     @staticmethod
@@ -146,7 +159,8 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         from gvsl import checkpoint
         from gvsl.registration import Landmarks, RegistrationOptions, register
 
-        self._require(self.registrationInputsProblem(fixedVolume, movingVolume, model))
+        self._require(self.registrationInputsProblem(fixedVolume, movingVolume, model, mode, outputTransform,
+                                                     splitTransforms, fixedLandmarks, movingLandmarks))
         fixed, moving = conversion.imageFromVolumeNode(fixedVolume), conversion.imageFromVolumeNode(movingVolume)
         movingLabels, segments = self._movingLabels(movingSegmentation)
         extra = self._registrationExtras(fixedMask, movingMask, initialTransform, fixedLandmarks, movingLandmarks)
@@ -170,7 +184,8 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
                           fixedMask=None, movingMask=None, initialTransform=None, fixedLandmarks=None,
                           movingLandmarks=None) -> BackgroundJob:
         """The same registration in a child process running ``register.py`` on temporary files."""
-        self._require(self.registrationInputsProblem(fixedVolume, movingVolume, model))
+        self._require(self.registrationInputsProblem(fixedVolume, movingVolume, model, mode, outputTransform,
+                                                     splitTransforms, fixedLandmarks, movingLandmarks))
         movingLabels, segments = self._movingLabels(movingSegmentation)
         extra = self._registrationExtras(fixedMask, movingMask, initialTransform, fixedLandmarks, movingLandmarks)
 
@@ -205,8 +220,6 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _registrationExtras(fixedMask, movingMask, initialTransform, fixedLandmarks, movingLandmarks) -> dict:
         """The optional inputs as SimpleITK objects and LPS points, keyed like ``register``'s keywords."""
-        if (fixedLandmarks is None) != (movingLandmarks is None):
-            raise ValueError("Landmarks need both a fixed and a moving point list.")
         extra = {}
         if fixedMask is not None:
             extra["fixed_mask"] = conversion.maskFromNode(fixedMask)
