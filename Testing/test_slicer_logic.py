@@ -362,6 +362,16 @@ def test_inputs_problem_refuses_before_a_run_what_would_fail_after_it(scene, pai
         GVSLLogic(scene).startRegistration(fixed, moving, outputTransform=linear)
 
 
+def test_split_runs_into_the_same_node_leave_no_orphan_grid_nodes(scene, headless, pair_nodes):
+    fixed, moving = pair_nodes
+    logic = GVSLLogic(scene)
+    first = logic.loadRegistration(headless, fixed, moving, splitTransforms=True)
+    again = logic.loadRegistration(headless, fixed, moving, outputTransform=first.affineTransform,
+                                   splitTransforms=True)
+    assert again.deformableTransform is first.deformableTransform
+    assert scene.GetNumberOfNodesByClass("vtkMRMLGridTransformNode") == 1
+
+
 def test_saved_transform_is_read_by_simpleitk_as_the_same_mapping(loaded, headless, tmp_path):
     _, _, whole, _, points = loaded
     storage = whole.transform.GetScene().AddNewNodeByClass("vtkMRMLTransformStorageNode")

@@ -28,6 +28,7 @@ except ImportError:
 
 Progress = Callable[[str, float], None]  # (stage, fraction done)
 DEVICES = ("auto", "cpu", "cuda", "mps")
+GRID_PART = "GVSL.gridPart"  # marks the grid node of a split result, so that a later split run reuses it
 MODES = ("rigid", "affine", "deformable")  # gvsl.registration.MODES, named here so the GUI needs no torch
 SIMILARITIES = ("auto", "ncc", "mind", "mi")  # gvsl.similarity.SIMILARITIES, likewise
 
@@ -256,8 +257,12 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
                                                                f"{name} to {fixedVolume.GetName()}"))
                 transform.SetAndObserveTransformNodeID(None)
             elif splitTransforms:
-                deformable = conversion.gridTransformToNode(
-                    outputs.displacement, new.add("vtkMRMLGridTransformNode", f"{name} deformable"))
+                # a reused linear node keeps the grid node an earlier split run put above it: no orphans
+                earlier = outputTransform.GetParentTransformNode() if outputTransform is not None else None
+                if earlier is None or earlier.GetAttribute(GRID_PART) != "1":
+                    earlier = new.add("vtkMRMLGridTransformNode", f"{name} deformable")
+                deformable = conversion.gridTransformToNode(outputs.displacement, earlier)
+                deformable.SetAttribute(GRID_PART, "1")
                 affine = conversion.linearTransformToNode(
                     outputs.affine, outputTransform or new.add("vtkMRMLLinearTransformNode", f"{name} affine"))
                 affine.SetAndObserveTransformNodeID(deformable.GetID())  # the field applies first
