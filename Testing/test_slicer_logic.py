@@ -521,6 +521,13 @@ def test_installs_hold_slicers_own_packages_at_their_versions(tmp_path):
     pins = (tmp_path / "pins.txt").read_text().split()
     assert f"numpy=={importlib.metadata.version('numpy')}" in pins
     assert f"SimpleITK=={importlib.metadata.version('SimpleITK')}" in pins
+    assert f"torch=={importlib.metadata.version('torch')}" in pins  # pip never replaces the user's torch
+
+
+def test_an_old_torch_is_offered_an_upgrade():
+    assert dependencies.torchTooOld("2.0.1+cu118") and dependencies.torchTooOld("1.13.1")
+    assert not dependencies.torchTooOld("2.1.0") and not dependencies.torchTooOld("2.13.0+cpu")
+    assert not dependencies.torchTooOld()  # this environment's torch
 
 
 # ---------------------------------------------------------------------------------------------- self-test

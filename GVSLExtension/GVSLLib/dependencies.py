@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Callable
 
 SHIPPED_WITH_SLICER = frozenset({"numpy", "SimpleITK", "vtk"})
+# held at their installed versions whenever pip runs: Slicer's own packages, and torch, which
+# PyTorchUtils installed for the machine's GPU (MONAI 1.6 requires torch>=2.8, and pip would
+# otherwise swap a CUDA build for a CPU-only wheel from PyPI)
+HELD = SHIPPED_WITH_SLICER | {"torch"}
+MIN_TORCH = (2, 1)
 # import name -> pip requirement; torch is handled by PyTorchUtils
 PIP_PACKAGES = {"monai": "monai>=1.3", "tqdm": "tqdm", "yaml": "pyyaml", "matplotlib": "matplotlib"}
 
@@ -27,11 +32,11 @@ def pipRequirements(missing: list[str]) -> list[str]:
     return [PIP_PACKAGES[n] for n in missing if n in PIP_PACKAGES and n not in SHIPPED_WITH_SLICER]
 
 
-def shippedPins() -> list[str]:
-    """pip constraints that hold the packages Slicer ships at their installed versions, so that no
-    dependency of ours (MONAI needs numpy, say) upgrades them."""
+def heldPins() -> list[str]:
+    """pip constraints that hold Slicer's packages and torch at their installed versions, so that no
+    dependency of ours (MONAI needs numpy and torch, say) replaces them: pip never chooses torch."""
     pins = []
-    for name in sorted(SHIPPED_WITH_SLICER):
+    for name in sorted(HELD, key=str.lower):
         try:
             pins.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
@@ -40,20 +45,36 @@ def shippedPins() -> list[str]:
 
 
 def pipArguments(requirements: list[str], constraints: Path) -> list[str]:
-    constraints.write_text("\n".join(shippedPins()) + "\n")
+    constraints.write_text("\n".join(heldPins()) + "\n")
     return [*requirements, "--constraint", str(constraints)]
+
+
+def torchTooOld(version: str | None = None) -> bool:
+    """Whether the installed torch (read from its metadata: no import on Slicer's GUI thread) is older
+    than MIN_TORCH."""
+    try:
+        version = version or importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    numbers = []
+    for part in version.split("+")[0].split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        numbers.append(int(digits) if digits else 0)
+    return tuple(numbers) < MIN_TORCH
 
 
 def ensureDependencies(confirm: Callable[[str], bool]) -> bool:
     """Install what is missing after asking; False when the user declined or an install failed."""
     missing = missingPackages()
-    if "torch" in missing:
+    if "torch" in missing or torchTooOld():
         try:
             import PyTorchUtils  # the PyTorch extension, declared in the extension's DEPENDS
         except ImportError:
             raise RuntimeError("PyTorch is not installed and the PyTorch extension is missing: install "
                                "'PyTorch' from the Extensions Manager, restart Slicer and try again") from None
-        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=">=2.1") is None:
+        requirement = ">=" + ".".join(map(str, MIN_TORCH))  # PyTorchUtils offers the install or the upgrade
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,
+                                                         torchVersionRequirement=requirement) is None:
             return False
     requirements = pipRequirements(missing)
     if requirements:
