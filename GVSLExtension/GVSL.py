@@ -83,6 +83,7 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._jobButton = None
+        self._devices = None  # the devices this Slicer's PyTorch can use, once known
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self._pollJob)
@@ -139,6 +140,8 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            if self._devices is not None:  # connectGui refills the device box: grey out again what is missing
+                self._disableMissingDevices()
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._checkCanApply()
 
@@ -151,27 +154,39 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.fixedVolume, p.movingVolume, modelPath(p.registrationModel), mode=p.registrationMode,
             outputTransform=p.outputTransform, splitTransforms=p.splitTransforms, fixedLandmarks=p.fixedLandmarks,
             movingLandmarks=p.movingLandmarks)
+        device = "" if self._devices is None or p.device in self._devices else \
+            f"The device {p.device!r} is not available to this Slicer's PyTorch; choose auto or cpu."
+        problem = problem or device
         self.ui.registerButton.enabled = not problem
         self.ui.registerButton.toolTip = problem or "Register the moving volume onto the fixed one."
-        problem = GVSLLogic.segmentationInputsProblem(p.segmentInputVolume, modelPath(p.segmentationModel))
+        problem = GVSLLogic.segmentationInputsProblem(p.segmentInputVolume, modelPath(p.segmentationModel)) or device
         self.ui.segmentButton.enabled = not problem
         self.ui.segmentButton.toolTip = problem or "Segment the volume with the fine-tuned model."
 
-    def _disableMissingDevices(self) -> None:
-        """Offer GPU devices only when there is one (torch is imported here, not at Slicer start-up)."""
-        available = {"auto", "cpu"}
-        try:
-            import torch
+    def _availableDevices(self) -> set:
+        """Devices PyTorch can use here, found once (torch is imported here, not at Slicer start-up)."""
+        if self._devices is None:
+            available = {"auto", "cpu"}
+            try:
+                import torch
 
-            if torch.cuda.is_available():
-                available.add("cuda")
-            if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-                available.add("mps")
-        except ImportError:
-            pass
+                if torch.cuda.is_available():
+                    available.add("cuda")
+                if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+                    available.add("mps")
+            except (ImportError, OSError):  # not installed yet, or (Windows) a DLL that fails to load
+                pass
+            self._devices = available
+        return self._devices
+
+    def _disableMissingDevices(self) -> None:
+        """Offer GPU devices only when there is one; re-applied after every connectGui, which refills the box."""
+        available = self._availableDevices()
         model = self.ui.deviceComboBox.model()
-        for index, device in enumerate(DEVICES):
-            model.item(index).setEnabled(device in available)
+        for index in range(self.ui.deviceComboBox.count):
+            model.item(index).setEnabled(self.ui.deviceComboBox.itemText(index) in available)
+        if self._parameterNode:
+            self._checkCanApply()
 
     # ------------------------------------------------------------------ running
     def _ensureDependencies(self) -> bool:

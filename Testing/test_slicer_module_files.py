@@ -161,6 +161,17 @@ def test_the_gui_offers_the_registrations_names():
     assert MODES == GVSL_MODES and set(SIMILARITIES) == set(GVSL_SIMILARITIES)
 
 
+def test_devices_are_greyed_out_again_after_every_gui_connection(module_tree):
+    """connectGui refills the device box (module enter, scene close): the widget must grey out missing
+    devices after it, not only once at set-up; a torch that fails to load (OSError on Windows) is caught."""
+    methods = {f.name: f for f in ast.walk(module_tree) if isinstance(f, ast.FunctionDef)}
+    lines = {n.func.attr: n.lineno for n in ast.walk(methods["setParameterNode"])
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert lines["connectGui"] < lines["_disableMissingDevices"]
+    handlers = [ast.unparse(h.type) for h in ast.walk(methods["_availableDevices"]) if isinstance(h, ast.ExceptHandler)]
+    assert any("OSError" in h and "ImportError" in h for h in handlers)
+
+
 def test_module_file_keeps_logic_out(module_tree):
     """GVSL.py imports no gvsl job and no torch at module level: Slicer starts without them."""
     imported = {alias.name.split(".")[0] for node in module_tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
