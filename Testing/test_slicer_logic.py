@@ -483,6 +483,42 @@ def test_cancel_stops_the_process_and_leaves_the_scene_as_it_was(scene, pair_nod
     assert scene.GetNumberOfNodes() == before
 
 
+CHILD_WITH_GRANDCHILDREN = """
+import subprocess, sys, time
+same = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+# a grandchild in a session of its own, holding the output pipe: outside the process group
+escaped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+print("pids", same.pid, escaped.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def alive(pid: int) -> bool:
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_cancel_kills_the_whole_process_tree_without_waiting_on_the_pipe():
+    """What PythonSlicer.exe (a launcher whose child is the interpreter) needs on Windows, checked here."""
+    pytest.importorskip("psutil")
+    from GVSLLib.process import BackgroundProcess
+
+    proc = BackgroundProcess([sys.executable, "-c", CHILD_WITH_GRANDCHILDREN])
+    deadline = time.time() + 30
+    while not any(line.startswith("pids") for line in proc.lines) and time.time() < deadline:
+        time.sleep(0.1)
+    pids = [int(p) for p in next(line for line in proc.lines if line.startswith("pids")).split()[1:]]
+    assert all(alive(p) for p in pids)
+    start = time.time()
+    proc.cancel(grace_s=2.0)
+    assert time.time() - start < 6.0  # never stuck on the pipe the escaped grandchild held
+    assert proc.poll() is not None and proc.cancelled
+    assert not any(alive(p) for p in pids)
+
+
 def test_failed_background_run_reports_the_error_and_creates_no_nodes(scene, tmp_path, pair_nodes):
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a checkpoint")

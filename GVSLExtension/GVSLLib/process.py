@@ -33,8 +33,13 @@ class BackgroundProcess:
         self.lines: list[str] = []
         self.cancelled = False
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        kwargs = {"start_new_session": True} if os.name == "posix" else \
-            {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        if os.name == "posix":
+            kwargs = {"start_new_session": True}
+        else:  # a hidden console window, as slicer.util.launchConsoleProcess starts its children
+            info = subprocess.STARTUPINFO()
+            info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+            info.wShowWindow = subprocess.SW_HIDE
+            kwargs = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP, "startupinfo": info}
         self._proc = subprocess.Popen(self.argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs)
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -75,23 +80,47 @@ class BackgroundProcess:
         return code
 
     def cancel(self, grace_s: float = 5.0) -> None:
-        """Stop the process and its children: a polite signal, then a kill."""
+        """Stop the process and every process it started: a polite signal, then a kill.
+
+        On Windows ``PythonSlicer.exe`` is a launcher whose child is the real interpreter, so the whole
+        tree must go (psutil, which Slicer's Python ships; else the process group or ``taskkill /T``).
+        The caller (Slicer's GUI thread) never waits on the output pipe for longer than a moment,
+        even if something outside the tree still holds it open."""
         if self._proc.poll() is not None:
             return
         self.cancelled = True
-        if os.name == "posix":
-            os.killpg(self._proc.pid, signal.SIGTERM)
-        else:
-            self._proc.terminate()
+        self._signalTree(kill=False, grace_s=grace_s)
         try:
             self._proc.wait(grace_s)
         except subprocess.TimeoutExpired:
-            if os.name == "posix":
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            else:
-                self._proc.kill()
+            self._signalTree(kill=True, grace_s=grace_s)
             self._proc.wait()
-        self._reader.join()
+        self._reader.join(1.0)
+
+    def _signalTree(self, kill: bool, grace_s: float) -> None:
+        try:
+            import psutil
+        except ImportError:
+            psutil = None
+        if psutil is not None:
+            try:
+                root = psutil.Process(self._proc.pid)
+                tree = root.children(recursive=True) + [root]
+            except psutil.NoSuchProcess:
+                return
+            for p in tree:
+                try:
+                    p.kill() if kill else p.terminate()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(tree, timeout=grace_s)
+        elif os.name == "posix":
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        else:
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(self._proc.pid)], capture_output=True)
 
     @property
     def output(self) -> str:
