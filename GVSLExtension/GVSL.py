@@ -292,6 +292,10 @@ class GVSLTest(ScriptedLoadableModuleTest):
         self.test_register_recovers_a_known_transform()
 
     def test_register_recovers_a_known_transform(self):
+        missing = dependencies.missingPackages()
+        if missing:  # a fresh Slicer (ctest) has no torch/MONAI until the module's first run installs them
+            self.skipTest(f"GVSL self-test skipped: {', '.join(missing)} not installed; click Register once "
+                          "in the GVSL module to install them")
         import numpy as np
         import SampleData
 

@@ -172,6 +172,16 @@ def test_devices_are_greyed_out_again_after_every_gui_connection(module_tree):
     assert any("OSError" in h and "ImportError" in h for h in handlers)
 
 
+def test_the_self_test_runs_under_ctest_and_skips_without_its_packages(module_tree):
+    cmake = (ROOT / "GVSLExtension" / "CMakeLists.txt").read_text()
+    assert re.search(r"if\(BUILD_TESTING\)\s*(#[^\n]*\n\s*)*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)",
+                     cmake)
+    test = next(n for n in ast.walk(module_tree) if isinstance(n, ast.FunctionDef)
+                and n.name == "test_register_recovers_a_known_transform")
+    first = ast.unparse(test.body[0]) + ast.unparse(test.body[1])
+    assert "dependencies.missingPackages()" in first and "self.skipTest" in first  # before any import of them
+
+
 def test_module_file_keeps_logic_out(module_tree):
     """GVSL.py imports no gvsl job and no torch at module level: Slicer starts without them."""
     imported = {alias.name.split(".")[0] for node in module_tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
