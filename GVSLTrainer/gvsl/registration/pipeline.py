@@ -216,17 +216,17 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
         name, reason = opts.similarity, "chosen by the user"
     sim = similarities.make(name, opts.ncc_window)
     linear_sim = similarities.make(LINEAR_SIMILARITY[name], opts.ncc_window)
-    f_t, m_t, masks[0], auto_mask = similarities.prepare(name, f_t, m_t, masks[0])
-    pyramid = Pyramid(f_t, m_t, *masks)
     base = spatial.identity_matrix(1, device)
     control = tuple(max(4, round(s / opts.levels[0][1])) for s in shape)
     velocity = torch.zeros(1, 3, *control, device=device)
-    if model is not None:
+    if model is not None:  # on the images as normalised, as the network was trained
         report("network prediction", 0.02)
         net_affine, disp = _network_prediction(model, f_t, m_t)
         if opts.mode != "rigid":
             base = net_affine
         velocity = spatial.resize(disp, control)
+    f_t, m_t, masks[0], auto_mask = similarities.prepare(name, f_t, m_t, masks[0])
+    pyramid = Pyramid(f_t, m_t, *masks)
 
     # 3. the linear stage: rotation search, rigid, affine
     mark = time.perf_counter()
