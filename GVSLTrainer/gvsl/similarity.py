@@ -23,8 +23,10 @@ from .losses import box_mean, local_ncc
 
 SIMILARITIES = ("ncc", "mind", "mi", "auto")
 # auto: a Wasserstein-1 distance between the two images' normalised foreground intensity
-# distributions above this means different contrasts (T1 vs T2, MR vs CT): measured 0.02-0.06
-# between T1 heads of different scanners and templates, 0.15-0.35 between T1 and T2 or pseudo-CT.
+# distributions above this means different contrasts (T1 vs T2, MR vs CT). Measured: 0.008-0.03
+# between MNI T1 templates (a known warp of one, the FSL and ICBM templates), 0.145 between the
+# nibabel T1 head (with skull) and the MNI template, 0.16 between T1 and the pseudo-CT both
+# normalised as MR, 0.46 between T1 and an inverted (T2-like) contrast.
 HISTOGRAM_DISTANCE_THRESHOLD = 0.1
 
 
@@ -67,7 +69,7 @@ class LocalNCC:
         return None  # a local window needs every voxel
 
     def loss(self, warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return 1 - weighted_mean(1 - local_ncc(warped, fixed, self.window, reduce=False), weight)
+        return weighted_mean(local_ncc(warped, fixed, self.window, reduce=False), weight)  # 1 - cc, per voxel
 
     def score(self, loss: float) -> float:
         return 1 - loss

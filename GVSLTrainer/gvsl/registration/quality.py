@@ -38,20 +38,20 @@ def similarity_figures(fixed_w: sitk.Image, before_w: sitk.Image, after_w: sitk.
 
     weight = None if fixed_mask_w is None else torch.from_numpy(
         sitk.GetArrayFromImage(fixed_mask_w).astype(np.float32))[None, None]
-    out = {}
+    scores = {}
     with torch.no_grad():
-        for key, sim_name in (("ncc", "ncc"), ("similarity", name)):
+        for sim_name in dict.fromkeys(("ncc", name)):  # local NCC once when it is the chosen similarity
             sim = similarities.make(sim_name, ncc_window)
             values = []
             for moving_w in (before_w, after_w):
                 f, m, w, _ = similarities.prepare(sim_name, tensor(fixed_w, presets[0]), tensor(moving_w, presets[1]),
                                                   weight)
                 values.append(round(sim.score(sim.loss(sim.features(m), sim.features(f), w).item()), 4))
-            if key == "ncc":
-                out["ncc_before"], out["ncc_after"] = values
-            else:
-                out["similarity"] = {"name": name, "before": values[0], "after": values[1],
-                                     "higher_is_better": sim.higher_is_better}
+            scores[sim_name] = (values, sim.higher_is_better)
+    (ncc_before, ncc_after), _ = scores["ncc"]
+    (before, after), higher_is_better = scores[name]
+    out = {"ncc_before": ncc_before, "ncc_after": ncc_after,
+           "similarity": {"name": name, "before": before, "after": after, "higher_is_better": higher_is_better}}
     return out
 
 
