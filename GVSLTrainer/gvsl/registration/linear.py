@@ -114,7 +114,7 @@ def optimise(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearPar
             report(done / total)
             if stop(loss_value):
                 break
-        done = total * (shrinks.index(shrink) + 1) // len(shrinks)
+        done = iterations * (k + 1)  # early stopping skips the rest of this level's share
     return loss_value
 
 
@@ -130,9 +130,9 @@ def score_rotations(pyramid: Pyramid, similarity, base: torch.Tensor, template: 
                     shrink: float) -> list[tuple[float, tuple]]:
     """(loss, angles) of every candidate orientation at one coarse level, best first."""
     level = pyramid.level(shrink, similarity)
+    params = template.copy()
     scores = []
     for angles in candidate_rotations():
-        params = template.copy()
         params.rotation.copy_(torch.tensor([angles], device=params.rotation.device))
         grid = spatial.normalised_grid(level.shape, _theta(base, params, pyramid.shape))
         scores.append((level.loss(similarity, grid).item(), angles))
@@ -169,18 +169,16 @@ def search(pyramid: Pyramid, similarity, base: torch.Tensor, start: LinearParame
 
 
 def run(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearParameters, mode: str, shrinks: tuple,
-        iterations: int, rotation_search: bool, report: Callable[[str, float], None], **args) -> dict | None:
-    """The whole linear stage in place on ``params``: the rotation search (which refines rigidly at the
-    coarsest level), rigid refinement, then affine unless ``mode`` is rigid. Returns the search's
-    summary (None without a search)."""
+        iterations: int, rotation_search: bool, report: Callable[[str, float], None],
+        **args) -> tuple[LinearParameters, dict | None]:
+    """The whole linear stage from ``params``: the rotation search (which refines rigidly at the
+    coarsest level), rigid refinement, then affine unless ``mode`` is rigid. Returns the result and
+    the search's summary (None without a search)."""
     coarsest, finer = shrinks[:1], shrinks[1:]
     info = None
     if rotation_search:
         report("rotation search", 0.0)
-        found, info = search(pyramid, similarity, base, params, coarsest[0], iterations, **args)
-        with torch.no_grad():
-            for mine, theirs in zip(params.all(), found.all()):
-                mine.copy_(theirs)
+        params, info = search(pyramid, similarity, base, params, coarsest[0], iterations, **args)
     if mode == "rigid":
         rigid_shrinks = shrinks if info is None else finer
     else:
@@ -192,7 +190,7 @@ def run(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearParamete
         params.free_affine()
         optimise(pyramid, similarity, base, params, shrinks, iterations,
                  report=lambda x: report("affine", 0.4 + 0.6 * x), **args)
-    return info
+    return params, info
 
 
 def orthonormalise(matrix: np.ndarray) -> np.ndarray:

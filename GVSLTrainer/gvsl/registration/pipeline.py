@@ -235,10 +235,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     params = linear.LinearParameters(linear.centre_of_mass(weight), centre, float(centre.max()))
     deformable_share = 0.5 if opts.mode == "deformable" else 0.0
     span = 0.8 - deformable_share
-    search_info = linear.run(pyramid, linear_sim, base, params, opts.mode, opts.linear_levels(name),
-                             max(1, opts.iterations // 2), opts.rotation_search,
-                             lambda stage, x: report(stage, 0.05 + span * x),
-                             lr=opts.affine_lr, tolerance=opts.tolerance, patience=opts.patience)
+    params, search_info = linear.run(pyramid, linear_sim, base, params, opts.mode, opts.linear_levels(name),
+                                     max(1, opts.iterations // 2), opts.rotation_search,
+                                     lambda stage, x: report(stage, 0.05 + span * x),
+                                     lr=opts.affine_lr, tolerance=opts.tolerance, patience=opts.patience)
     matrix = linear.compose(base, params.matrix()).detach()
     timing["linear"] = time.perf_counter() - mark
     mark = time.perf_counter()
