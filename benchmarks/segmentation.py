@@ -39,7 +39,7 @@ import synthetic  # noqa: E402
 from gvsl import checkpoint  # noqa: E402
 from gvsl.labels import LabelSpec  # noqa: E402
 from gvsl.networks import GVSLSegmenter  # noqa: E402
-from gvsl.runtime import resolve_device, synchronize  # noqa: E402
+from gvsl.runtime import autocast_dtype, resolve_device, synchronize  # noqa: E402
 from gvsl.segmentation import SegmentationOptions, segment  # noqa: E402
 
 
@@ -86,8 +86,7 @@ def inference(args: argparse.Namespace) -> None:
     n_windows = window_count(prepared, window, opts.overlap) * (4 if args.tta else 1)
     x = torch.zeros(opts.sw_batch_size, 1, *window, device=device)
     model = model.to(device).eval()
-    amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype(device), enabled=args.amp):
         model(x)
         synchronize(device)
         t0 = time.perf_counter()

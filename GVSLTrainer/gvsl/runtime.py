@@ -32,6 +32,13 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """Mixed precision's dtype on ``device``: bf16 where the GPU supports it (and on CPUs), else fp16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a wall-clock time measures it (GPU kernels are asynchronous)."""
     if device.type == "cuda":

@@ -13,7 +13,7 @@ from .checkpoint import Checkpoint, CheckpointError
 from .data import Preprocessing
 from .labels import LabelSpec
 from .networks import GVSLSegmenter
-from .runtime import resolve_device
+from .runtime import autocast_dtype, resolve_device
 
 FLIPS = ((), (2,), (3,), (4,))  # test-time augmentation: none, then each axis
 Progress = Callable[[str, float], None]  # (stage, fraction done), as in gvsl.registration
@@ -74,7 +74,7 @@ def sliding_window_probabilities(model: torch.nn.Module, volume: torch.Tensor, w
     flips = FLIPS if options.tta else FLIPS[:1]
     passes = [0, window_batches(tuple(volume.shape[2:]), window, options) * len(flips)]
 
-    amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = autocast_dtype(device)
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=options.amp):

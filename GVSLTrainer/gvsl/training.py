@@ -30,9 +30,8 @@ def amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | 
     if device.type != "cuda":
         warnings.warn(f"--amp applies to CUDA only; training in float32 on {device.type}", stacklevel=2)
         return None, False
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, False
-    return torch.float16, True
+    dtype = runtime.autocast_dtype(device)
+    return dtype, dtype == torch.float16  # fp16 needs a gradient scaler
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
