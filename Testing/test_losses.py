@@ -56,3 +56,27 @@ def test_box_mean_equals_average_pooling():
     for window in (3, 5, 9):
         expected = torch.nn.functional.avg_pool3d(x, window, 1, window // 2, count_include_pad=True)
         torch.testing.assert_close(box_mean(x, window), expected)
+
+
+def test_box_mean_gradient_is_the_box_mean_of_the_gradient():
+    """The custom backward (box mean of the incoming gradient) against autograd through average pooling."""
+    from gvsl.losses import box_mean
+    x = torch.rand(1, 2, 9, 12, 7, dtype=torch.float64, requires_grad=True)
+    for window in (3, 5):
+        torch.autograd.gradcheck(lambda t: box_mean(t, window), (x,))
+        up = torch.rand(1, 2, 9, 12, 7, dtype=torch.float64)
+        (mine,) = torch.autograd.grad((box_mean(x, window) * up).sum(), x)
+        pooled = torch.nn.functional.avg_pool3d(x, window, 1, window // 2, count_include_pad=True)
+        (expected,) = torch.autograd.grad((pooled * up).sum(), x)
+        torch.testing.assert_close(mine, expected)
+
+
+def test_ncc_with_known_fixed_moments_equals_the_plain_ncc_and_its_gradient():
+    from gvsl.losses import local_moments
+    fixed, moving = smooth_image(seed=1), smooth_image(seed=2).requires_grad_(True)
+    plain = local_ncc(moving, fixed, 7)
+    (g_plain,) = torch.autograd.grad(plain, moving)
+    known = local_ncc(moving, fixed, 7, b_moments=local_moments(fixed, 7))
+    (g_known,) = torch.autograd.grad(known, moving)
+    torch.testing.assert_close(known, plain)
+    torch.testing.assert_close(g_known, g_plain)

@@ -222,3 +222,26 @@ def test_bad_registration_inputs_get_one_clear_error_and_no_output(bad_inputs, c
     assert code == 2 and expected in err, err
     assert "Traceback" not in err
     assert not out.exists() and not list(folder.glob(".out.partial-*"))
+
+
+
+def test_the_search_refines_no_candidate_when_the_refined_start_is_best():
+    """Candidates must beat the start as refined, not the unrefined orientation: a moving image turned
+    20 degrees is recovered by the start's refinement, and no 30-degree grid point is worth refining."""
+    import torch
+    from gvsl import similarity, spatial
+    from gvsl.registration import linear
+    from gvsl.registration.pyramid import Pyramid
+
+    fixed, _, _, _, _ = synthetic.rigid_case(seed=0)
+    f = torch.from_numpy(sitk.GetArrayFromImage(fixed)).float()[None, None]
+    f = f / f.max()
+    turn = spatial.affine_from_parameters(torch.tensor([[0.0, 0.0, 0.35]]), torch.ones(1, 3), torch.zeros(1, 3),
+                                          torch.zeros(1, 6))
+    moving = spatial.warp(f, turn)
+    pyramid, sim = Pyramid(f, moving), similarity.make("ncc", 5)
+    centre = (torch.tensor(f.shape[2:][::-1], dtype=torch.float32) - 1) / 2
+    start = linear.LinearParameters(centre, centre, float(centre.max()))
+    params, info = linear.search(pyramid, sim, spatial.identity_matrix(1), start, 4, 50, 0.01, 1e-5, 20)
+    assert abs(abs(info["taken_deg"][2]) - 20) < 5, info  # at quarter resolution
+    assert info["refined"] == 0 and info["taken"] == "the start", info

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .losses import box_mean, local_ncc
+from .losses import box_mean, local_moments, local_ncc
 
 SIMILARITIES = ("ncc", "mind", "mi", "auto")
 # auto: a Wasserstein-1 distance between the two images' normalised foreground intensity
@@ -69,7 +69,19 @@ class LocalNCC:
         return None  # a local window needs every voxel
 
     def loss(self, warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return weighted_mean(local_ncc(warped, fixed, self.window, reduce=False), weight)  # 1 - cc, per voxel
+        cc = local_ncc(warped, fixed, self.window, reduce=False, b_moments=self._moments(fixed))
+        return weighted_mean(cc, weight)  # 1 - cc, per voxel
+
+    def _moments(self, fixed: torch.Tensor):
+        """The fixed image's local moments, kept per fixed tensor: an optimiser compares hundreds of
+        warps with one fixed image."""
+        if fixed.requires_grad:
+            return None
+        cache = self.__dict__.setdefault("_moments_of", {})
+        hit = cache.get(id(fixed))
+        if hit is None or hit[0] is not fixed:
+            hit = cache[id(fixed)] = (fixed, local_moments(fixed, self.window))
+        return hit[1]
 
     def score(self, loss: float) -> float:
         return 1 - loss

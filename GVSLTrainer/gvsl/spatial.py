@@ -140,15 +140,21 @@ def resize(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 def normalised_grid(shape: tuple[int, ...], theta: torch.Tensor | None = None,
                     field: torch.Tensor | None = None) -> torch.Tensor:
-    """Grid sampling at ``theta(u + field(u))`` for normalised coordinates u of a grid of ``shape``."""
-    ref = theta if theta is not None else field
-    grid = identity_grid(shape, ref.device, ref.dtype)
+    """Grid sampling at ``theta(u + field(u))`` for normalised coordinates u of a grid of ``shape``.
+
+    Computed as ``theta(u) + A field(u)``, with ``A field`` formed on the field's own (usually
+    coarser) grid before it is resized: the same grid, without a matrix product per output voxel.
+    """
+    if theta is None:
+        grid = identity_grid(shape, field.device, field.dtype)
+    else:
+        grid = F.affine_grid(theta, [theta.shape[0], 1, *shape[-3:]], align_corners=ALIGN_CORNERS)
     if field is not None:
+        if theta is not None:
+            field = torch.einsum("nij,nj...->ni...", theta[:, :, :3], field)
         if tuple(field.shape[2:]) != tuple(shape):
             field = upsample(field, size=tuple(shape))
         grid = grid + field.movedim(1, -1)
-    if theta is not None:
-        grid = torch.einsum("nij,n...j->n...i", theta[:, :, :3], grid) + theta[:, None, None, None, :, 3]
     return grid
 
 

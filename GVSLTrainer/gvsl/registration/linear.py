@@ -89,13 +89,12 @@ def _theta(base: torch.Tensor, params: LinearParameters, shape: tuple[int, ...])
 
 
 def optimise(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearParameters, shrinks, iterations: int,
-             lr: float, tolerance: float, patience: int, report: Callable[[float], None] = lambda x: None) -> float:
-    """Adam over ``params.trainable()`` at each shrink factor in turn; returns the last loss.
+             lr: float, tolerance: float, patience: int, report: Callable[[float], None] = lambda x: None) -> None:
+    """Adam over ``params.trainable()`` at each shrink factor in turn.
 
     The step size halves from level to level and decays linearly to a tenth within each: Adam's
     steps are about ``lr`` whatever the gradient, so a constant rate would leave the result
     jittering by about 0.5 degree, half a millimetre at the edge of a head."""
-    loss_value = math.inf
     total = max(1, iterations * len(shrinks))
     done = 0
     for k, shrink in enumerate(shrinks):
@@ -109,62 +108,66 @@ def optimise(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearPar
             opt.zero_grad()
             loss.backward()
             opt.step()
-            loss_value = loss.item()
             done += 1
             report(done / total)
-            if stop(loss_value):
+            if stop(loss.item()):
                 break
         done = iterations * (k + 1)  # early stopping skips the rest of this level's share
-    return loss_value
 
 
 def candidate_rotations() -> list[tuple[float, float, float]]:
-    """Euler angles (radians, about x, y, z) of the orientations the search tries, the start first."""
+    """Euler angles (radians, about x, y, z) of the orientations the search tries, the initial
+    alignment's own (0, 0, 0) first."""
     grid = [tuple(math.radians(a) for a in angles) for angles in itertools.product(SEARCH_ANGLES_DEG, repeat=3)]
     grid.remove((0.0, 0.0, 0.0))
     return [(0.0, 0.0, 0.0)] + grid
 
 
 @torch.no_grad()
+def score(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearParameters, shrink: float) -> float:
+    level = pyramid.level(shrink, similarity)
+    return level.loss(similarity, spatial.normalised_grid(level.shape, _theta(base, params, pyramid.shape))).item()
+
+
+@torch.no_grad()
 def score_rotations(pyramid: Pyramid, similarity, base: torch.Tensor, template: LinearParameters,
                     shrink: float) -> list[tuple[float, tuple]]:
-    """(loss, angles) of every candidate orientation at one coarse level, best first."""
-    level = pyramid.level(shrink, similarity)
+    """(loss, angles) of every candidate orientation (absolute: about the initial alignment's axes) with
+    ``template``'s translation, at one coarse level, best first."""
     params = template.copy()
     scores = []
     for angles in candidate_rotations():
         params.rotation.copy_(torch.tensor([angles], device=params.rotation.device))
-        grid = spatial.normalised_grid(level.shape, _theta(base, params, pyramid.shape))
-        scores.append((level.loss(similarity, grid).item(), angles))
+        scores.append((score(pyramid, similarity, base, params, shrink), angles))
     return sorted(scores, key=lambda s: s[0])
 
 
 def search(pyramid: Pyramid, similarity, base: torch.Tensor, start: LinearParameters, shrink: float,
            iterations: int, lr: float, tolerance: float, patience: int) -> tuple[LinearParameters, dict]:
-    """Refine the start rigidly, then try large rotations on top of it at one coarse level; refine the few
-    that match better than the refined start, and keep whichever matches best after refinement.
+    """Refine the start rigidly, then score a grid of large rotations at one coarse level; refine the
+    few that match better than the refined start, and keep whichever matches best after refinement.
 
     The start is always a contender, so the search can only improve the similarity, and images that
     are already roughly aligned pay for one coarse scoring pass, not for extra refinements."""
     args = dict(lr=lr, tolerance=tolerance, patience=patience)
     params = start.copy()
-    loss = optimise(pyramid, similarity, base, params, (shrink,), iterations, **args)
-    results = [(loss, (0.0, 0.0, 0.0), params)]
+    optimise(pyramid, similarity, base, params, (shrink,), iterations, **args)
+    start_score = score(pyramid, similarity, base, params, shrink)
+    results = [(start_score, None, params)]
     ranked = score_rotations(pyramid, similarity, base, params, shrink)
-    start_score = next(score for score, angles in ranked if angles == (0.0, 0.0, 0.0))
     margin = SEARCH_MARGIN * abs(start_score)
-    better = [angles for score, angles in ranked if score < start_score - margin][:SEARCH_KEEP]
+    better = [angles for loss, angles in ranked if loss < start_score - margin][:SEARCH_KEEP]
     for angles in better:  # half the iterations: a candidate must win clearly, or the start stays
         candidate = params.copy()
         with torch.no_grad():
-            candidate.rotation.add_(torch.tensor([angles], device=candidate.rotation.device))
-        results.append((optimise(pyramid, similarity, base, candidate, (shrink,), max(1, iterations // 2), **args),
-                        angles, candidate))
+            candidate.rotation.copy_(torch.tensor([angles], device=candidate.rotation.device))
+        optimise(pyramid, similarity, base, candidate, (shrink,), max(1, iterations // 2), **args)
+        results.append((score(pyramid, similarity, base, candidate, shrink), angles, candidate))
     loss, angles, params = min(results, key=lambda r: r[0])
     info = {"candidates": len(ranked), "refined": len(better),
             "taken_deg": [round(math.degrees(a), 1) for a in params.rotation[0].tolist()],
-            "taken": "the start" if angles == (0.0, 0.0, 0.0) else "a searched orientation",
-            "loss_start": round(results[0][0], 5), "loss_taken": round(loss, 5)}
+            "taken": "the start" if angles is None else "a searched orientation",
+            "loss_start": round(start_score, 5), "loss_taken": round(loss, 5)}
     return params, info
 
 
