@@ -13,18 +13,21 @@ first, then the affine; in the rigid and affine modes there is no field and tran
 linear transform alone), warped_labels.nii.gz, metrics.json and report.png.
 """
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
 from gvsl.cli import run  # noqa: E402
-from gvsl.registration.options import MODES  # noqa: E402
-from gvsl.runtime import DEVICES  # noqa: E402
-from gvsl.similarity import SIMILARITIES  # noqa: E402
+from gvsl.report_process import ReportProcess  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
+    from gvsl.registration.options import MODES  # these import torch
+    from gvsl.runtime import DEVICES
+    from gvsl.similarity import SIMILARITIES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fixed", help="fixed image (NIfTI, NRRD, MHA...); omitted: the built-in demo pair")
     p.add_argument("--moving", help="moving image, registered onto the fixed one")
@@ -76,7 +79,7 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def job(args: argparse.Namespace) -> None:
+def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
     from tqdm.auto import tqdm
 
     from gvsl import demo
@@ -104,14 +107,15 @@ def job(args: argparse.Namespace) -> None:
             bar.update(round(100 * fraction) - bar.n)
 
         result = register(progress=progress, options=opts, **inputs)
-    files = save_registration(result, inputs["fixed"], out)
+    files = save_registration(result, inputs["fixed"], out, drawer)
     print(summary(result.metrics, Path(args.moving).name, Path(args.fixed).name))
     print(f"Outputs in {out.resolve()}; figure: {files['report'].resolve()}")
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
-    return run(lambda: job(args))
+    with ReportProcess.start() or contextlib.nullcontext() as drawer:  # before torch: see gvsl.report_process
+        args = parse(argv)
+        return run(lambda: job(args, drawer))
 
 
 if __name__ == "__main__":

@@ -5,10 +5,9 @@ import sys
 import warnings
 from typing import Callable
 
-from .checkpoint import CheckpointError
-from .volumes import DataError
-
-EXPECTED = (DataError, CheckpointError, ValueError, FileNotFoundError, RuntimeError)
+# ValueError covers gvsl's own DataError, CheckpointError and RegistrationError; nothing here imports
+# torch, so an entry script can start work before paying for it
+EXPECTED = (ValueError, FileNotFoundError, RuntimeError)
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:

@@ -8,20 +8,26 @@ from typing import TYPE_CHECKING
 import SimpleITK as sitk
 
 from .outputs import staged_files
-from .report import registration_report
+from .report import draw_registration, registration_panels
 
 if TYPE_CHECKING:  # only for the annotation: reading the file names must not import torch (Slicer's GUI does)
     from .registration import RegistrationResult
+    from .report_process import ReportProcess
 
 FILES = {"warped": "warped.nii.gz", "transform": "transform.h5", "inverse": "inverse.h5", "affine": "affine.tfm",
          "displacement": "displacement.nii.gz", "warped_labels": "warped_labels.nii.gz",
          "metrics": "metrics.json", "report": "report.png"}
 
 
-def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir: str | Path) -> dict[str, Path]:
-    """Write every output into ``output_dir`` at once (nothing half-written on failure)."""
+def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir: str | Path,
+                      drawer: ReportProcess | None = None) -> dict[str, Path]:
+    """Write every output into ``output_dir`` at once (nothing half-written on failure); ``drawer``
+    draws report.png while the other files are written, else this process draws it."""
     output_dir = Path(output_dir)
     with staged_files(output_dir) as stage:
+        figure = registration_panels(fixed, result.before, result.warped, result.jacobian, result.landmarks)
+        if drawer is not None:
+            drawer.draw(figure, stage / FILES["report"], result.metrics)
         sitk.WriteImage(result.warped, str(stage / FILES["warped"]))
         sitk.WriteTransform(result.transform, str(stage / FILES["transform"]))
         sitk.WriteTransform(result.inverse, str(stage / FILES["inverse"]))
@@ -31,8 +37,10 @@ def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir:
         if result.warped_labels is not None:
             sitk.WriteImage(result.warped_labels, str(stage / FILES["warped_labels"]))
         (stage / FILES["metrics"]).write_text(json.dumps(result.metrics, indent=2))
-        registration_report(fixed, result.before, result.warped, result.jacobian, stage / FILES["report"],
-                            result.metrics, result.landmarks)
+        if drawer is not None:
+            drawer.wait()
+        else:
+            draw_registration(figure, stage / FILES["report"], result.metrics)
         written = {k: output_dir / v for k, v in FILES.items() if (stage / v).exists()}
     return written
 

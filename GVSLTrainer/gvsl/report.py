@@ -24,36 +24,47 @@ def _checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
     return np.where(((yy // size) + (xx // size)) % 2 == 0, a, b)
 
 
-def registration_report(fixed: sitk.Image, before: sitk.Image, warped: sitk.Image, jacobian: sitk.Image,
-                        path: str | Path, metrics: dict | None = None, landmarks: dict | None = None) -> Path:
-    """Mid-slices of fixed, moving and warped; checkerboards before and after; the Jacobian determinant.
+def registration_panels(fixed: sitk.Image, before: sitk.Image, warped: sitk.Image, jacobian: sitk.Image,
+                        landmarks: dict | None = None) -> dict:
+    """What the figure shows, as plain arrays: mid-slices of fixed, moving and warped, checkerboards
+    before and after, the Jacobian determinant, and the landmarks projected onto each view.
 
-    ``landmarks`` ({"fixed": (n, 3), "moving": (n, 3) mapped into fixed space, LPS mm}) are drawn on the
-    fixed and warped columns, projected onto each slice: fixed as + (then as circles), moving as x."""
+    Plain arrays, so that another process can draw them (``gvsl.report_process``) without the volumes.
+    """
+    f, b, w = (_display(sitk.GetArrayFromImage(x).astype(np.float32)) for x in (fixed, before, warped))
+    jac = sitk.GetArrayFromImage(jacobian).astype(np.float32)
+    panels = {"fixed": _slices(f), "moving (before)": _slices(b), "warped (after)": _slices(w),
+              "checkerboard before": [_checkerboard(x, y) for x, y in zip(_slices(f), _slices(b))],
+              "checkerboard after": [_checkerboard(x, y) for x, y in zip(_slices(f), _slices(w))],
+              "Jacobian determinant": _slices(jac)}
+    points = None
+    if landmarks is not None:
+        points = {key: _projected(fixed, np.asarray(landmarks[key])) for key in ("fixed", "moving")}
+    return {"panels": {k: [np.ascontiguousarray(x) for x in v] for k, v in panels.items()},
+            "aspects": _aspects(fixed), "landmarks": points}
+
+
+def draw_registration(figure: dict, path: str | Path, metrics: dict | None = None) -> Path:
+    """Draw ``registration_panels`` into a PNG: fixed landmarks as + (then as circles around where
+    they should land), moving landmarks as x."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state to close
 
-    f, b, w = (_display(sitk.GetArrayFromImage(x).astype(np.float32)) for x in (fixed, before, warped))
-    jac = sitk.GetArrayFromImage(jacobian)
-    columns = [("fixed", _slices(f), "gray"), ("moving (before)", _slices(b), "gray"),
-               ("warped (after)", _slices(w), "gray"),
-               ("checkerboard before", [_checkerboard(x, y) for x, y in zip(_slices(f), _slices(b))], "gray"),
-               ("checkerboard after", [_checkerboard(x, y) for x, y in zip(_slices(f), _slices(w))], "gray"),
-               ("Jacobian determinant", _slices(jac), "RdBu_r")]
-    aspect = _aspects(fixed)
+    columns = list(figure["panels"].items())
     fig = Figure(figsize=(3 * len(columns), 9.5))
     axes = fig.subplots(3, len(columns))
-    for col, (title, images, cmap) in enumerate(columns):
+    for col, (title, images) in enumerate(columns):
+        jacobian = title.startswith("Jacobian")
         for row, image in enumerate(images):
             ax = axes[row, col]
-            kw = dict(vmin=0, vmax=2) if title.startswith("Jacobian") else dict(vmin=0, vmax=1)
-            im = ax.imshow(image, cmap=cmap, aspect=aspect[row], interpolation="nearest", **kw)
+            im = ax.imshow(image, cmap="RdBu_r" if jacobian else "gray", aspect=figure["aspects"][row],
+                           interpolation="nearest", vmin=0, vmax=2 if jacobian else 1)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(title, fontsize=10)
-        if landmarks is not None and title in ("fixed", "warped (after)"):
-            _draw_landmarks(axes[:, col], fixed, landmarks, moving=title != "fixed")
-        if title.startswith("Jacobian"):
+        if figure["landmarks"] is not None and title in ("fixed", "warped (after)"):
+            _draw_landmarks(axes[:, col], figure["landmarks"], moving=title != "fixed")
+        if jacobian:
             fig.colorbar(im, ax=axes[:, col], shrink=0.6, label="det J (<= 0: folding)")
     if metrics:
         fig.suptitle(_summary(metrics), fontsize=10)
@@ -62,17 +73,27 @@ def registration_report(fixed: sitk.Image, before: sitk.Image, warped: sitk.Imag
     return path
 
 
-def _draw_landmarks(axes, fixed: sitk.Image, landmarks: dict, moving: bool) -> None:
-    """Project LPS points onto the three mid-slice views of ``fixed`` (as ``_slices`` lays them out)."""
+def registration_report(fixed: sitk.Image, before: sitk.Image, warped: sitk.Image, jacobian: sitk.Image,
+                        path: str | Path, metrics: dict | None = None, landmarks: dict | None = None) -> Path:
+    """The registration figure in this process. ``landmarks``: {"fixed": (n, 3), "moving": (n, 3)
+    mapped into fixed space, LPS mm}."""
+    return draw_registration(registration_panels(fixed, before, warped, jacobian, landmarks), path, metrics)
+
+
+def _projected(fixed: sitk.Image, points: np.ndarray) -> list[np.ndarray]:
+    """(x, y) of LPS points on each of the three mid-slice views of ``fixed`` (as ``_slices`` lays them out)."""
     d = fixed.GetSize()[2]
+    i, j, k = np.array([fixed.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in points]).reshape(-1, 3).T
+    return [np.stack(xy) for xy in ((i, j), (i, d - 1 - k), (j, d - 1 - k))]
+
+
+def _draw_landmarks(axes, points: dict, moving: bool) -> None:
     styles = [("fixed", dict(marker="o", facecolors="none", edgecolors="lime", s=60) if moving else
                dict(marker="+", c="lime", s=30))]
     if moving:  # a moving landmark inside its fixed circle: registered there
         styles.append(("moving", dict(marker="x", c="red", s=30)))
     for key, style in styles:
-        idx = np.array([fixed.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in landmarks[key]])
-        i, j, k = idx.T
-        for ax, (x, y) in zip(axes, ((i, j), (i, d - 1 - k), (j, d - 1 - k))):
+        for ax, (x, y) in zip(axes, points[key]):
             ax.set_autoscale_on(False)  # points off the slice's extent do not widen the view
             ax.scatter(x, y, linewidths=1.2, **style)
 

@@ -1,0 +1,56 @@
+"""The registration figure: drawn by the helper process exactly as in this process, failures raised."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from gvsl.report import draw_registration, registration_panels
+from gvsl.report_process import ReportProcess
+
+
+def oblique_volume(seed: int) -> sitk.Image:
+    arr = np.random.default_rng(seed).random((12, 16, 20)).astype(np.float32)
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing((1.0, 1.5, 2.5))
+    image.SetOrigin((10.0, -5.0, 3.0))
+    c, s = np.cos(0.3), np.sin(0.3)
+    image.SetDirection((c, -s, 0, s, c, 0, 0, 0, 1))
+    return image
+
+
+@pytest.fixture
+def figure():
+    fixed = oblique_volume(0)
+    jacobian = sitk.Image(fixed.GetSize(), sitk.sitkFloat32) + 1.0
+    jacobian.CopyInformation(fixed)
+    points = np.array([fixed.TransformContinuousIndexToPhysicalPoint((4.0, 5.0, 6.0)),
+                       fixed.TransformContinuousIndexToPhysicalPoint((10.0, 3.0, 2.0))])
+    return registration_panels(fixed, oblique_volume(1), oblique_volume(2), jacobian,
+                               {"fixed": points, "moving": points + 1.0, "labels": ["1", "2"]})
+
+
+def test_landmarks_are_projected_onto_each_view_in_voxels(figure):
+    axial, coronal, sagittal = figure["landmarks"]["fixed"]
+    np.testing.assert_allclose(axial, [[4, 10], [5, 3]], atol=1e-9)  # (i, j)
+    np.testing.assert_allclose(coronal, [[4, 10], [11 - 6, 11 - 2]], atol=1e-9)  # (i, d - 1 - k)
+    np.testing.assert_allclose(sagittal, [[5, 3], [5, 9]], atol=1e-9)  # (j, d - 1 - k)
+
+
+def test_the_helper_draws_the_same_figure_as_this_process(figure, tmp_path):
+    from matplotlib.image import imread
+
+    metrics = None
+    draw_registration(figure, tmp_path / "here.png", metrics)
+    with ReportProcess() as drawer:
+        drawer.draw(figure, tmp_path / "helper.png", metrics)
+        drawer.wait()
+    np.testing.assert_array_equal(imread(tmp_path / "helper.png"), imread(tmp_path / "here.png"))
+
+
+def test_a_failed_drawing_is_raised_and_an_unused_helper_stops(figure, tmp_path):
+    drawer = ReportProcess()
+    drawer.draw(figure, tmp_path / "no such folder" / "report.png", None)
+    with pytest.raises(RuntimeError, match="drawing report.png failed: .*No such file"):
+        drawer.wait()
+    idle = ReportProcess()
+    idle.close()
+    assert idle._proc.returncode is not None
