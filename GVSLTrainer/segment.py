@@ -9,6 +9,7 @@ Gaussian weights; --tta averages over flips; --probabilities DIR also writes one
 per class.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="mixed precision for the network on a GPU (bf16 where "
                                                       "supported, else fp16): faster, about the same labels")
     p.add_argument("--probabilities", metavar="DIR", help="also write one probability map per class here")
+    p.add_argument("--classes", metavar="JSON", help="also write the model's classes here (label values, names, "
+                                                     "colours), so a viewer can name the segments without torch")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p.parse_args(argv)
 
@@ -37,7 +40,7 @@ def job(args: argparse.Namespace) -> None:
     import SimpleITK as sitk
 
     from gvsl import checkpoint, data
-    from gvsl.outputs import staged_files, write_image
+    from gvsl.outputs import staged_files, write_image, write_text
     from gvsl.segmentation import SegmentationOptions, build_segmenter, segment
 
     ckpt = checkpoint.load(args.model)
@@ -47,6 +50,8 @@ def job(args: argparse.Namespace) -> None:
                                   probabilities=bool(args.probabilities))
     result = segment(image, ckpt, options, progress=args.progress)
     output = write_image(result.labels, args.output)  # appears whole or not at all
+    if args.classes:
+        write_text(json.dumps(result.spec.as_dict()), args.classes)
     if args.probabilities:
         with staged_files(Path(args.probabilities)) as stage:
             for name, p in zip(result.spec.names, result.probabilities):

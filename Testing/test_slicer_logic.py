@@ -3,7 +3,9 @@ headless tools' files and against SimpleITK, point by point, on oblique anisotro
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -182,6 +184,7 @@ def registered(scene, pair_files, pair_nodes):
     seg = load_segmentation(scene, pair_files["moving_labels"])
     calls = []
     nodes = GVSLLogic(scene).register(fixed, moving, iterations=ITERATIONS, movingSegmentation=seg,
+                                      outputVolume=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "warped"),
                                       progress=lambda stage, f: calls.append(f))
     return fixed, moving, seg, nodes, calls
 
@@ -217,7 +220,8 @@ def loaded(scene, headless, pair_nodes):
     """Nodes built from register.py's files: the conversion alone, to compare exactly."""
     fixed, moving = pair_nodes
     logic = GVSLLogic(scene)
-    whole = logic.loadRegistration(headless, fixed, moving, segments={1: ("grey", (1, 0, 0)), 2: ("white", (0, 0, 1))})
+    whole = logic.loadRegistration(headless, fixed, moving, segments={1: ("grey", (1, 0, 0)), 2: ("white", (0, 0, 1))},
+                                   outputVolume=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "warped"))
     split = logic.loadRegistration(headless, fixed, moving, splitTransforms=True)
     return fixed, moving, whole, split, sample_points_ras(sitk.ReadImage(str(headless / "warped.nii.gz")), seed=2)
 
@@ -246,6 +250,28 @@ def test_loaded_nodes_are_the_headless_files_exactly(loaded, headless):
     segments = whole.segmentation.GetSegmentation()
     assert [segments.GetNthSegment(i).GetName() for i in range(2)] == ["grey", "white"]
     np.testing.assert_allclose(segments.GetNthSegment(1).GetColor(), (0, 0, 1))
+
+
+def test_without_an_output_volume_the_moving_volume_is_shown_through_the_result(scene, headless, pair_nodes,
+                                                                                 pair_files):
+    """As SlicerElastix: no resampled copy; the moving volume sits under the result (the top of a split
+    pair) and maps world points as transform.h5 does."""
+    fixed, moving = pair_nodes
+    logic = GVSLLogic(scene)
+    points = sample_points_ras(sitk.ReadImage(str(headless / "warped.nii.gz")), seed=3)
+    expected = map_with_itk(sitk.ReadTransform(str(headless / "transform.h5")), points)
+    for split in (False, True):
+        volumes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems()
+        nodes = logic.loadRegistration(headless, fixed, moving, splitTransforms=split)
+        assert nodes.outputVolume is None
+        assert scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == volumes
+        assert moving.GetParentTransformNode() is nodes.transform
+        np.testing.assert_allclose(map_with_node(moving.GetParentTransformNode(), points), expected, atol=1e-3)
+    # a next run reads the moving volume as stored, not through the earlier result it now sits under
+    from GVSLLib.logic import movingImage
+    stored = sitk.ReadImage(str(pair_files["moving"]))
+    np.testing.assert_allclose(movingImage(moving).GetOrigin(), stored.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(movingImage(moving).GetDirection(), stored.GetDirection(), atol=1e-9)
 
 
 def test_split_transforms_compose_to_the_same_mapping(loaded, headless):
@@ -344,7 +370,7 @@ def test_registration_options_from_nodes_in_and_out_of_process(scene, pair_files
     assert job.process.wait(300) == 0, job.process.output
     background = job.finish()
     for key in ("tre_before", "tre_after"):
-        assert background.metrics[key]["mean_mm"] == pytest.approx(m[key]["mean_mm"], abs=0.02)
+        assert background.metrics[key]["mean_mm"] == pytest.approx(m[key]["mean_mm"], abs=0.02), (key, background.metrics[key], m[key])
     with pytest.raises(ValueError, match="both fixed and moving landmarks"):
         logic.register(fixed, moving, fixedLandmarks=lists[0])
 
@@ -501,6 +527,27 @@ def alive(pid: int) -> bool:
         return False
 
 
+def test_the_live_log_gets_each_output_line_once():
+    from GVSLLib.process import BackgroundProcess
+
+    proc = BackgroundProcess([sys.executable, "-c", "print('first'); print('second', flush=True)"])
+    assert proc.wait(60) == 0
+    assert proc.newLines() == ["first", "second"] and proc.newLines() == []
+
+
+def test_temporary_files_go_unless_kept(scene, pair_nodes):
+    fixed, _ = pair_nodes
+    logic = GVSLLogic(scene)
+    jobs = {keep: logic._startBackground("gvsl_test_", "register.py", lambda workdir: ["--help"],
+                                         lambda folder: folder, keepTemporaryFiles=keep) for keep in (False, True)}
+    for keep, job in jobs.items():
+        assert job.process.wait(120) == 0
+        assert Path(tempfile.gettempdir()) in job.workdir.parents  # no Slicer application: the system's
+        job.cleanup()
+        assert job.workdir.exists() == keep
+    shutil.rmtree(jobs[True].workdir)
+
+
 def test_cancel_kills_the_whole_process_tree_without_waiting_on_the_pipe():
     """What PythonSlicer.exe (a launcher whose child is the interpreter) needs on Windows, checked here."""
     pytest.importorskip("psutil")
@@ -531,12 +578,25 @@ def test_failed_background_run_reports_the_error_and_creates_no_nodes(scene, tmp
     assert scene.GetNumberOfNodes() == before and not job.workdir.exists()
 
 
-def test_background_segmentation(scene, pair_files, segmentation_model):
+def test_background_segmentation(scene, pair_files, segmentation_model, monkeypatch):
+    """Slicer's process never loads the model (torch, MONAI and the weights stay in the child): the
+    segment names and colours come back from the child with the label map."""
     volume = load_volume(scene, pair_files["fixed"], "head")
+    spec = checkpoint.load(segmentation_model).meta["labels"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded in Slicer's process")
+
+    monkeypatch.setattr(checkpoint, "load", refuse)
     job = GVSLLogic(scene).startSegmentation(volume, str(segmentation_model))
     assert job.process.wait(300) == 0, job.process.output
     assert job.process.fraction == 1.0  # MONAI's progress bar, read from the child's output
     node = job.finish()
+    monkeypatch.undo()
+    segments = node.GetSegmentation()
+    names = [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
+    assert names == [n for v, n in zip(spec["values"], spec["names"]) if v != 0]
+    np.testing.assert_allclose(segments.GetNthSegment(0).GetColor(), spec["colours"][1], atol=1e-6)
     headless = sitk.GetArrayFromImage(headless_segment(sitk.ReadImage(str(pair_files["fixed"])),
                                                        checkpoint.load(segmentation_model)).labels)
     ours = labels_on(node, volume)

@@ -29,12 +29,13 @@ def lpsToRas(points: np.ndarray) -> np.ndarray:
 rasToLps = lpsToRas
 
 
-def _ijkToRas(node) -> np.ndarray:
-    """4x4 IJK -> world RAS, including a linear parent transform (refused when non-linear)."""
+def _ijkToRas(node, throughParent: bool = True) -> np.ndarray:
+    """4x4 IJK -> world RAS, including a linear parent transform (refused when non-linear) unless
+    ``throughParent`` is False."""
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
     ijkToRas = slicer.util.arrayFromVTKMatrix(m)
-    parent = node.GetParentTransformNode()
+    parent = node.GetParentTransformNode() if throughParent else None
     if parent is not None:
         if not parent.IsTransformToWorldLinear():
             raise ConversionError(f"{node.GetName()}: lies under the non-linear transform {parent.GetName()!r}; "
@@ -45,14 +46,15 @@ def _ijkToRas(node) -> np.ndarray:
     return ijkToRas
 
 
-def imageFromVolumeNode(node) -> sitk.Image:
-    """A scalar volume node as a SimpleITK image in LPS, placed where Slicer shows it."""
+def imageFromVolumeNode(node, throughParent: bool = True) -> sitk.Image:
+    """A scalar volume node as a SimpleITK image in LPS, placed where Slicer shows it (or, with
+    ``throughParent`` False, where it lies without its parent transform)."""
     if node is None or node.GetImageData() is None:
         raise ConversionError(f"{node.GetName() if node else 'None'}: the volume has no image data")
     if node.GetImageData().GetNumberOfScalarComponents() != 1:
         raise ConversionError(f"{node.GetName()}: has {node.GetImageData().GetNumberOfScalarComponents()} "
                               "components per voxel; a scalar volume is needed")
-    ijkToLps = FLIP4 @ _ijkToRas(node)
+    ijkToLps = FLIP4 @ _ijkToRas(node, throughParent)
     linear = ijkToLps[:3, :3]
     spacing = np.linalg.norm(linear, axis=0)
     image = sitk.GetImageFromArray(np.array(slicer.util.arrayFromVolume(node)))  # (K, J, I), copied

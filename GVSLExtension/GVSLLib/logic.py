@@ -8,6 +8,7 @@ and nodes are created only after the computation succeeded.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -29,13 +30,25 @@ except ImportError:
 Progress = Callable[[str, float], None]  # (stage, fraction done)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 GRID_PART = "GVSL.gridPart"  # marks the grid node of a split result, so that a later split run reuses it
+METRICS = "GVSL.metrics"  # a result transform's metrics (JSON); it also marks the node as a GVSL result
 MODES = ("rigid", "affine", "deformable")  # gvsl.registration.MODES, named here so the GUI needs no torch
 SIMILARITIES = ("auto", "ncc", "mind", "mi")  # gvsl.similarity.SIMILARITIES, likewise
 
 
+def temporaryFolder(prefix: str) -> Path:
+    """A new folder for one run's files: in Slicer's temporary folder (its application settings), as
+    SlicerElastix does; the system's where there is no application (slicer-core, tests)."""
+    if hasattr(slicer, "app"):
+        root = Path(slicer.app.temporaryPath) / "GVSL"
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
 @dataclass
 class RegistrationNodes:
-    outputVolume: object  # the moving volume resampled onto the fixed grid
+    outputVolume: object  # the moving volume resampled onto the fixed grid; None when none was asked
+    #                       for, and the moving volume was placed under ``transform`` instead
     transform: object  # maps the moving volume onto the fixed one (Slicer's "from parent" = fixed -> moving)
     affineTransform: object = None  # linear part, when the transforms are split; its parent is the grid part
     deformableTransform: object = None  # grid (displacement field) part, applied first
@@ -67,8 +80,9 @@ class _RegistrationOutputs:
 class BackgroundJob:
     """A headless script running in a child process; ``finish()`` turns its files into nodes."""
 
-    def __init__(self, argv: list[str], workdir: Path, finish: Callable[[Path], object]):
+    def __init__(self, argv: list[str], workdir: Path, finish: Callable[[Path], object], keep: bool = False):
         self.workdir = workdir
+        self.keep = keep  # keep the temporary files (inputs, the script's outputs) for debugging
         self._finish = finish
         self.process = BackgroundProcess(argv)
 
@@ -86,7 +100,10 @@ class BackgroundJob:
         self.cleanup()
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.keep:
+            logging.info(f"GVSL: temporary files kept in {self.workdir}")
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class GVSLLogic(ScriptedLoadableModuleLogic):
@@ -135,16 +152,16 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
             raise ValueError(problem)
 
     def _startBackground(self, prefix: str, script: str, arguments: Callable[[Path], list],
-                         finish: Callable[[Path], object]) -> BackgroundJob:
+                         finish: Callable[[Path], object], keepTemporaryFiles: bool = False) -> BackgroundJob:
         """Run ``script`` of the trainer on ``arguments(workdir)`` in a child process; the temporary
         folder goes again if writing the inputs fails."""
-        workdir = Path(tempfile.mkdtemp(prefix=prefix))
+        workdir = temporaryFolder(prefix)
         try:
             argv = [pythonExecutable(), paths.trainerDir() / script, *arguments(workdir)]
         except Exception:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        return BackgroundJob([str(a) for a in argv], workdir, finish)
+        return BackgroundJob([str(a) for a in argv], workdir, finish, keepTemporaryFiles)
 
     # ---------------------------------------------------------------- registration
     def register(self, fixedVolume, movingVolume, model=None, outputVolume=None, outputTransform=None,
@@ -162,7 +179,7 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
 
         self._require(self.registrationInputsProblem(fixedVolume, movingVolume, model, mode, outputTransform,
                                                      splitTransforms, fixedLandmarks, movingLandmarks))
-        fixed, moving = conversion.imageFromVolumeNode(fixedVolume), conversion.imageFromVolumeNode(movingVolume)
+        fixed, moving = conversion.imageFromVolumeNode(fixedVolume), movingImage(movingVolume)
         movingLabels, segments = self._movingLabels(movingSegmentation)
         extra = self._registrationExtras(fixedMask, movingMask, initialTransform, fixedLandmarks, movingLandmarks)
         for key in ("fixed_landmarks", "moving_landmarks"):
@@ -191,8 +208,9 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         extra = self._registrationExtras(fixedMask, movingMask, initialTransform, fixedLandmarks, movingLandmarks)
 
         def arguments(workdir: Path) -> list:
-            argv = ["--output-dir", workdir / "out", "--fixed", self._write(fixedVolume, workdir / "fixed.nrrd"),
-                    "--moving", self._write(movingVolume, workdir / "moving.nrrd"), "--device", device,
+            argv = ["--output-dir", workdir / "out",
+                    "--fixed", self._write(conversion.imageFromVolumeNode(fixedVolume), workdir / "fixed.nrrd"),
+                    "--moving", self._write(movingImage(movingVolume), workdir / "moving.nrrd"), "--device", device,
                     "--similarity", similarity, "--mode", mode]
             argv += _extraFiles(extra, workdir)
             if movingLabels is not None:
@@ -248,8 +266,7 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
                              "registration; pick another transform node, create a new one, or split the transforms")
         name = movingVolume.GetName()
         with _NewNodes(self.scene) as new:
-            volume = conversion.volumeNodeFromImage(
-                outputs.warped, outputVolume or new.add("vtkMRMLScalarVolumeNode", f"{name} registered"))
+            volume = None if outputVolume is None else conversion.volumeNodeFromImage(outputs.warped, outputVolume)
             if linear:  # rigid or affine: one linear node, which Slicer can harden
                 affine, deformable = None, None
                 transform = conversion.linearTransformToNode(
@@ -279,7 +296,9 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
                     outputs.warped_labels, segments,
                     new.add("vtkMRMLSegmentationNode", f"{name} segmentation registered"))
                 segmentation.SetReferenceImageGeometryParameterFromVolumeNode(fixedVolume)
-        transform.SetAttribute("GVSL.metrics", json.dumps(outputs.metrics))
+        transform.SetAttribute(METRICS, json.dumps(outputs.metrics))
+        if volume is None:  # no resampled copy: the moving volume itself is shown through the result, as
+            movingVolume.SetAndObserveTransformNodeID(transform.GetID())  # SlicerElastix does
         return RegistrationNodes(volume, transform, affine, deformable, segmentation, outputs.metrics)
 
     # ---------------------------------------------------------------- segmentation
@@ -292,28 +311,31 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         self._require(self.segmentationInputsProblem(inputVolume, model))
         result = segment(conversion.imageFromVolumeNode(inputVolume), checkpoint.load(model),
                          SegmentationOptions(device=device), progress or False)
-        return self._segmentationNode(result.labels, result.spec, inputVolume, outputSegmentation)
+        return self._segmentationNode(result.labels, result.spec.as_dict(), inputVolume, outputSegmentation)
 
-    def startSegmentation(self, inputVolume, model, outputSegmentation=None, device: str = "auto") -> BackgroundJob:
-        """The same segmentation in a child process running ``segment.py`` on temporary files."""
-        from gvsl import checkpoint
-        from gvsl.segmentation import build_segmenter
-
+    def startSegmentation(self, inputVolume, model, outputSegmentation=None, device: str = "auto",
+                          keepTemporaryFiles: bool = False) -> BackgroundJob:
+        """The same segmentation in a child process running ``segment.py`` on temporary files. Slicer's
+        process neither imports torch nor loads the model: the child writes the classes' names and
+        colours next to the label map, and a wrong model fails there, first."""
         self._require(self.segmentationInputsProblem(inputVolume, model))
-        _, spec = build_segmenter(checkpoint.load(model))  # a wrong model fails here, before any work
 
         def arguments(workdir: Path) -> list:
-            return ["--model", model, "--input", self._write(inputVolume, workdir / "input.nrrd"),
-                    "--output", workdir / "out" / "labels.nrrd", "--device", device]
+            return ["--model", model, "--input", self._write(conversion.imageFromVolumeNode(inputVolume), workdir / "input.nrrd"),
+                    "--output", workdir / "out" / "labels.nrrd", "--classes", workdir / "out" / "classes.json",
+                    "--device", device]
 
         def finish(folder: Path):
-            return self._segmentationNode(sitk.ReadImage(str(folder / "labels.nrrd")), spec, inputVolume,
+            return self._segmentationNode(sitk.ReadImage(str(folder / "labels.nrrd")),
+                                          json.loads((folder / "classes.json").read_text()), inputVolume,
                                           outputSegmentation)
 
-        return self._startBackground("gvsl_segment_", "segment.py", arguments, finish)
+        return self._startBackground("gvsl_segment_", "segment.py", arguments, finish, keepTemporaryFiles)
 
-    def _segmentationNode(self, labels: sitk.Image, spec, inputVolume, outputSegmentation):
-        segments = {v: (n, c) for v, n, c in zip(spec.values, spec.names, spec.colours) if v != 0}
+    def _segmentationNode(self, labels: sitk.Image, classes: dict, inputVolume, outputSegmentation):
+        """``classes``: {"values", "names", "colours"} of the model (``LabelSpec.as_dict()``)."""
+        segments = {v: (n, tuple(c)) for v, n, c in zip(classes["values"], classes["names"], classes["colours"])
+                    if v != 0}
         with _NewNodes(self.scene) as new:
             node = outputSegmentation or new.add("vtkMRMLSegmentationNode", f"{inputVolume.GetName()} segmentation")
             conversion.segmentationFromLabels(labels, segments, node)
@@ -321,10 +343,19 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         return node
 
     @staticmethod
-    def _write(volumeNode, path: Path) -> Path:
+    def _write(image: sitk.Image, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(conversion.imageFromVolumeNode(volumeNode), str(path))
+        sitk.WriteImage(image, str(path))
         return path
+
+
+def movingImage(movingVolume) -> sitk.Image:
+    """The moving volume where Slicer shows it, except through an earlier GVSL result it was placed
+    under (a run without an output volume does that): a new run starts again from the volume itself,
+    and its result takes that one's place."""
+    parent = movingVolume.GetParentTransformNode()
+    earlierResult = parent is not None and parent.GetAttribute(METRICS) is not None
+    return conversion.imageFromVolumeNode(movingVolume, throughParent=not earlierResult)
 
 
 def _extraFiles(extra: dict, workdir: Path) -> list:

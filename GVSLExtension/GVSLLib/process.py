@@ -31,6 +31,7 @@ class BackgroundProcess:
         self.fraction = 0.0
         self.stage = ""
         self.lines: list[str] = []
+        self._shown = 0  # lines already handed to the live log
         self.cancelled = False
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if os.name == "posix":
@@ -121,6 +122,12 @@ class BackgroundProcess:
                 pass
         else:
             subprocess.run(["taskkill", "/T", "/F", "/PID", str(self._proc.pid)], capture_output=True)
+
+    def newLines(self) -> list[str]:
+        """Output lines not returned by an earlier call: what a live log appends at each poll."""
+        lines = self.lines[self._shown:]
+        self._shown += len(lines)
+        return lines
 
     @property
     def output(self) -> str:

@@ -50,7 +50,7 @@ def registrationError(transformNode, fixedNode, movingNode) -> np.ndarray:
     rng = np.random.default_rng(0)
     index = (0.2 + 0.6 * rng.uniform(size=(300, 3))) * (np.array(image.GetSize()) - 1)
     lps = np.array([image.TransformContinuousIndexToPhysicalPoint(i.tolist()) for i in index])
-    known = knownTransformFor(conversion.imageFromVolumeNode(movingNode))
+    known = knownTransformFor(conversion.imageFromVolumeNode(movingNode, throughParent=False))  # as stored
     truth = np.array([known.TransformPoint(p.tolist()) for p in lps])
     transform = vtk.vtkGeneralTransform()
     slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, transformNode, transform)
