@@ -5,20 +5,21 @@ only the GUI. Long work runs in a separate Python process so Slicer stays respon
 """
 import json
 import logging
-import pathlib
 from typing import Annotated, Union
 
+import ctk
 import qt
 import slicer
 import vtk
 from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLLinearTransformNode, vtkMRMLMarkupsFiducialNode,
                     vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode)
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import (Choice, GuiConnector, WithinRange, parameterNodeGuiConnector,
+                                         parameterNodeWrapper)
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
                                            ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from GVSLLib import dependencies, paths
+from GVSLLib import dependencies, paths, presets
 from GVSLLib.logic import DEVICES, MODES, SIMILARITIES, GVSLLogic, formatMetrics
 
 
@@ -48,13 +49,14 @@ class GVSLParameterNode:
     # Register
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
-    registrationModel: pathlib.Path  # empty: optimisation only
+    registrationModel: str = ""  # a checkpoint file; empty: optimisation only
     iterations: Annotated[int, WithinRange(10, 5000)] = 100
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     outputVolume: vtkMRMLScalarVolumeNode
     outputTransform: vtkMRMLTransformNode
     splitTransforms: bool = False
     movingSegmentation: vtkMRMLSegmentationNode
+    preset: Annotated[str, Choice(list(presets.NAMES))] = presets.CUSTOM  # names the options below
     registrationMode: Annotated[str, Choice(list(MODES))] = "deformable"
     similarity: Annotated[str, Choice(list(SIMILARITIES))] = "auto"
     fixedMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
@@ -64,14 +66,50 @@ class GVSLParameterNode:
     movingLandmarks: vtkMRMLMarkupsFiducialNode
     # Segment
     segmentInputVolume: vtkMRMLScalarVolumeNode
-    segmentationModel: pathlib.Path
+    segmentationModel: str = ""
     outputSegmentation: vtkMRMLSegmentationNode
+    # Both
+    keepTemporaryFiles: bool = False
 
 
 def modelPath(path) -> str:
-    """The chosen model file, or "" for none (an empty path line edit reads as ".")."""
+    """The chosen model file, or "" for none (scenes saved by earlier versions hold "." for none)."""
     text = str(path or "").strip()
     return "" if text in ("", ".") else text
+
+
+@parameterNodeGuiConnector
+class PathLineEditToStrConnector(GuiConnector):
+    """A ctkPathLineEdit bound to a ``str`` parameter: Slicer's own connector binds ``pathlib.Path``,
+    whose empty value is ``Path()`` and shows as "."; an empty string shows as an empty field."""
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return type(widget) == ctk.ctkPathLineEdit and datatype == str
+
+    @staticmethod
+    def create(widget, datatype):
+        return PathLineEditToStrConnector(widget) if PathLineEditToStrConnector.canRepresent(widget, datatype) \
+            else None
+
+    def __init__(self, widget) -> None:
+        super().__init__()
+        self._widget = widget
+
+    def _connect(self) -> None:
+        self._widget.currentPathChanged.connect(self.changed)
+
+    def _disconnect(self) -> None:
+        self._widget.currentPathChanged.disconnect(self.changed)
+
+    def widget(self):
+        return self._widget
+
+    def read(self) -> str:
+        return modelPath(self._widget.currentPath)
+
+    def write(self, value: str) -> None:
+        self._widget.currentPath = modelPath(value)
 
 
 class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -100,6 +138,7 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.presetComboBox.connect("activated(int)", self.onPresetChosen)
         self.ui.progressBar.hide()
         self.initializeParameterNode()
         qt.QTimer.singleShot(0, self._disableMissingDevices)
@@ -145,9 +184,17 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._checkCanApply()
 
+    def onPresetChosen(self, index: int) -> None:
+        presets.applyPreset(self._parameterNode, self.ui.presetComboBox.itemText(index))
+
     def _checkCanApply(self, caller=None, event=None) -> None:
-        """Apply buttons are enabled only for valid inputs; the tooltip says what is missing."""
+        """Apply buttons are enabled only for valid inputs; the tooltip says what is missing. The preset
+        box names the preset the options match (Custom once the user changes one)."""
         p = self._parameterNode
+        matching = presets.matchingPreset(p)
+        if p.preset != matching:
+            p.preset = matching  # modifies the node: this method runs again, and finds them equal
+            return
         if self._job is not None:
             return
         problem = GVSLLogic.registrationInputsProblem(
@@ -204,13 +251,13 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             iterations=p.iterations, device=p.device, movingSegmentation=p.movingSegmentation,
             mode=p.registrationMode, similarity=p.similarity, fixedMask=p.fixedMask, movingMask=p.movingMask,
             initialTransform=p.initialTransform, fixedLandmarks=p.fixedLandmarks,
-            movingLandmarks=p.movingLandmarks))
+            movingLandmarks=p.movingLandmarks, keepTemporaryFiles=p.keepTemporaryFiles))
 
     def onSegmentButton(self) -> None:
         p = self._parameterNode
         self._runOrCancel(self.ui.segmentButton, self._segmentationFinished, lambda: self.logic.startSegmentation(
             p.segmentInputVolume, modelPath(p.segmentationModel), outputSegmentation=p.outputSegmentation,
-            device=p.device))
+            device=p.device, keepTemporaryFiles=p.keepTemporaryFiles))
 
     def _runOrCancel(self, button, onFinished, start) -> None:
         """An Apply button's click: Cancel while a run is going, else check dependencies and start one."""
@@ -232,24 +279,40 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for other in (self.ui.registerButton, self.ui.segmentButton):
             if other is not button:
                 other.enabled = False
+        self._setInputsEnabled(False)
+        self.ui.logTextEdit.clear()
+        self.ui.logTextEdit.appendPlainText(" ".join(self._job.process.argv))
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         self._timer.start()
 
+    def _setInputsEnabled(self, enabled: bool) -> None:
+        """Every widget bound to a parameter: a run's inputs cannot change under it."""
+        for widget in self.parent.findChildren(qt.QWidget):
+            if widget.property("SlicerParameterName") is not None:
+                widget.enabled = enabled
+
     def _pollJob(self) -> None:
         job = self._job
+        for line in job.process.newLines():  # the live log
+            self.ui.logTextEdit.appendPlainText(line)
         self.ui.progressBar.value = int(100 * job.process.fraction)
         self.ui.progressBar.format = f"{job.process.stage or 'Working'}: %p%"
         code = job.process.poll()
         if code is None:
             return
+        for line in job.process.newLines():
+            self.ui.logTextEdit.appendPlainText(line)
         self._endJob()
         logging.info(job.process.output)
         try:
             result = job.finish()  # raises with the process's own error message when it failed
         except Exception as e:
+            self.ui.logCollapsibleButton.collapsed = False  # the log stays, open, after an error
             slicer.util.errorDisplay(f"GVSL failed: {e}", windowTitle="GVSL", detailedText=job.process.output)
             return
+        if job.keep:
+            self.ui.logTextEdit.appendPlainText(f"Temporary files kept in {job.workdir}")
         self._onFinished(result)
 
     def _cancelJob(self) -> None:
@@ -265,6 +328,7 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._jobButton.text = self._idleText
         self.ui.progressBar.hide()
+        self._setInputsEnabled(True)
         self._checkCanApply()
 
     def _registrationFinished(self, nodes) -> None:
@@ -272,7 +336,8 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.outputVolume = nodes.outputVolume
         if not p.splitTransforms:  # a split run's transform is its linear part, which cannot take a whole result
             p.outputTransform = nodes.transform
-        slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=nodes.outputVolume,
+        # no output volume: the moving volume itself, now under the result transform
+        slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=nodes.outputVolume or p.movingVolume,
                                          foregroundOpacity=0.5, fit=True)
         self.ui.metricsLabel.text = formatMetrics(nodes.metrics)
 

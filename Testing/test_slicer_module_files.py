@@ -18,7 +18,8 @@ UI = ROOT / "Resources" / "UI" / "GVSL.ui"
 NODE_TYPES = ("vtkMRMLScalarVolumeNode", "vtkMRMLTransformNode", "vtkMRMLSegmentationNode", "vtkMRMLLinearTransformNode",
               "vtkMRMLMarkupsFiducialNode", "Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]")
 WIDGETS_FOR_TYPE = {**{t: {"qMRMLNodeComboBox"} for t in NODE_TYPES}, "pathlib.Path": {"ctkPathLineEdit"},
-                    "bool": {"QCheckBox"}, "int": {"QSpinBox", "ctkSliderWidget"}, "str": {"QComboBox", "QLineEdit"}}
+                    "bool": {"QCheckBox"}, "int": {"QSpinBox", "ctkSliderWidget"},
+                    "str": {"QComboBox", "QLineEdit", "ctkPathLineEdit"}}  # the last through GVSL.py's connector
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_every_parameter_has_exactly_one_widget_of_a_class_that_can_show_it(modu
     assert {"fixedVolume", "movingVolume", "registrationModel", "iterations", "device", "outputVolume",
             "outputTransform", "splitTransforms", "movingSegmentation", "segmentInputVolume", "segmentationModel",
             "outputSegmentation", "registrationMode", "similarity", "fixedMask", "movingMask", "initialTransform",
-            "fixedLandmarks", "movingLandmarks"} <= set(fields)
+            "fixedLandmarks", "movingLandmarks", "preset", "keepTemporaryFiles"} <= set(fields)
     bound = {}
     for name, (cls, param) in ui.items():
         if param is not None:
@@ -187,3 +188,61 @@ def test_module_file_keeps_logic_out(module_tree):
     imported = {alias.name.split(".")[0] for node in module_tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
                 for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
     assert not imported & {"torch", "gvsl", "monai", "SimpleITK"}
+
+
+def test_model_fields_are_strings_shown_empty_through_a_registered_connector(module_tree):
+    """Slicer's own path connector shows Path() as "."; the model fields are str parameters, which only
+    GVSL.py's ctkPathLineEdit connector can show."""
+    fields = wrapper_fields(module_tree)
+    assert fields["registrationModel"] == fields["segmentationModel"] == "str"
+    defaults = {item.target.id: ast.literal_eval(item.value) for node in module_tree.body if isinstance(node, ast.ClassDef)
+                for item in node.body if isinstance(item, ast.AnnAssign) and item.value is not None
+                and item.target.id in ("registrationModel", "segmentationModel")}
+    assert defaults == {"registrationModel": "", "segmentationModel": ""}
+    connectors = [node for node in module_tree.body if isinstance(node, ast.ClassDef)
+                  and any(getattr(d, "id", None) == "parameterNodeGuiConnector" for d in node.decorator_list)]
+    assert len(connectors) == 1
+    source = ast.unparse(connectors[0])
+    assert "ctk.ctkPathLineEdit" in source and "datatype == str" in source and "currentPathChanged" in source
+
+
+def test_presets_set_only_existing_options_to_values_the_gui_offers(module_tree):
+    sys.path.insert(0, str(ROOT / "GVSLExtension"))
+    from GVSLLib import presets
+    from GVSLLib.logic import MODES, SIMILARITIES
+
+    fields = wrapper_fields(module_tree)
+    assert presets.CUSTOM == presets.NAMES[0] and len(presets.PRESETS) >= 3
+    for name, values in presets.PRESETS.items():
+        assert set(values) <= set(fields), name
+        assert values["registrationMode"] in MODES and values["similarity"] in SIMILARITIES
+    assert len({tuple(sorted(v.items())) for v in presets.PRESETS.values()}) == len(presets.PRESETS)  # distinct
+
+
+def test_a_preset_sets_its_options_and_the_box_names_what_they_are():
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "GVSLExtension"))
+    from GVSLLib import presets
+
+    p = SimpleNamespace(registrationMode="deformable", similarity="auto", iterations=100)
+    assert presets.matchingPreset(p) == presets.CUSTOM
+    presets.applyPreset(p, "CT↔MR, rigid")
+    assert (p.registrationMode, p.similarity, p.iterations) == ("rigid", "mi", 100)
+    assert presets.matchingPreset(p) == "CT↔MR, rigid"
+    p.similarity = "ncc"  # the user changes an option: no preset describes them any more
+    assert presets.matchingPreset(p) == presets.CUSTOM
+    presets.applyPreset(p, presets.CUSTOM)
+    assert p.similarity == "ncc"
+    with pytest.raises(ValueError, match="unknown preset"):
+        presets.applyPreset(p, "Fast")
+
+
+def test_the_log_and_inputs_during_a_run(module_tree, ui):
+    """The live log is filled from the process at every poll, and every parameter widget is disabled
+    while a run goes (checked in the source: only the application can click)."""
+    source = MODULE.read_text()
+    assert ui["logTextEdit"][0] == "QPlainTextEdit" and ui["keepTemporaryFilesCheckBox"][1] == "keepTemporaryFiles"
+    assert "process.newLines()" in source and "_setInputsEnabled(False)" in source and \
+        "_setInputsEnabled(True)" in source
+    assert "keepTemporaryFiles=p.keepTemporaryFiles" in source

@@ -169,7 +169,8 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
                  movingSegmentation=None, progress: Progress | None = None, similarity: str = "auto",
                  mode: str = "deformable", fixedMask=None, movingMask=None, initialTransform=None,
                  fixedLandmarks=None, movingLandmarks=None) -> RegistrationNodes:
-        """Register ``movingVolume`` onto ``fixedVolume`` in this process (blocking).
+        """Register ``movingVolume`` onto ``fixedVolume`` in this process (blocking). Without an
+        ``outputVolume`` no resampled copy is made: the moving volume is placed under the result.
 
         ``fixedMask`` / ``movingMask``: segmentation or labelmap nodes; ``initialTransform``: a linear
         transform node (fixed -> moving, as it would sit on the moving volume); ``fixedLandmarks`` /
@@ -200,8 +201,9 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
                           splitTransforms: bool = False, iterations: int | None = None, device: str = "auto",
                           movingSegmentation=None, similarity: str = "auto", mode: str = "deformable",
                           fixedMask=None, movingMask=None, initialTransform=None, fixedLandmarks=None,
-                          movingLandmarks=None) -> BackgroundJob:
-        """The same registration in a child process running ``register.py`` on temporary files."""
+                          movingLandmarks=None, keepTemporaryFiles: bool = False) -> BackgroundJob:
+        """The same registration in a child process running ``register.py`` on temporary files (kept
+        with ``keepTemporaryFiles``, for debugging)."""
         self._require(self.registrationInputsProblem(fixedVolume, movingVolume, model, mode, outputTransform,
                                                      splitTransforms, fixedLandmarks, movingLandmarks))
         movingLabels, segments = self._movingLabels(movingSegmentation)
@@ -226,7 +228,7 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
             return self.loadRegistration(folder, fixedVolume, movingVolume, outputVolume, outputTransform,
                                          splitTransforms, segments)
 
-        return self._startBackground("gvsl_register_", "register.py", arguments, finish)
+        return self._startBackground("gvsl_register_", "register.py", arguments, finish, keepTemporaryFiles)
 
     def loadRegistration(self, folder: str | Path, fixedVolume, movingVolume, outputVolume=None,
                          outputTransform=None, splitTransforms: bool = False,
