@@ -41,6 +41,35 @@ class GVSL(ScriptedLoadableModule):
         iconPath = paths.resourcePath("Icons/GVSL.png")
         if iconPath.exists():
             self.parent.icon = qt.QIcon(str(iconPath))
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+SAMPLE_NAMES = ("GVSL sample fixed (MRHead, oblique)", "GVSL sample moving (MRHead)")
+
+
+def registerSampleData() -> None:
+    """A pair to try Register on, in the Sample Data module: Slicer's MRHead (downloaded and cached by
+    SampleData as usual) and a copy on an oblique, anisotropic grid moved by a known transform (the
+    self-test's pair), so the result can be checked against the truth."""
+    import SampleData
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="GVSL", sampleName="GVSLHeadPair", uris=["MRHead"], fileNames=["MRHead"], nodeNames=[SAMPLE_NAMES[0]],
+        thumbnailFileName=str(paths.resourcePath("Icons/GVSL.png")), customDownloader=loadSamplePair)
+
+
+def loadSamplePair(source=None) -> list:
+    """SampleData's button for the GVSL pair: returns the (fixed, moving) nodes, shown overlaid."""
+    import SampleData
+
+    from GVSLLib import conversion, selftest
+
+    head = SampleData.downloadSample("MRHead")
+    image = conversion.imageFromVolumeNode(head)
+    slicer.mrmlScene.RemoveNode(head)  # the moving volume is the head itself
+    fixed, moving = selftest.makePair(slicer.mrmlScene, image, SAMPLE_NAMES)
+    slicer.util.setSliceViewerLayers(background=fixed, foreground=moving, foregroundOpacity=0.5, fit=True)
+    return [fixed, moving]
 
 
 @parameterNodeWrapper
@@ -364,11 +393,12 @@ class GVSLTest(ScriptedLoadableModuleTest):
         import numpy as np
         import SampleData
 
-        from GVSLLib import conversion, selftest
+        from GVSLLib import selftest
 
-        self.delayDisplay("Loading MRHead")
-        head = conversion.imageFromVolumeNode(SampleData.downloadSample("MRHead"))
-        fixed, moving = selftest.makePair(slicer.mrmlScene, head)
+        self.delayDisplay("Loading the GVSL sample pair (MRHead and a copy moved by a known transform)")
+        registerSampleData()
+        source = SampleData.SampleDataLogic.sampleDataSourcesByCategory("GVSL")[0]
+        fixed, moving = source.customDownloader(source)  # what the Sample Data module's button calls
         self.delayDisplay("Registering")
         nodes = GVSLLogic().register(fixed, moving)
         error = selftest.registrationError(nodes.transform, fixed, moving)

@@ -246,3 +246,14 @@ def test_the_log_and_inputs_during_a_run(module_tree, ui):
     assert "process.newLines()" in source and "_setInputsEnabled(False)" in source and \
         "_setInputsEnabled(True)" in source
     assert "keepTemporaryFiles=p.keepTemporaryFiles" in source
+
+
+def test_a_sample_pair_is_registered_with_sample_data_at_start_up(module_tree):
+    """The SampleData source is registered once the application started (as the module template does),
+    and its button builds the pair the self-test checks against a known transform."""
+    source = MODULE.read_text()
+    assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in source
+    assert "registerCustomSampleDataSource(" in source and "customDownloader=loadSamplePair" in source
+    loader = next(n for n in module_tree.body if isinstance(n, ast.FunctionDef) and n.name == "loadSamplePair")
+    body = ast.unparse(loader)
+    assert "downloadSample('MRHead')" in body and "selftest.makePair(" in body and "return [fixed, moving]" in body

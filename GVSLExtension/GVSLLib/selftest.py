@@ -28,9 +28,10 @@ def knownTransformFor(moving: sitk.Image) -> sitk.AffineTransform:
     return transform
 
 
-def makePair(scene, head: sitk.Image) -> tuple:
+def makePair(scene, head: sitk.Image, names: tuple[str, str] = ("GVSL self-test fixed", "GVSL self-test moving"),
+             ) -> tuple:
     """(fixed node, moving node) from a real head: moving = the head, fixed(x) = moving(T(x)) on an
-    oblique 2.5 x 2.2 x 3.5 mm grid, T = ``knownTransformFor(moving)``."""
+    oblique 2.5 x 2.2 x 3.5 mm grid, T = ``knownTransformFor(moving)``. Also the module's sample pair."""
     moving = sitk.Cast(head, sitk.sitkFloat32)
     fixedGrid = sitk.Image([64, 76, 44], sitk.sitkFloat32)
     fixedGrid.SetSpacing((2.5, 2.2, 3.5))
@@ -38,7 +39,7 @@ def makePair(scene, head: sitk.Image) -> tuple:
     fixedGrid.SetOrigin((_centre(moving) - (_centre(fixedGrid) - np.array(fixedGrid.GetOrigin()))).tolist())
     fixed = sitk.Resample(moving, fixedGrid, knownTransformFor(moving), sitk.sitkLinear, 0.0)
     nodes = []
-    for image, name in ((fixed, "GVSL self-test fixed"), (moving, "GVSL self-test moving")):
+    for image, name in zip((fixed, moving), names):
         nodes.append(conversion.volumeNodeFromImage(image, scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)))
     return tuple(nodes)
 
