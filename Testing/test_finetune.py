@@ -66,6 +66,17 @@ def test_a_tiny_model_memorises_one_real_volume(tmp_path, labelled_case):
     truth, pred = sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(out)
     assert out.GetSize() == img.GetSize() and set(np.unique(pred)) <= {0, 205, 420}
     assert dice(pred, truth, 205) > 0.7 and dice(pred, truth, 420) > 0.7
+    # per-class Dice by class name at every validation, and the learning curve drawn from them
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    validated = [r for r in rows if r["val_dice"]]
+    assert [int(r["step"]) for r in validated] == [100, 200, 300]
+    last = validated[-1]
+    assert float(last["val_dice"]) == pytest.approx((float(last["dice_label_205"]) + float(last["dice_label_420"])) / 2,
+                                                    abs=1e-4)
+    assert float(rows[-1]["lr"]) < float(rows[0]["lr"])  # the default poly decay
+    assert (tmp_path / "run" / "learning_curve.png").stat().st_size > 10_000
+    assert ckpt.meta["config"]["augment"] == "default" and ckpt.meta["config"]["sampling"] == "balanced"
 
 
 @pytest.mark.parametrize("source", ["project", "official"])
@@ -125,7 +136,9 @@ def test_resume_after_interruption_reproduces_the_run(tmp_path, labelled_case, m
     import gvsl.finetune as ft
 
     root, _, _ = labelled_case
-    settings = dict(steps=4, val_every=2, checkpoint_every=1, crop=(16, 16, 16), width=4)
+    # a warm-up and a cosine decay: a resumed run must continue the schedule exactly
+    settings = dict(steps=10, val_every=5, checkpoint_every=1, crop=(16, 16, 16), width=4, log_every=1,
+                    lr_schedule="cosine", warmup_steps=5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train(cfg(root, tmp_path / "a", **settings))
@@ -134,19 +147,22 @@ def test_resume_after_interruption_reproduces_the_run(tmp_path, labelled_case, m
 
         def interrupted(*args):
             calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt  # Ctrl-C during step 3
+            if calls["n"] == 7:
+                raise KeyboardInterrupt  # Ctrl-C during step 7
             return real(*args)
 
         monkeypatch.setattr(ft, "augment_pair", interrupted)
         with pytest.raises(KeyboardInterrupt):
             train(cfg(root, tmp_path / "b", **settings))
         monkeypatch.setattr(ft, "augment_pair", real)
-        assert checkpoint.load(tmp_path / "b" / "checkpoint_last.pt").training_state["step"] == 2
+        assert checkpoint.load(tmp_path / "b" / "checkpoint_last.pt").training_state["step"] == 6
         train(cfg(root, tmp_path / "b", resume=True, **settings))
     a = checkpoint.load(tmp_path / "a" / "checkpoint_last.pt")
     b = checkpoint.load(tmp_path / "b" / "checkpoint_last.pt")
-    assert b.training_state["step"] == 4
+    assert b.training_state["step"] == 10
+    import csv
+    rates = [[(r["step"], r["lr"]) for r in csv.DictReader(open(tmp_path / run / "log.csv"))] for run in "ab"]
+    assert rates[0] == rates[1] and len(rates[0]) == 10 and len({lr for _, lr in rates[0]}) > 5
     for k, v in a.state_dict.items():
         torch.testing.assert_close(b.state_dict[k], v, atol=1e-6, rtol=1e-5, msg=k)
     assert b.training_state["extra"]["best_dice"] == pytest.approx(a.training_state["extra"]["best_dice"])
@@ -166,3 +182,65 @@ def test_two_process_gloo_ddp_fine_tuning_keeps_replicas_identical(tmp_path, lab
     torch.manual_seed(0)  # the trainer's initialisation (seed 0): training must have moved the weights
     fresh = GVSLSegmenter(3, width=4).state_dict()
     assert sum(not torch.equal(fresh[k], r0[k]) for k in r0 if r0[k].is_floating_point()) > len(r0) // 2
+
+
+def test_balanced_crops_find_a_small_class_that_foreground_crops_miss(tmp_path, anatomical_path):
+    """A 4^3-voxel class beside a large one: balanced sampling centres half of its centred crops on it."""
+    from gvsl.labels import LabelSpec
+
+    img = sitk.ReadImage(str(anatomical_path), sitk.sitkFloat32)
+    lab = np.zeros(sitk.GetArrayFromImage(img).shape, np.uint8)
+    d, h, w = lab.shape
+    lab[d // 4:d // 2, h // 4:h // 2, w // 4:w // 2] = 1
+    lab[3 * d // 4:3 * d // 4 + 4, 3 * h // 4:3 * h // 4 + 4, 3 * w // 4:3 * w // 4 + 4] = 2  # 64 voxels
+    labels = sitk.GetImageFromArray(lab)
+    labels.CopyInformation(img)
+    sitk.WriteImage(labels, str(tmp_path / "lab.nii.gz"))
+    spec = LabelSpec([0, 1, 2], ["background", "big", "small"])
+    store = data.VolumeStore([anatomical_path], data.Preprocessing(tuple(img.GetSpacing()), "mr"), tmp_path / "cache",
+                             progress=False, labels=[tmp_path / "lab.nii.gz"], spec=spec)
+    voxels = store[0]["class_voxels"]
+    assert [len(v) for v in voxels] == [0, int((lab == 1).sum()), 64]
+
+    def share_with_small(sampling):
+        crops = data.LabelledCrops(store, [0], (16, 16, 16), seed=0, length=300, foreground_rate=1.0, sampling=sampling)
+        return np.mean([(crops[i][1] == 2).any().item() for i in range(len(crops))])
+
+    balanced, foreground = share_with_small("balanced"), share_with_small("foreground")
+    assert 0.4 < balanced < 0.6 and balanced > 2.5 * foreground  # foreground: only crops that happen to reach it
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        data.LabelledCrops(store, [0], (16, 16, 16), 0, 1, sampling="everywhere")
+
+
+def test_learning_rate_schedules():
+    from gvsl.schedule import learning_rate
+
+    assert [learning_rate(s, 1.0, 100, "constant", 10) for s in (0, 4, 9, 50)] == [0.1, 0.5, 1.0, 1.0]
+    assert learning_rate(10, 1.0, 100, "cosine", 10) == pytest.approx(1.0)
+    assert learning_rate(55, 1.0, 100, "cosine", 10) == pytest.approx(0.5)
+    assert learning_rate(100, 1.0, 100, "cosine", 10) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(55, 1.0, 100, "poly", 10) == pytest.approx(0.5 ** 0.9)
+    assert learning_rate(0, 1.0, 20, "poly", 100) == pytest.approx(0.5)  # warm-up capped at a tenth: 2 steps
+    with pytest.raises(ValueError, match="lr schedule"):
+        learning_rate(0, 1.0, 10, "step")
+
+
+def test_augmentation_choices_are_separate(tmp_path):
+    from gvsl import augment
+    from gvsl.finetune import augment_pair
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 1, 16, 16, 16)
+    label = (image[:, 0] > 0.5).long()
+    same_image, same_label = augment_pair(image, label, gen, augment.spatial_config("none"), intensity=False)
+    assert torch.equal(same_image, image) and torch.equal(same_label, label)
+    curved, kept = augment_pair(image, label, gen.manual_seed(1), augment.spatial_config("none"), intensity=True)
+    assert torch.equal(kept, label) and not torch.equal(curved, image)  # geometry kept, intensities changed
+    light, full = augment.spatial_config("light"), augment.spatial_config("default")
+    assert light.rotation == full.rotation / 2 and light.elastic_magnitude == full.elastic_magnitude / 2
+    help_text = subprocess.run([sys.executable, str(ROOT / "GVSLTrainer" / "finetune.py"), "--help"],
+                               capture_output=True, text=True).stdout
+    assert "crops per step" in help_text and "pairs per step" not in help_text
+    for flag in ("--sampling", "--foreground-rate", "--lr-schedule", "--warmup-steps", "--augment",
+                 "--no-intensity-augment"):
+        assert flag in help_text

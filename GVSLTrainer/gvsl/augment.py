@@ -28,6 +28,23 @@ class AugmentConfig:
     elastic_spacing: int = 16  # voxels between the elastic field's random control points
 
 
+# Spatial augmentation strengths for fine-tuning (``--augment``): none, half the bounds, or the
+# paper's bounds (those of pre-training).
+SPATIAL_LEVELS = ("none", "light", "default")
+
+
+def spatial_config(level: str) -> AugmentConfig | None:
+    if level not in SPATIAL_LEVELS:
+        raise ValueError(f"augment must be one of {', '.join(SPATIAL_LEVELS)}, got {level!r}")
+    if level == "none":
+        return None
+    full = AugmentConfig()
+    if level == "default":
+        return full
+    return AugmentConfig(rotation=full.rotation / 2, scale=full.scale / 2, translation=full.translation / 2,
+                         shear=full.shear / 2, elastic_magnitude=full.elastic_magnitude / 2)
+
+
 def _rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.rand(shape, generator=gen, device=gen.device)
 

@@ -110,7 +110,20 @@ class _CacheItem(Transform):
         grid, volume = self.preprocessing.prepare(image, item["image"])
         on_grid = sitk.Resample(labels, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         classes = self.spec.to_classes(sitk.GetArrayFromImage(on_grid), item["label"])
-        return {"image": volume, "label": torch.from_numpy(classes.astype(np.uint8))}
+        dtype = np.uint8 if self.spec.num_classes <= 256 else np.int16  # 300 classes do not fit a byte
+        return {"image": volume, "label": torch.from_numpy(classes.astype(dtype)),
+                "class_voxels": class_voxels(classes, self.spec.num_classes)}
+
+
+def class_voxels(classes: np.ndarray, num_classes: int) -> list[torch.Tensor]:
+    """Flat indices of each class's voxels (int32; class 0, the background, left empty): found once,
+    when a case is cached, so that crops centred on a class cost nothing to place."""
+    flat = classes.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[order], np.arange(num_classes + 1))
+    out = [torch.from_numpy(order[bounds[c]:bounds[c + 1]].astype(np.int32)) for c in range(num_classes)]
+    out[0] = torch.zeros(0, dtype=torch.int32)
+    return out
 
 
 class VolumeStore:
@@ -131,7 +144,7 @@ class VolumeStore:
                     "normalize": preprocessing.normalize}
             if labels is not None:
                 item.update(label=str(Path(labels[i]).resolve()), label_id=_identity(labels[i]),
-                            spec=spec.as_dict())
+                            spec=spec.as_dict(), cache_format=2)  # 2: with each class's voxel indices
             items.append(item)
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         self._dataset = PersistentDataset(items, transform=_CacheItem(preprocessing, spec), cache_dir=cache_dir)
@@ -257,30 +270,54 @@ def discover_labelled(source: str | Path) -> tuple[list[tuple[Path, Path]], dict
     return pairs, mapping
 
 
+SAMPLINGS = ("balanced", "foreground", "uniform")
+
+
 class LabelledCrops(Dataset):
-    """Sample ``index`` -> (image crop (1, D, H, W), class crop (D, H, W)); a third of the crops are
-    centred on a random foreground voxel. Deterministic in (seed, index)."""
+    """Sample ``index`` -> (image crop (1, D, H, W), class crop (D, H, W)). Deterministic in (seed, index).
+
+    A share ``foreground_rate`` of the crops is centred on a chosen voxel: ``balanced`` picks a class
+    uniformly among those present in the case, then one of its voxels (as MONAI's
+    RandCropByLabelClassesd and nnU-Net do), so small structures are seen as often as large ones;
+    ``foreground`` picks any foreground voxel, mostly the largest class's. ``uniform`` crops anywhere.
+    """
 
     def __init__(self, store: VolumeStore, indices: Sequence[int], crop: Sequence[int], seed: int, length: int,
-                 foreground_rate: float = 1 / 3):
+                 foreground_rate: float = 2 / 3, sampling: str = "balanced"):
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
         self.store, self.indices, self.crop = store, list(indices), tuple(crop)
-        self.seed, self.length, self.foreground_rate = seed, length, foreground_rate
+        self.seed, self.length, self.foreground_rate, self.sampling = seed, length, foreground_rate, sampling
 
     def __len__(self) -> int:
         return self.length
+
+    def _centre(self, voxels: list[torch.Tensor], shape: tuple[int, ...], rng: np.random.Generator) -> list | None:
+        """A voxel (z, y, x) of the unpadded case to centre the crop on, or None for a random crop."""
+        if self.sampling == "uniform" or rng.random() >= self.foreground_rate:
+            return None
+        counts = np.array([len(v) for v in voxels])
+        if counts.sum() == 0:
+            return None
+        if self.sampling == "balanced":
+            c = int(rng.choice(np.flatnonzero(counts)))
+        else:  # foreground: every foreground voxel equally likely
+            c = int(rng.choice(len(counts), p=counts / counts.sum()))
+        flat = int(voxels[c][int(rng.integers(counts[c]))])
+        return list(np.unravel_index(flat, shape))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, index))
         item = self.store[self.indices[int(rng.integers(len(self.indices)))]]
         image, label = item["image"], item["label"]
+        centre = self._centre(item["class_voxels"], tuple(image.shape), rng)
         both = torch.stack([image, label.float()])
         pad = [max(0, s - v) for s, v in zip(self.crop, image.shape)]
         if any(pad):
             both = torch.nn.functional.pad(both, [q for p in reversed(pad) for q in (p // 2, p - p // 2)])
         shape = both.shape[1:]
-        fg = torch.nonzero(both[1] > 0) if rng.random() < self.foreground_rate else None
-        if fg is not None and len(fg):
-            centre = fg[int(rng.integers(len(fg)))].tolist()
+        if centre is not None:
+            centre = [c + p // 2 for c, p in zip(centre, pad)]
             start = [min(max(0, c - s // 2), v - s) for c, s, v in zip(centre, self.crop, shape)]
         else:
             start = [int(rng.integers(0, v - s + 1)) for v, s in zip(shape, self.crop)]

@@ -14,10 +14,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import augment, checkpoint, data, runtime, spatial
+from . import augment, checkpoint, data, runtime, schedule, spatial
 from .config import TrainConfig, to_dict
 from .labels import LabelSpec
-from .logs import TrainingLog
+from .logs import LearningCurve, TrainingLog
 from .networks import GVSLSegmenter
 from .training import TrainingError, TrainingRun, step_seed
 from .segmentation import SegmentationOptions, build_segmenter, sliding_window_probabilities
@@ -34,8 +34,26 @@ class FinetuneConfig(TrainConfig):
                 "backbone; omitted: train from scratch"})
     freeze_backbone: bool = field(default=False, metadata={"help": "train only the segmentation head "
                                                                    "(linear evaluation)"})
+    batch_size: int = field(default=2, metadata={"help": "crops per step and per process"})
     val_every: int = field(default=500, metadata={"help": "steps between validations (per-class Dice)"})
     val_fraction: float = field(default=0.2, metadata={"help": "share of the cases held out for validation"})
+    sampling: str = field(default="balanced", metadata={
+        "help": "where crops are centred: balanced (a class drawn uniformly among those present, then one of "
+                "its voxels: small structures are seen as often as large ones), foreground (any labelled "
+                "voxel), uniform (anywhere)", "choices": data.SAMPLINGS})
+    foreground_rate: float = field(default=2 / 3, metadata={
+        "help": "share of the crops centred by --sampling balanced or foreground; the rest are random"})
+    lr_schedule: str = field(default="poly", metadata={
+        "help": "learning rate after the warm-up: constant, or a cosine or poly (power 0.9) decay to zero at "
+                "--steps", "choices": schedule.SCHEDULES})
+    warmup_steps: int = field(default=100, metadata={
+        "help": "linear warm-up of the learning rate (at most a tenth of --steps)"})
+    augment: str = field(default="default", metadata={
+        "help": "spatial augmentation (random affine + elastic warp): none, light (half the bounds) or default",
+        "choices": augment.SPATIAL_LEVELS})
+    intensity_augment: bool = field(default=True, metadata={
+        "help": "the random intensity curve on half of the crops; turn off where intensity defines a class "
+                "(CT in Hounsfield units)"})
 
 
 def split_cases(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -54,15 +72,17 @@ def label_spec(pairs: list[tuple[Path, Path]], mapping: dict | None) -> LabelSpe
     return LabelSpec.infer(sitk.GetArrayFromImage(data.read_labels(lbl)) for _, lbl in pairs)
 
 
-def augment_pair(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator, cfg: augment.AugmentConfig
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random affine + elastic warp for image (linear) and classes (nearest), then a random intensity curve."""
-    n, shape = image.shape[0], tuple(image.shape[2:])
-    matrix = augment.random_affine(gen, n, shape, cfg)
-    field_ = augment.random_elastic(gen, n, shape, cfg)
-    image = spatial.warp(image, matrix, field_)
-    label = spatial.warp(label[:, None].float(), matrix, field_, mode="nearest")[:, 0].round().long()
-    return augment.nonlinear_intensity(image, gen, 0.5), label
+def augment_pair(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator, cfg: augment.AugmentConfig | None,
+                 intensity: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random affine + elastic warp for image (linear) and classes (nearest) unless ``cfg`` is None,
+    then, with ``intensity``, a random intensity curve on half of the crops."""
+    if cfg is not None:
+        n, shape = image.shape[0], tuple(image.shape[2:])
+        matrix = augment.random_affine(gen, n, shape, cfg)
+        field_ = augment.random_elastic(gen, n, shape, cfg)
+        image = spatial.warp(image, matrix, field_)
+        label = spatial.warp(label[:, None].float(), matrix, field_, mode="nearest")[:, 0].round().long()
+    return (augment.nonlinear_intensity(image, gen, 0.5) if intensity else image), label
 
 
 def validate(model: torch.nn.Module, store: data.VolumeStore, indices: list[int], crop: tuple[int, ...],
@@ -121,11 +141,15 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
 
     net = run.wrapped()  # DDP registers only the parameters that train (the head, when frozen)
     loader = run.loader(data.LabelledCrops(store, train_idx, cfg.crop, cfg.seed,
-                                           cfg.steps * run.dist.world_size * cfg.batch_size))
+                                           cfg.steps * run.dist.world_size * cfg.batch_size,
+                                           cfg.foreground_rate, cfg.sampling))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    aug_cfg = augment.AugmentConfig()
+    aug_cfg = augment.spatial_config(cfg.augment)
     gen = torch.Generator(device=run.device)
-    logbook = TrainingLog(run.out, start, ["loss", "val_dice", "steps_per_s"], enabled=run.dist.is_main)
+    class_columns = [f"dice_{name}" for name in spec.names[1:]]
+    logbook = TrainingLog(run.out, start, ["loss", "lr", "val_dice", *class_columns, "steps_per_s"],
+                          enabled=run.dist.is_main)
+    curve = LearningCurve(run.out, spec.names[1:], start) if run.dist.is_main else None
 
     bar = tqdm(total=cfg.steps, initial=start, desc="Fine-tuning", unit="step", disable=not run.show,
                dynamic_ncols=True)
@@ -139,9 +163,12 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
         with run.checkpoint_on_interrupt(save_now):
             for image, label in loader:
                 gen.manual_seed(step_seed(cfg.seed, step, run.dist.rank))
+                lr = schedule.learning_rate(step, cfg.lr, cfg.steps, cfg.lr_schedule, cfg.warmup_steps)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
                 image, label = image.to(run.device, non_blocking=True), label.to(run.device, non_blocking=True)
                 with torch.no_grad():
-                    image, label = augment_pair(image, label, gen, aug_cfg)
+                    image, label = augment_pair(image, label, gen, aug_cfg, cfg.intensity_augment)
                 if cfg.channels_last:
                     image = image.contiguous(memory_format=torch.channels_last_3d)
                 with run.autocast():
@@ -155,19 +182,25 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
                 step += 1
                 window_loss.append(loss.item())
                 bar.update(1)
-                if step % cfg.val_every == 0 or step == cfg.steps:
+                validated = step % cfg.val_every == 0 or step == cfg.steps
+                if validated:
                     per_class = validate(model, store, val_idx, tuple(cfg.crop), spec.num_classes, run.device)
                     dice = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else 0.0
+                    class_dice = dict(zip(class_columns, map(float, per_class)))
                     if dice > best:
                         best = dice
                         if run.dist.is_main:
                             checkpoint.save(run.out / FINAL, model, "segmentation", {
                                 **meta, "steps": step, "val_dice": dice,
                                 "val_dice_per_class": dict(zip(spec.names[1:], map(float, per_class)))})
-                if step % cfg.log_every == 0 or step % cfg.val_every == 0 or step == cfg.steps:
+                if step % cfg.log_every == 0 or validated:
                     elapsed = time.perf_counter() - window_start
-                    logbook.write(step, {"loss": float(np.mean(window_loss)), "val_dice": dice,
-                                         "steps_per_s": len(window_loss) / elapsed})
+                    row = {"loss": float(np.mean(window_loss)), "lr": lr, "steps_per_s": len(window_loss) / elapsed}
+                    if validated:
+                        row.update(val_dice=dice, **class_dice)
+                    logbook.write(step, row)
+                    if curve is not None:
+                        curve.add(step, row)
                     bar.set_postfix(loss=f"{np.mean(window_loss):.4f}", val_dice=f"{dice:.3f}", best=f"{best:.3f}")
                     window_loss, window_start = [], time.perf_counter()
                 if step % cfg.checkpoint_every == 0 and step < cfg.steps:
