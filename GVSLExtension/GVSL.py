@@ -151,6 +151,8 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._jobButton = None
         self._devices = None  # the devices this Slicer's PyTorch can use, once known
+        self._shownPreset = presets.CUSTOM  # the preset the options were last known to match
+        self._followingPreset = False
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self._pollJob)
@@ -167,7 +169,6 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
-        self.ui.presetComboBox.connect("activated(int)", self.onPresetChosen)
         self.ui.progressBar.hide()
         self.initializeParameterNode()
         qt.QTimer.singleShot(0, self._disableMissingDevices)
@@ -208,22 +209,22 @@ class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._shownPreset = self._parameterNode.preset
             if self._devices is not None:  # connectGui refills the device box: grey out again what is missing
                 self._disableMissingDevices()
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._checkCanApply()
 
-    def onPresetChosen(self, index: int) -> None:
-        presets.applyPreset(self._parameterNode, self.ui.presetComboBox.itemText(index))
-
     def _checkCanApply(self, caller=None, event=None) -> None:
-        """Apply buttons are enabled only for valid inputs; the tooltip says what is missing. The preset
-        box names the preset the options match (Custom once the user changes one)."""
+        """Apply buttons are enabled only for valid inputs; the tooltip says what is missing."""
         p = self._parameterNode
-        matching = presets.matchingPreset(p)
-        if p.preset != matching:
-            p.preset = matching  # modifies the node: this method runs again, and finds them equal
+        if self._followingPreset:  # the node changes under presets.follow: check once it is done
             return
+        self._followingPreset = True
+        try:  # a preset chosen in the box sets its options; an option set by hand renames the preset
+            self._shownPreset = presets.follow(p, self._shownPreset)
+        finally:
+            self._followingPreset = False
         if self._job is not None:
             return
         problem = GVSLLogic.registrationInputsProblem(

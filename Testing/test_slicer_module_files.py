@@ -236,6 +236,14 @@ def test_a_preset_sets_its_options_and_the_box_names_what_they_are():
     assert p.similarity == "ncc"
     with pytest.raises(ValueError, match="unknown preset"):
         presets.applyPreset(p, "Fast")
+    # what the widget runs after every change of its parameter node
+    p = SimpleNamespace(preset="Custom", registrationMode="deformable", similarity="auto")
+    p.preset = "Rigid head"  # chosen in the box
+    assert presets.follow(p, "Custom") == "Rigid head" and (p.registrationMode, p.similarity) == ("rigid", "auto")
+    p.registrationMode = "affine"  # then an option by hand
+    assert presets.follow(p, "Rigid head") == "Affine, any modality" == p.preset
+    p.similarity = "mind"
+    assert presets.follow(p, p.preset) == presets.CUSTOM == p.preset
 
 
 def test_the_log_and_inputs_during_a_run(module_tree, ui):

@@ -31,3 +31,15 @@ def matchingPreset(parameters) -> str:
         if all(getattr(parameters, field) == value for field, value in values.items()):
             return name
     return CUSTOM
+
+
+def follow(parameters, shown: str) -> str:
+    """Bring ``parameters.preset`` and the options into agreement after a change. ``shown``: the preset
+    it held after the previous change. A preset newly chosen sets its options; otherwise the field
+    names the preset the options match (Custom if none). Returns the field's value now."""
+    if parameters.preset != shown:
+        applyPreset(parameters, parameters.preset)
+    matching = matchingPreset(parameters)
+    if parameters.preset != matching:
+        parameters.preset = matching
+    return matching
