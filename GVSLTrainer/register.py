@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
-from gvsl.cli import run  # noqa: E402
+from gvsl.cli import positive_float, positive_int, run  # noqa: E402
 from gvsl.report_process import ReportProcess  # noqa: E402
 
 
@@ -53,9 +53,9 @@ def parse(argv=None) -> argparse.Namespace:
                                              "x,y,z (LPS unless its header says RAS); target registration error "
                                              "before and after goes to metrics.json and report.png")
     p.add_argument("--moving-landmarks", help="the corresponding landmarks on the moving image")
-    p.add_argument("--iterations", type=int, default=None, help="deformable optimisation iterations over all "
+    p.add_argument("--iterations", type=positive_int, default=None, help="deformable optimisation iterations over all "
                                                                 "levels (default 100; each linear level: half)")
-    p.add_argument("--spacing", type=float, default=None, help="working grid spacing in mm (default: the "
+    p.add_argument("--spacing", type=positive_float, default=None, help="working grid spacing in mm (default: the "
                         "model's, else the fixed image's median spacing, at least 2)")
     p.add_argument("--normalize", nargs="+", choices=("auto", "ct", "mr"), default=["auto"], metavar="PRESET",
                    help="intensity preset, one for both images or one each (fixed moving): ct (Hounsfield units "
@@ -85,13 +85,17 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
     from gvsl import demo
     from gvsl.registration import RegistrationOptions, register
     from gvsl.registration.inputs import read_inputs
-    from gvsl.registration_io import save_registration, summary
+    from gvsl.outputs import check_output_folder
+    from gvsl.registration_io import FILES, save_registration, summary
 
     if args.fixed is None:
         args.fixed, args.moving = demo.demo_registration_pair()
         out = Path(args.output_dir or "gvsl_runs/demo_register")
     else:
         out = Path(args.output_dir or "gvsl_runs/register")
+    given = (args.fixed, args.moving, args.fixed_labels, args.moving_labels, args.fixed_mask, args.moving_mask,
+             args.initial_transform, args.fixed_landmarks, args.moving_landmarks, args.model)
+    check_output_folder(out, given, tuple(FILES.values()))  # before any work, not after it
     inputs = read_inputs(args)
     opts = RegistrationOptions(mode=args.mode, similarity=args.similarity, device=args.device,
                                normalize=args.normalize[0] if len(args.normalize) == 1 else tuple(args.normalize),
@@ -115,7 +119,7 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
 def main(argv=None) -> int:
     with ReportProcess.start() or contextlib.nullcontext() as drawer:  # before torch: see gvsl.report_process
         args = parse(argv)
-        return run(lambda: job(args, drawer))
+        return run(lambda: job(args, drawer), interrupted="nothing was written (outputs appear only when complete)")
 
 
 if __name__ == "__main__":

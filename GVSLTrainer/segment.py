@@ -40,9 +40,16 @@ def job(args: argparse.Namespace) -> None:
     import SimpleITK as sitk
 
     from gvsl import checkpoint, data
-    from gvsl.outputs import staged_files, write_image, write_text
+    from gvsl.outputs import (check_image_output, check_not_an_input, check_output_folder, staged_files,
+                              write_image, write_text)
     from gvsl.segmentation import SegmentationOptions, build_segmenter, segment
 
+    check_image_output(args.output, (args.input, args.model))  # before any work, not after it
+    if args.probabilities:
+        check_output_folder(args.probabilities)
+    if args.classes:
+        check_not_an_input(Path(args.classes), (args.input, args.model, args.output))
+        check_output_folder(Path(args.classes).parent)
     ckpt = checkpoint.load(args.model)
     build_segmenter(ckpt)  # fail now, not after preprocessing, if it is not a segmentation model
     image = data.read_volume(args.input)
@@ -63,7 +70,7 @@ def job(args: argparse.Namespace) -> None:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    return run(lambda: job(args))
+    return run(lambda: job(args), interrupted="nothing was written")
 
 
 if __name__ == "__main__":

@@ -138,3 +138,24 @@ def test_demo_run_from_the_command_line(tmp_path):
     out = tmp_path / "gvsl_runs" / "demo_pretrain" / "gvsl_pretrained.pt"
     assert f"Pre-trained model: {out}" in res.stdout
     assert checkpoint.load(out).meta["num_volumes"] == 2
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path, small_folder):
+    """What a cluster scheduler or `kill` sends: the run checkpoints its last step and says how to resume."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--data", str(small_folder), "--output-dir", str(out),
+                             "--steps", "100000", "--crop", "16", "16", "16", "--width", "4", "--workers", "0",
+                             "--spacing", "2", "--normalize", "mr", "--log-every", "1", "--checkpoint-every", "100000",
+                             "--no-progress", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((out / "log.csv").is_file() and len((out / "log.csv").read_text().split()) > 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    step = checkpoint.load(out / "checkpoint_last.pt").training_state["step"]
+    assert step >= 2 and f"Interrupted at step {step}" in stdout and "--resume" in stdout

@@ -186,6 +186,10 @@ def bad_inputs(tmp_path_factory, anatomical_path):
     markups(tmp / "xyz.mrk.json", "XYZ")
     sitk.WriteTransform(sitk.Euler2DTransform(), str(tmp / "flat.tfm"))
     (tmp / "garbage.h5").write_bytes(b"not an hdf5 transform at all")
+    half = sitk.Image(head.GetSize(), sitk.sitkFloat32)
+    half.CopyInformation(head)
+    half[2, 3, 4] = 1.5  # a float label map whose values are not all integers
+    sitk.WriteImage(half, str(tmp / "half.nii.gz"))
     sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Image([8, 8, 8], sitk.sitkVectorFloat64, 3)),
                         str(tmp / "field.h5"))
     return tmp, anatomical_path
@@ -207,6 +211,11 @@ def markups(path, system):
     (["--initial-transform", "field.h5"], "field.h5: it is not linear"),
     (["--similarity", "cosine"], "invalid choice: 'cosine'"),
     (["--mode", "elastic"], "invalid choice: 'elastic'"),
+    (["--iterations", "0"], "must be a positive integer, got 0"),
+    (["--iterations", "-5"], "must be a positive integer, got -5"),
+    (["--spacing", "0"], "must be a positive number, got 0"),
+    (["--spacing", "-2"], "must be a positive number, got -2"),
+    (["--fixed-labels", "half.nii.gz"], "half.nii.gz: a label map needs integer values; 1 voxels are not (e.g. 1.5)"),
 ])
 def test_bad_registration_inputs_get_one_clear_error_and_no_output(bad_inputs, capsys, extra, expected):
     folder, head = bad_inputs
@@ -245,3 +254,44 @@ def test_the_search_refines_no_candidate_when_the_refined_start_is_best():
     params, info = linear.search(pyramid, sim, spatial.identity_matrix(1), start, 4, 50, 0.01, 1e-5, 20)
     assert abs(abs(info["taken_deg"][2]) - 20) < 5, info  # at quarter resolution
     assert info["refined"] == 0 and info["taken"] == "the start", info
+
+
+def test_outputs_are_checked_before_any_work_and_never_overwrite_an_input(bad_inputs, capsys, tmp_path):
+    folder, head = bad_inputs
+    script = load_register_script()
+    a_file = tmp_path / "taken"
+    a_file.write_text("a file where the output folder should go")
+    inside = tmp_path / "out"
+    inside.mkdir()
+    own = inside / "warped.nii.gz"  # an input where an output of the same name will go
+    sitk.WriteImage(sitk.ReadImage(str(head)), str(own))
+    for argv, expected in (
+            (["--fixed", str(head), "--moving", str(head), "--output-dir", str(a_file)], "taken: is a file"),
+            (["--fixed", str(head), "--moving", str(own), "--output-dir", str(inside)],
+             "warped.nii.gz: is also an input")):
+        assert script.main([*argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err
+    assert a_file.read_text().startswith("a file") and own.is_file()
+
+
+def test_ctrl_c_says_that_nothing_was_written(bad_inputs, capsys, tmp_path, monkeypatch):
+    import gvsl.registration
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gvsl.registration, "register", interrupted)
+    folder, head = bad_inputs
+    code = load_register_script().main(["--fixed", str(head), "--moving", str(head), "--output-dir",
+                                        str(tmp_path / "out"), "--no-progress"])
+    assert code == 130 and "interrupted: nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_metrics_json_holds_null_where_a_figure_is_missing():
+    from gvsl.registration_io import finite
+
+    metrics = {"ncc_after": float("nan"), "dice_after": {"gm": float("inf"), "wm": 0.9}, "tre": [1.0, float("nan")]}
+    text = json.dumps(finite(metrics), allow_nan=False)
+    assert json.loads(text) == {"ncc_after": None, "dice_after": {"gm": None, "wm": 0.9}, "tre": [1.0, None]}

@@ -1,4 +1,6 @@
 """Segmentation inference: geometry, label values, sliding windows, checkpoints."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -129,3 +131,22 @@ def test_window_count_follows_monais_scan(shape, overlap):
         padded = [max(s, w) for s, w in zip(shape, window)]
         monai_windows = dense_patch_slices(padded, window, _get_scan_interval(padded, window, 3, (overlap,) * 3))
         assert window_count(shape, window, overlap) == len(monai_windows)
+
+
+def test_segment_refuses_bad_outputs_before_loading_anything(tmp_path, anatomical_path):
+    """Checked before the model is read: the errors name the output, not the (missing) model."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "GVSLTrainer" / "segment.py"
+    a_file = tmp_path / "probs"
+    a_file.write_text("x")
+    cases = [(["--output", str(tmp_path / "out.png")], "out.png: the output needs a 3D image format"),
+             (["--output", str(tmp_path / "out.txt")], "out.txt: the output needs a 3D image format"),
+             (["--output", str(anatomical_path)], "is also an input"),
+             (["--output", str(tmp_path / "ok.nii.gz"), "--probabilities", str(a_file)], "probs: is a file")]
+    for extra, expected in cases:
+        done = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "missing.pt"), "--input",
+                               str(anatomical_path), "--no-progress", *extra], capture_output=True, text=True)
+        assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert anatomical_path.is_file() and not (tmp_path / "out.png").exists()

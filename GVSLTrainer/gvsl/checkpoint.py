@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,8 +86,14 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and weights-only errors all mean "not ours"
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))  # torch colours parts of its message
+        if "WeightsUnpickler error:" in text:  # the reason, not torch's advice to load it unsafely
+            detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+            reason = "it holds Python objects, not only tensors, and none of them was run: " + " ".join(detail.split())
+        else:
+            reason = next((line.strip() for line in text.splitlines() if line.strip()), "")
         raise CheckpointError(f"{path}: not a PyTorch checkpoint that can be loaded safely "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                              f"({type(e).__name__}: {reason})") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if obj.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{path}: written by a newer version (format {obj['format_version']}); "

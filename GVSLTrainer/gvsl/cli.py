@@ -1,6 +1,8 @@
 """What every entry script shares: known errors become one clear line and a non-zero exit code."""
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 import warnings
 from typing import Callable
@@ -14,12 +16,31 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
-def run(job: Callable[[], object]) -> int:
-    """Run ``job``; expected failures print ``error: ...`` instead of a traceback."""
+def positive_int(text: str) -> int:
+    """argparse type: an integer above 0."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def run(job: Callable[[], object], interrupted: str = "") -> int:
+    """Run ``job``; expected failures print ``error: ...`` instead of a traceback, and Ctrl-C prints
+    ``interrupted``, what the tool left behind."""
     warnings.formatwarning = _warning_line
     try:
         job()
     except KeyboardInterrupt:
+        if interrupted:
+            print(f"interrupted: {interrupted}", file=sys.stderr)
         return 130
     except EXPECTED as e:
         print(f"error: {e}", file=sys.stderr)

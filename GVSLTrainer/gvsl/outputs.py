@@ -56,3 +56,41 @@ def write_text(text: str, path: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# what the tools write label maps and images as: 3D formats only (a .png would hold one slice)
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def check_image_output(path: str | Path, inputs: tuple = ()) -> Path:
+    """Refuse, before any work, an output image path with a non-3D format, in a folder that cannot be
+    written, or that is one of the ``inputs`` (which it would overwrite)."""
+    path = Path(path)
+    if not path.name.lower().endswith(IMAGE_SUFFIXES):
+        raise ValueError(f"{path}: the output needs a 3D image format: {', '.join(IMAGE_SUFFIXES)}")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give a file name for the output")
+    check_not_an_input(path, inputs)
+    check_output_folder(path.parent)
+    return path
+
+
+def check_output_folder(folder: str | Path, inputs: tuple = (), names: tuple = ()) -> Path:
+    """Refuse, before any work, an output folder that is a file or cannot be created or written, or
+    whose output ``names`` would overwrite one of the ``inputs``."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: is a file, not a folder for the outputs")
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{folder}: cannot be written (no permission to create or write in {existing})")
+    for name in names:
+        check_not_an_input(folder / name, inputs)
+    return folder
+
+
+def check_not_an_input(path: Path, inputs: tuple) -> None:
+    target = Path(path).resolve()
+    for given in inputs:
+        if given and Path(given).resolve() == target:
+            raise ValueError(f"{path}: is also an input; writing the output there would overwrite it")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,13 +37,25 @@ def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir:
             sitk.WriteImage(result.displacement, str(stage / FILES["displacement"]))
         if result.warped_labels is not None:
             sitk.WriteImage(result.warped_labels, str(stage / FILES["warped_labels"]))
-        (stage / FILES["metrics"]).write_text(json.dumps(result.metrics, indent=2))
+        (stage / FILES["metrics"]).write_text(json.dumps(finite(result.metrics), indent=2, allow_nan=False))
         if drawer is not None:
             drawer.wait()
         else:
             draw_registration(figure, stage / FILES["report"], result.metrics)
         written = {k: output_dir / v for k, v in FILES.items() if (stage / v).exists()}
     return written
+
+
+def finite(value):
+    """``value`` with NaN and infinities as None: JSON has no NaN (a bare NaN makes metrics.json unreadable
+    to strict parsers), and null says "no figure"."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def summary(metrics: dict, moving_name: str, fixed_name: str) -> str:

@@ -5,6 +5,8 @@ survive interruptions. Pre-training and fine-tuning share it.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -120,7 +122,14 @@ class TrainingRun:
 
     @contextlib.contextmanager
     def checkpoint_on_interrupt(self, save: Callable[[], int]) -> Iterator[None]:
-        """On Ctrl-C, save checkpoint_last.pt at the last completed step, then re-raise."""
+        """On Ctrl-C, or SIGTERM (what a cluster scheduler or ``kill`` sends), save checkpoint_last.pt at
+        the last completed step, then re-raise."""
+        def terminated(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, terminated)
         try:
             yield
         except KeyboardInterrupt:
@@ -128,3 +137,6 @@ class TrainingRun:
             if self.dist.is_main:
                 print(f"\nInterrupted at step {step}; saved {self.last}. Continue with --resume.")
             raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)

@@ -48,13 +48,17 @@ def read_volume(path: str | Path) -> sitk.Image:
 
 
 def read_labels(path: str | Path) -> sitk.Image:
-    """Read a 3D label map (integer values; float files are rounded), naming the file on any problem."""
+    """Read a 3D label map (integer values, also when stored as floats), naming the file on any problem."""
     path = Path(path)
     image = _read_3d_scalar(path, "a label map")
     array = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(array).all() or array.min() < 0:
         raise DataError(f"{path}: a label map needs finite, non-negative values")
     if image.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkInt16, sitk.sitkInt32):
+        fractional = array != np.rint(array)
+        if fractional.any():  # rounding would merge classes silently
+            raise DataError(f"{path}: a label map needs integer values; {int(fractional.sum())} voxels are not "
+                            f"(e.g. {float(array[fractional][0]):g})")
         rounded = sitk.GetImageFromArray(np.rint(array).astype(np.uint32))
         rounded.CopyInformation(image)
         image = rounded
