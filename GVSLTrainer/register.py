@@ -83,7 +83,7 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
     from tqdm.auto import tqdm
 
     from gvsl import demo
-    from gvsl.registration import RegistrationOptions, register
+    from gvsl.registration import RegistrationError, RegistrationOptions, register
     from gvsl.registration.inputs import read_inputs
     from gvsl.outputs import check_output_folder
     from gvsl.registration_io import FILES, save_registration, summary
@@ -110,7 +110,10 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
             bar.set_description(f"Registering ({stage})", refresh=False)
             bar.update(round(100 * fraction) - bar.n)
 
-        result = register(progress=progress, options=opts, **inputs)
+        try:
+            result = register(progress=progress, options=opts, **inputs)
+        except RegistrationError as e:  # the pipeline knows images, not files: name them
+            raise RegistrationError(f"{e} (fixed: {args.fixed}; moving: {args.moving})") from None
     files = save_registration(result, inputs["fixed"], out, drawer)
     print(summary(result.metrics, Path(args.moving).name, Path(args.fixed).name))
     print(f"Outputs in {out.resolve()}; figure: {files['report'].resolve()}")

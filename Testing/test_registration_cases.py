@@ -295,3 +295,43 @@ def test_metrics_json_holds_null_where_a_figure_is_missing():
     metrics = {"ncc_after": float("nan"), "dice_after": {"gm": float("inf"), "wm": 0.9}, "tre": [1.0, float("nan")]}
     text = json.dumps(finite(metrics), allow_nan=False)
     assert json.loads(text) == {"ncc_after": None, "dice_after": {"gm": None, "wm": 0.9}, "tre": [1.0, None]}
+
+
+def test_tiny_or_degenerate_images_are_refused_naming_the_files(tmp_path, capsys):
+    head = synthetic.mni("t1")
+    tiny = sitk.Image([5, 5, 5], sitk.sitkFloat32) + 1.0
+    tiny[2, 2, 2] = 5.0
+    sitk.WriteImage(tiny, str(tmp_path / "tiny.nii.gz"))
+    coarse = sitk.Image([20, 20, 20], sitk.sitkFloat32)
+    coarse.SetSpacing((1000.0, 1000.0, 1000.0))
+    coarse[10, 10, 10] = 5.0
+    sitk.WriteImage(coarse, str(tmp_path / "coarse.nii.gz"))
+    sitk.WriteImage(head, str(tmp_path / "head.nii.gz"))
+    script = load_register_script()
+    for fixed, moving, expected in (("tiny", "head", "the fixed image is too small to register: (5, 5, 5) voxels"),
+                                    ("head", "tiny", "the moving image is too small to register"),
+                                    ("coarse", "head", "the moving image is too small to register: (197, 233, 189) "
+                                     "voxels of (1.0, 1.0, 1.0) mm ((197.0, 233.0, 189.0) mm); at least 8 voxels per "
+                                     "axis are needed, also on the 1000 mm working grid"),
+                                    ("head", "coarse", "voxels ((1000.0, 1000.0, 1000.0) mm) are too coarse")):
+        code = script.main(["--fixed", str(tmp_path / f"{fixed}.nii.gz"), "--moving", str(tmp_path / f"{moving}.nii.gz"),
+                            "--output-dir", str(tmp_path / "out"), "--no-progress", "--mode", "rigid"])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and f"moving: {tmp_path / (moving + '.nii.gz')}" in err, (fixed, moving, code, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_run_replaces_the_whole_set_of_outputs(tmp_path):
+    """An earlier deformable run's field and warped labels do not stay beside a later rigid result."""
+    from gvsl.registration_io import FILES
+
+    fixed, moving, _, _, _ = synthetic.rigid_case(seed=1)
+    labels = sitk.Cast(moving > float(np.percentile(sitk.GetArrayViewFromImage(moving), 70)), sitk.sitkUInt8)
+    for name, image in (("f", fixed), ("m", moving), ("l", labels)):
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+    common = ["--fixed", tmp_path / "f.nii.gz", "--moving", tmp_path / "m.nii.gz", "--output-dir", tmp_path / "out"]
+    assert run_cli(*common, "--moving-labels", tmp_path / "l.nii.gz", "--iterations", 10).returncode == 0
+    assert (tmp_path / "out" / FILES["displacement"]).is_file() and (tmp_path / "out" / FILES["warped_labels"]).is_file()
+    assert run_cli(*common, "--mode", "rigid", "--iterations", 10).returncode == 0
+    left = {p.name for p in (tmp_path / "out").iterdir()}
+    assert FILES["displacement"] not in left and FILES["warped_labels"] not in left and FILES["transform"] in left

@@ -14,11 +14,10 @@ from monai.transforms import Transform
 from torch.utils.data import Dataset
 
 from . import geometry
-from .volumes import (CT_WINDOW, MR_PERCENTILES, PRESETS, DataError, normalise, read_labels,  # noqa: F401
-                      read_volume)
+from .volumes import (CT_WINDOW, MIN_SIZE, MR_PERCENTILES, PRESETS, DataError, normalise,  # noqa: F401
+                      read_labels, read_volume)
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-MIN_SIZE = 8  # voxels per axis after resampling; smaller volumes carry no usable anatomy
 
 
 def is_image(path: Path) -> bool:

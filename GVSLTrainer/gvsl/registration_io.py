@@ -43,6 +43,8 @@ def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir:
         else:
             draw_registration(figure, stage / FILES["report"], result.metrics)
         written = {k: output_dir / v for k, v in FILES.items() if (stage / v).exists()}
+        for name in set(FILES.values()) - {p.name for p in written.values()}:  # an earlier run's, say its
+            (output_dir / name).unlink(missing_ok=True)  # warped_labels: the folder holds one whole set
     return written
 
 

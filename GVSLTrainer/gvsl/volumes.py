@@ -33,6 +33,9 @@ def _read_3d_scalar(path: Path, what: str) -> sitk.Image:
     return image
 
 
+MIN_SIZE = 8  # voxels per axis (after resampling to the working spacing); fewer carry no usable anatomy
+
+
 def read_volume(path: str | Path) -> sitk.Image:
     """Read one 3D scalar volume, or raise a DataError saying what is wrong with the file."""
     path = Path(path)

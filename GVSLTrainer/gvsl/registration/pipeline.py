@@ -20,7 +20,7 @@ import torch
 
 from .. import geometry, similarity as similarities, spatial
 from ..runtime import resolve_device
-from ..volumes import auto_preset, normalise
+from ..volumes import MIN_SIZE, auto_preset, normalise
 from . import deformable, linear
 from .landmarks import Landmarks, pair, target_registration_error
 from .options import DEFAULT_SPACING, INITIALISATIONS, RegistrationError, RegistrationOptions, RegistrationResult
@@ -90,6 +90,10 @@ def linear_matrix(transform: sitk.Transform, what: str = "the initial transform"
     return m
 
 
+def _rounded(values) -> tuple:
+    return tuple(round(float(v), 3) for v in values)
+
+
 def _volume_mm3(image: sitk.Image) -> float:
     return float(np.prod(np.array(image.GetSize()) * np.array(image.GetSpacing())))
 
@@ -108,6 +112,18 @@ def _check_image(image: sitk.Image, role: str) -> None:
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise RegistrationError(f"the {role} image must be a 3D scalar volume, got {image.GetDimension()}D with "
                                 f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+
+
+def _check_size(image: sitk.Image, role: str, spacing: float) -> None:
+    """Pre-training's minimum: MIN_SIZE voxels per axis, in the file and on the working grid (whose
+    spacing follows the fixed image)."""
+    size, pixel = np.array(image.GetSize()), np.array(image.GetSpacing())
+    on_grid = size * pixel / spacing
+    if size.min() < MIN_SIZE or on_grid.min() < MIN_SIZE:
+        raise RegistrationError(
+            f"the {role} image is too small to register: {tuple(int(v) for v in size)} voxels of "
+            f"{_rounded(pixel)} mm ({_rounded(size * pixel)} mm); "
+            f"at least {MIN_SIZE} voxels per axis are needed, also on the {spacing:g} mm working grid")
 
 
 def mask_problem(mask: sitk.Image, image: sitk.Image) -> str:
@@ -186,6 +202,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     init_tf = geometry.affine_transform(init)
     spacing = opts.spacing or (model.meta.get("spacing", [DEFAULT_SPACING])[0] if model is not None
                                else max(DEFAULT_SPACING, float(np.median(fixed.GetSpacing()))))
+    _check_size(fixed, "fixed", float(spacing))
+    _check_size(moving, "moving", float(spacing))
+    fixed_extent = np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())
+    if max(moving.GetSpacing()) * MIN_SIZE > fixed_extent.min():
+        raise RegistrationError(f"the moving image's voxels ({_rounded(moving.GetSpacing())} mm) are too coarse: "
+                                f"fewer than {MIN_SIZE} of them span the fixed image ({_rounded(fixed_extent)} mm)")
     grid = geometry.working_grid(fixed, float(spacing), opts.max_size)
     f_img = geometry.resample(fixed, grid)
     m_img = geometry.resample(moving, grid, init_tf)
@@ -196,8 +218,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     smaller_mm3 = min(_volume_mm3(fixed), _volume_mm3(moving))
     if overlap_mm3 < 0.01 * smaller_mm3:
         raise RegistrationError("the moving image does not overlap the fixed image after initial alignment "
-                                f"({overlap_mm3 / smaller_mm3:.1%} of the smaller image); check the images' "
-                                "origins and directions, or use another initialisation")
+                                f"({overlap_mm3 / smaller_mm3:.1%} of the smaller image; voxel sizes: fixed "
+                                f"{_rounded(fixed.GetSpacing())} mm, moving {_rounded(moving.GetSpacing())} mm); "
+                                "check the images' origins, directions and spacings, or use another initialisation")
     fm_img = _mask_on_grid(fixed_mask, fixed, grid, None, "fixed")
     mm_img = _mask_on_grid(moving_mask, moving, grid, init_tf, "moving")
     if fm_img is not None and mm_img is not None and not (sitk.GetArrayViewFromImage(fm_img * mm_img) > 0.25).any():
