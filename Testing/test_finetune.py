@@ -125,6 +125,21 @@ def test_mismatched_label_geometry_is_named(tmp_path, labelled_case):
             train(cfg(root, tmp_path / "run", steps=1))
 
 
+def test_label_values_missing_from_the_dataset_are_named_and_no_cache_stays(tmp_path, labelled_case):
+    root, img, labels = labelled_case
+    spec = {"labels": {"0": "background", "205": "grey"},  # 420 is missing
+            "training": [{"image": "images/case_0000.nii.gz", "label": "labels/case.nii.gz"}]}
+    (root / "dataset.json").write_text(json.dumps(spec))
+    script = ROOT / "GVSLTrainer" / "finetune.py"
+    done = subprocess.run([sys.executable, str(script), "--data", str(root / "dataset.json"), "--output-dir",
+                           str(tmp_path / "run"), "--steps", "1", "--no-progress", "--workers", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "case.nii.gz: label values [420] are not among the dataset's [0, 205]" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "_CacheItem" not in done.stderr
+    assert not (tmp_path / "run" / "cache").exists()
+
+
 def test_unmatched_images_are_reported(tmp_path, labelled_case):
     root, img, _ = labelled_case
     sitk.WriteImage(img, str(root / "images" / "other_0000.nii.gz"))

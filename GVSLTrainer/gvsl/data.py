@@ -145,26 +145,33 @@ class VolumeStore:
                 item.update(label=str(Path(labels[i]).resolve()), label_id=_identity(labels[i]),
                             spec=spec.as_dict(), cache_format=2)  # 2: with each class's voxel indices
             items.append(item)
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache = Path(cache_dir)
+        created = not cache.exists()
+        cache.mkdir(parents=True, exist_ok=True)
         self._dataset = PersistentDataset(items, transform=_CacheItem(preprocessing, spec), cache_dir=cache_dir)
         self.paths: list[Path] = []
         self.skipped: dict[Path, str] = {}
         self._index: list[int] = []
-        for i in tqdm(range(len(items)), desc="Preparing volumes", unit="vol", disable=not progress):
-            try:
-                self._dataset[i]
-            except Exception as e:  # MONAI wraps the transform's error
-                cause = _root_cause(e)
-                if not isinstance(cause, DataError):
-                    raise
-                self.skipped[Path(paths[i])] = str(cause)
-                warnings.warn(f"skipping {cause}", stacklevel=2)
-                continue
-            self._index.append(i)
-            self.paths.append(Path(paths[i]))
-        if not self._index:
-            raise DataError(f"none of the {len(items)} images could be used: "
-                            + "; ".join(self.skipped.values()))
+        try:
+            for i in tqdm(range(len(items)), desc="Preparing volumes", unit="vol", disable=not progress):
+                try:
+                    self._dataset[i]
+                except Exception as e:  # MONAI wraps the transform's error: raise the cause, which names the file
+                    cause = _root_cause(e)
+                    if not isinstance(cause, DataError):
+                        raise cause from None
+                    self.skipped[Path(paths[i])] = str(cause)
+                    warnings.warn(f"skipping {cause}", stacklevel=2)
+                    continue
+                self._index.append(i)
+                self.paths.append(Path(paths[i]))
+            if not self._index:
+                raise DataError(f"none of the {len(items)} images could be used: "
+                                + "; ".join(self.skipped.values()))
+        except BaseException:
+            if created and not any(cache.iterdir()):
+                cache.rmdir()  # a failed first run leaves no empty cache behind
+            raise
 
     def __len__(self) -> int:
         return len(self._index)
