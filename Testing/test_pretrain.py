@@ -159,3 +159,16 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path, small_folder):
     assert proc.returncode == 130, stderr
     step = checkpoint.load(out / "checkpoint_last.pt").training_state["step"]
     assert step >= 2 and f"Interrupted at step {step}" in stdout and "--resume" in stdout
+
+
+def test_an_earlier_run_is_neither_mixed_nor_replaced_silently(tmp_path, small_folder):
+    train(tiny(small_folder, tmp_path / "run", steps=2))
+    old_events = set((tmp_path / "run" / "tensorboard").iterdir())
+    with pytest.raises(TrainingError, match=r"run: holds an earlier run \(checkpoint_last.pt, log.csv\); continue it "
+                                            r"with --resume, replace it with --overwrite"):
+        train(tiny(small_folder, tmp_path / "run", steps=3))
+    assert checkpoint.load(tmp_path / "run" / "checkpoint_last.pt").training_state["step"] == 2  # untouched
+    train(tiny(small_folder, tmp_path / "run", steps=3, overwrite=True))
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert not old_events & set((tmp_path / "run" / "tensorboard").iterdir())  # no events of the earlier run

@@ -29,6 +29,9 @@ class TrainConfig:
     amp: bool = field(default=False, metadata={"help": "mixed precision on CUDA: bf16 where supported, "
                                                       "else fp16 with a gradient scaler"})
     resume: bool = field(default=False, metadata={"help": "continue from OUTPUT/checkpoint_last.pt"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start afresh in an OUTPUT that holds an earlier run, replacing its checkpoints and logs "
+                "(without it or --resume, such an OUTPUT is refused)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights, the crops and the augmentations"})
     normalize: str = field(default="ct", metadata={"help": "intensity preset: ct = Hounsfield [-1024, 1024] "
                            "to [0, 1]; mr = 0.5-99.5 percentiles to [0, 1]", "choices": ("ct", "mr")})

@@ -5,6 +5,7 @@ survive interruptions. Pre-training and fine-tuning share it.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import threading
 import warnings
@@ -46,11 +47,27 @@ class TrainingRun:
         self.dist = runtime.init_distributed(cfg.device)
         self.device = runtime.resolve_device(cfg.device, self.dist.local_rank)
         self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.last = self.out / LAST
+        self._claim_output()
+        self.out.mkdir(parents=True, exist_ok=True)
         self.show = cfg.progress and self.dist.is_main
         self.start = 0
         self.extra: dict[str, Any] = {}
+
+    def _claim_output(self) -> None:
+        """An OUTPUT holding an earlier run is continued (--resume) or replaced (--overwrite: its logs and
+        TensorBoard files go too, so that nothing of the two runs mixes); never overwritten silently."""
+        earlier = [p.name for p in (self.last, self.out / "log.csv") if p.is_file()]
+        if not earlier or self.cfg.resume:
+            return
+        if not self.cfg.overwrite:
+            raise TrainingError(f"{self.out}: holds an earlier run ({', '.join(earlier)}); continue it with --resume, "
+                                "replace it with --overwrite, or choose another --output-dir")
+        if self.dist.is_main:
+            for name in ("log.csv", "learning_curve.png", LAST):
+                (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
+        self.dist.barrier()
 
     def store(self, paths, preprocessing: data.Preprocessing, **labelled) -> data.VolumeStore:
         """Rank 0 decodes and caches every volume first; the others then read the cache."""
