@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .outputs import remove_stale
 from .networks import GVSL
 
 FORMAT = "gvsl-slicer"
@@ -42,6 +43,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     """torch.save to a temporary file beside ``path``, then rename: a kill never leaves a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path.parent, f".{path.name}.", ".tmp")  # a process killed while saving left its temporary
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

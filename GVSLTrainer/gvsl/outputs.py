@@ -17,7 +17,9 @@ def staged_files(output_dir: str | Path) -> Iterator[Path]:
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    prefix = f".{output_dir.name}.partial-"
+    remove_stale(output_dir.parent, prefix, "-")
+    stage = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=output_dir.parent))
     try:
         yield stage
         output_dir.mkdir(exist_ok=True)
@@ -25,6 +27,39 @@ def staged_files(output_dir: str | Path) -> Iterator[Path]:
             os.replace(item, output_dir / item.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs; True when that cannot be told (nothing of a live run is removed)."""
+    if os.name == "posix":
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:  # os.kill(pid, 0) would send Ctrl-C on Windows
+        import psutil
+    except ImportError:
+        return True
+    return psutil.pid_exists(pid)
+
+
+def remove_stale(folder: str | Path, prefix: str, end: str) -> list[Path]:
+    """Remove the temporaries ``<prefix><pid><end>...`` in ``folder`` that a killed process left behind
+    (SIGKILL skips every clean-up); those of running processes stay."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for item in folder.iterdir():
+        rest = item.name[len(prefix):] if item.name.startswith(prefix) else ""
+        pid = rest.split(end, 1)[0]
+        if pid.isdigit() and end in rest and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+            removed.append(item)
+    return removed
 
 
 def write_image(image, path: str | Path) -> Path:
@@ -36,7 +71,9 @@ def write_image(image, path: str | Path) -> Path:
     name = path.name
     suffix = "".join(s for s in path.suffixes if s.lower() in (".nii", ".gz", ".nrrd", ".mha", ".mhd", ".seg")) \
         or path.suffix
-    tmp = path.with_name(f".{name[:len(name) - len(suffix)] or 'image'}.{os.getpid()}.partial{suffix}")
+    stem = f".{name[:len(name) - len(suffix)] or 'image'}."
+    remove_stale(path.parent, stem, f".partial{suffix}")
+    tmp = path.with_name(f"{stem}{os.getpid()}.partial{suffix}")
     try:
         sitk.WriteImage(image, str(tmp))
         os.replace(tmp, path)
