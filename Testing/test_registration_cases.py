@@ -186,6 +186,10 @@ def bad_inputs(tmp_path_factory, anatomical_path):
     markups(tmp / "xyz.mrk.json", "XYZ")
     sitk.WriteTransform(sitk.Euler2DTransform(), str(tmp / "flat.tfm"))
     (tmp / "garbage.h5").write_bytes(b"not an hdf5 transform at all")
+    for name in ("cut.nii.gz", "cut.nii"):  # half of a real file's bytes: SimpleITK alone reads it, zero-filled
+        sitk.WriteImage(head, str(tmp / ("whole" + name[3:])))
+        data = (tmp / ("whole" + name[3:])).read_bytes()
+        (tmp / name).write_bytes(data[:len(data) // 2])
     half = sitk.Image(head.GetSize(), sitk.sitkFloat32)
     half.CopyInformation(head)
     half[2, 3, 4] = 1.5  # a float label map whose values are not all integers
@@ -216,6 +220,8 @@ def markups(path, system):
     (["--spacing", "0"], "must be a positive number, got 0"),
     (["--spacing", "-2"], "must be a positive number, got -2"),
     (["--fixed-labels", "half.nii.gz"], "half.nii.gz: a label map needs integer values; 1 voxels are not (e.g. 1.5)"),
+    (["--moving-labels", "cut.nii.gz"], "cut.nii.gz: is truncated or damaged: its header promises"),
+    (["--fixed-mask", "cut.nii"], "cut.nii: is truncated: its header promises"),
 ])
 def test_bad_registration_inputs_get_one_clear_error_and_no_output(bad_inputs, capsys, extra, expected):
     folder, head = bad_inputs

@@ -4,6 +4,9 @@ Kept free of MONAI and of the training machinery so that registration imports on
 """
 from __future__ import annotations
 
+import gzip
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,55 @@ class DataError(ValueError):
     """A problem with an input file or data source, always naming it."""
 
 
+def nifti_problem(path: Path) -> str:
+    """Why a NIfTI file is incomplete ("" when it is not, or is no NIfTI): SimpleITK reads a truncated
+    .nii or .nii.gz without complaint and fills the missing voxels with zeros. The header says how many
+    bytes the data take; a .nii must hold them, and a .nii.gz's gzip trailer (the uncompressed size,
+    modulo 2^32) must match them."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")) or not path.is_file():
+        return ""
+    compressed = name.endswith(".gz")
+    try:
+        opener = gzip.open if compressed else open
+        with opener(path, "rb") as f:
+            header = f.read(540)
+    except (OSError, EOFError) as e:
+        return f"its gzip stream is damaged ({e})"
+    if len(header) < 348:
+        return "its NIfTI header is incomplete"
+    for order in "<>":
+        size = struct.unpack(order + "i", header[:4])[0]
+        if size == 348:  # NIfTI-1
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if size == 540 and len(header) >= 540:  # NIfTI-2
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return ""  # not a NIfTI header this check understands: leave it to the reader
+    ndim = max(0, min(int(dims[0]), 7))
+    expected = max(offset, 352 if size == 348 else 544) + int(np.prod([max(1, d) for d in dims[1:ndim + 1]])) * bitpix // 8
+    if compressed:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            stored = struct.unpack("<I", f.read(4))[0]
+        if stored != expected % 2 ** 32:
+            return (f"is truncated or damaged: its header promises {expected} bytes of data, and its gzip stream "
+                    "does not end with that size")
+    elif path.stat().st_size < expected:
+        return f"is truncated: its header promises {expected} bytes, the file has {path.stat().st_size}"
+    return ""
+
+
 def _read_3d_scalar(path: Path, what: str) -> sitk.Image:
+    problem = nifti_problem(path)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:
