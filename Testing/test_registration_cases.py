@@ -190,6 +190,13 @@ def bad_inputs(tmp_path_factory, anatomical_path):
         sitk.WriteImage(head, str(tmp / ("whole" + name[3:])))
         data = (tmp / ("whole" + name[3:])).read_bytes()
         (tmp / name).write_bytes(data[:len(data) // 2])
+    elsewhere = sitk.Cast(head > float(np.percentile(sitk.GetArrayViewFromImage(head), 60)), sitk.sitkUInt8)
+    elsewhere.SetOrigin(tuple(o + 400.0 for o in head.GetOrigin()))  # a label map of some other region
+    sitk.WriteImage(elsewhere, str(tmp / "elsewhere.nrrd"))
+    finer = sitk.Resample(sitk.Cast(head > float(np.percentile(sitk.GetArrayViewFromImage(head), 60)), sitk.sitkUInt8),
+                          [s * 2 for s in head.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor, head.GetOrigin(),
+                          [s / 2 for s in head.GetSpacing()], head.GetDirection())
+    sitk.WriteImage(finer, str(tmp / "finer.nrrd"))  # the same region on a finer grid: accepted
     half = sitk.Image(head.GetSize(), sitk.sitkFloat32)
     half.CopyInformation(head)
     half[2, 3, 4] = 1.5  # a float label map whose values are not all integers
@@ -221,6 +228,7 @@ def markups(path, system):
     (["--spacing", "-2"], "must be a positive number, got -2"),
     (["--fixed-labels", "half.nii.gz"], "half.nii.gz: a label map needs integer values; 1 voxels are not (e.g. 1.5)"),
     (["--moving-labels", "cut.nii.gz"], "cut.nii.gz: is truncated or damaged: its header promises"),
+    (["--fixed-labels", "elsewhere.nrrd"], "elsewhere.nrrd: its labels lie outside its image"),
     (["--fixed-mask", "cut.nii"], "cut.nii: is truncated: its header promises"),
 ])
 def test_bad_registration_inputs_get_one_clear_error_and_no_output(bad_inputs, capsys, extra, expected):
@@ -365,3 +373,12 @@ def test_a_thin_slice_fixed_image_keeps_the_outputs_small_and_exact(tmp_path):
                           sitk.sitkFloat32)
     assert np.abs(sitk.GetArrayFromImage(again) - sitk.GetArrayFromImage(warped)).max() < 1e-3 * float(
         sitk.GetArrayFromImage(warped).max())
+
+
+def test_a_label_map_on_another_grid_of_the_same_region_is_used(bad_inputs):
+    from gvsl.registration.inputs import read_labels_for
+
+    folder, head = bad_inputs
+    image = sitk.ReadImage(str(head))
+    labels = read_labels_for(folder / "finer.nrrd", image, head)  # as register.py --fixed-labels finer.nrrd
+    assert labels.GetSize() == tuple(2 * s for s in image.GetSize())

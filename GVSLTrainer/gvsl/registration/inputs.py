@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from ..volumes import DataError, read_labels, read_volume
@@ -37,14 +38,31 @@ def read_mask(path: str | Path, image: sitk.Image) -> sitk.Image:
     return mask
 
 
+def read_labels_for(path: str | Path, image: sitk.Image, image_path: str | Path) -> sitk.Image:
+    """A label map for ``image``: any geometry (it is resampled in physical space), but it must lie on
+    the image, or its Dice would compare unrelated places."""
+    labels = read_labels(path)
+    labelled = sitk.GetArrayViewFromImage(labels) > 0
+    if labelled.any():
+        inside = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(labels > 0, sitk.sitkUInt8), image,
+                                                      sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+        voxel = np.prod(image.GetSpacing()) / np.prod(labels.GetSpacing())  # labelled volume, in label voxels
+        share = float(inside.sum()) * voxel / float(labelled.sum())
+        if share < 0.5:
+            raise DataError(f"{path}: its labels lie outside its image {image_path} (only {share:.0%} of the "
+                            "labelled volume falls inside it); a label map must cover the region of its image")
+    return labels
+
+
 def read_inputs(args) -> dict:
     """The keyword arguments of ``register`` from register.py's arguments."""
     from ..checkpoint import build_gvsl, load
 
     fixed, moving = read_volume(args.fixed), read_volume(args.moving)
     inputs = dict(fixed=fixed, moving=moving,
-                  fixed_labels=read_labels(args.fixed_labels) if args.fixed_labels else None,
-                  moving_labels=read_labels(args.moving_labels) if args.moving_labels else None,
+                  fixed_labels=read_labels_for(args.fixed_labels, fixed, args.fixed) if args.fixed_labels else None,
+                  moving_labels=read_labels_for(args.moving_labels, moving, args.moving) if args.moving_labels
+                  else None,
                   fixed_mask=read_mask(args.fixed_mask, fixed) if args.fixed_mask else None,
                   moving_mask=read_mask(args.moving_mask, moving) if args.moving_mask else None,
                   initial_transform=read_transform(args.initial_transform) if args.initial_transform else None,

@@ -223,7 +223,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
                                 "check the images' origins, directions and spacings, or use another initialisation")
     fm_img = _mask_on_grid(fixed_mask, fixed, grid, None, "fixed")
     mm_img = _mask_on_grid(moving_mask, moving, grid, init_tf, "moving")
-    if fm_img is not None and mm_img is not None and not (sitk.GetArrayViewFromImage(fm_img * mm_img) > 0.25).any():
+    if fm_img is not None and mm_img is not None and not (sitk.GetArrayFromImage(fm_img * mm_img) > 0.25).any():
         raise RegistrationError("the fixed and moving masks do not overlap after the initial alignment")
     f_t, m_t = _to_tensor(f_img, presets[0], device, fm_img), _to_tensor(m_img, presets[1], device, mm_img)
     masks = [None if m is None else torch.from_numpy(sitk.GetArrayFromImage(m))[None, None].to(device)
