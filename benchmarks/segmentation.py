@@ -206,24 +206,32 @@ def compare(args: argparse.Namespace) -> None:
                       normalize="mr", workers=0, progress=args.progress, device=args.device, lr=args.lr)
         train_idx, val_idx = finetune.split_cases(n, val_fraction, seed=0)  # one split for every run
         (tmp / "unlabelled.txt").write_text("\n".join(entries[i]["image"] for i in train_idx))
-        t0 = time.perf_counter()
-        pretrain.train(PretrainConfig(data=str(tmp / "unlabelled.txt"), output_dir=str(tmp / "pre"),
-                                      steps=args.pretrain_steps, checkpoint_every=10 ** 9, cache_dir=str(tmp / "pc"),
-                                      seed=0, **{**common, "lr": args.pretrain_lr}))
-        print(json.dumps({"benchmark": "segmentation_compare_pretrain", "steps": args.pretrain_steps,
-                          "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
+        if "gvsl_pretrained" in args.runs:
+            t0 = time.perf_counter()
+            pretrain.train(PretrainConfig(data=str(tmp / "unlabelled.txt"), output_dir=str(tmp / "pre"),
+                                          steps=args.pretrain_steps, checkpoint_every=10 ** 9,
+                                          cache_dir=str(tmp / "pc"), seed=0, **{**common, "lr": args.pretrain_lr}))
+            print(json.dumps({"benchmark": "segmentation_compare_pretrain", "steps": args.pretrain_steps,
+                              "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
         for seed in args.seeds:
             for run, pre in (("gvsl_scratch", None), ("gvsl_pretrained", str(tmp / "pre/gvsl_pretrained.pt"))):
+                if run not in args.runs:
+                    continue
                 out = tmp / f"{run}_{seed}"
                 t0 = time.perf_counter()
                 finetune.train(finetune.FinetuneConfig(
                     data=str(dataset), output_dir=str(out), steps=args.steps, val_every=args.val_every,
                     val_fraction=val_fraction, pretrained=pre, checkpoint_every=10 ** 9, seed=seed,
-                    cache_dir=str(tmp / "fc"), **common))
+                    cache_dir=str(tmp / "fc"), augment=args.augment, intensity_augment=args.intensity_augment,
+                    **common))
+                label = run if args.augment == "default" and args.intensity_augment else \
+                    f"{run} (augment {args.augment}, intensity {'on' if args.intensity_augment else 'off'})"
                 for step, per_class in monai_recipe.gvsl_curve(out / "log.csv").items():
-                    show(run, seed, step, per_class)
-                print(json.dumps({"benchmark": "segmentation_compare_wall", "run": run, "seed": seed,
+                    show(label, seed, step, per_class)
+                print(json.dumps({"benchmark": "segmentation_compare_wall", "run": label, "seed": seed,
                                   "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
+            if "monai_basicunet" not in args.runs:
+                continue
             t0 = time.perf_counter()
             monai_recipe.monai_recipe([entries[i] for i in train_idx], [entries[i] for i in val_idx], args.steps,
                                       args.crop, args.batch_size, args.lr, seed, args.val_every, args.device,
@@ -264,6 +272,11 @@ def main() -> None:
     cmp.add_argument("--pretrain-steps", type=int, default=300)
     cmp.add_argument("--pretrain-lr", type=float, default=1e-3)
     cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    cmp.add_argument("--runs", nargs="+", default=["gvsl_scratch", "gvsl_pretrained", "monai_basicunet"],
+                     choices=["gvsl_scratch", "gvsl_pretrained", "monai_basicunet"])
+    cmp.add_argument("--augment", default="default", choices=["none", "light", "default"],
+                     help="GVSL's spatial augmentation (MONAI's recipe here has none)")
+    cmp.add_argument("--intensity-augment", action=argparse.BooleanOptionalAction, default=True)
     for p in (inf, lc, cmp):
         p.add_argument("--device", default="cpu")
         p.add_argument("--progress", action="store_true")
