@@ -35,9 +35,9 @@ def nifti_problem(path: Path) -> str:
         with opener(path, "rb") as f:
             header = f.read(540)
     except (OSError, EOFError) as e:
-        return f"its gzip stream is damaged ({e})"
+        return f"cannot be read: its gzip stream is damaged ({e})"
     if len(header) < 348:
-        return "its NIfTI header is incomplete"
+        return "cannot be read: its NIfTI header is incomplete"
     for order in "<>":
         size = struct.unpack(order + "i", header[:4])[0]
         if size == 348:  # NIfTI-1
