@@ -223,9 +223,10 @@ def compare(args: argparse.Namespace) -> None:
                     data=str(dataset), output_dir=str(out), steps=args.steps, val_every=args.val_every,
                     val_fraction=val_fraction, pretrained=pre, checkpoint_every=10 ** 9, seed=seed,
                     cache_dir=str(tmp / "fc"), augment=args.augment, intensity_augment=args.intensity_augment,
-                    **common))
-                label = run if args.augment == "default" and args.intensity_augment else \
-                    f"{run} (augment {args.augment}, intensity {'on' if args.intensity_augment else 'off'})"
+                    lr_schedule=args.lr_schedule, **common))
+                label = run if args.augment == "default" and args.intensity_augment and args.lr_schedule == "poly" \
+                    else (f"{run} (augment {args.augment}, intensity {'on' if args.intensity_augment else 'off'}, "
+                          f"{args.lr_schedule} lr)")
                 for step, per_class in monai_recipe.gvsl_curve(out / "log.csv").items():
                     show(label, seed, step, per_class)
                 print(json.dumps({"benchmark": "segmentation_compare_wall", "run": label, "seed": seed,
@@ -277,6 +278,8 @@ def main() -> None:
     cmp.add_argument("--augment", default="default", choices=["none", "light", "default"],
                      help="GVSL's spatial augmentation (MONAI's recipe here has none)")
     cmp.add_argument("--intensity-augment", action=argparse.BooleanOptionalAction, default=True)
+    cmp.add_argument("--lr-schedule", default="poly", choices=["constant", "cosine", "poly"],
+                     help="GVSL's schedule (MONAI's recipe here keeps the rate constant)")
     for p in (inf, lc, cmp):
         p.add_argument("--device", default="cpu")
         p.add_argument("--progress", action="store_true")
