@@ -60,6 +60,15 @@ def finite(value):
     return value
 
 
+def _non_finite(value, name: str = "") -> list[str]:
+    """Dotted names of the NaN or infinite figures in ``value``."""
+    if isinstance(value, dict):
+        return [n for k, v in value.items() for n in _non_finite(v, f"{name}.{k}" if name else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [n for i, v in enumerate(value) for n in _non_finite(v, f"{name}[{i}]")]
+    return [name] if isinstance(value, float) and not math.isfinite(value) else []
+
+
 def summary(metrics: dict, moving_name: str, fixed_name: str) -> str:
     """What a person reads after a run: what was done, from which start, and how well it matched."""
     sim = metrics["similarity"]
@@ -81,6 +90,10 @@ def summary(metrics: dict, moving_name: str, fixed_name: str) -> str:
         pairs = [f"{k} {metrics['dice_before'][k]:.3f} -> {v:.3f}" for k, v in metrics["dice_after"].items()
                  if v is not None and metrics["dice_before"].get(k) is not None]
         lines.append("  Dice: " + ", ".join(pairs))
+    missing = _non_finite(metrics)
+    if missing:
+        lines.append(f"  not computed: {', '.join(missing)} (NaN or infinite, written as null in metrics.json; usually "
+                     "no image content where the two images overlap)")
     if metrics["mode"] != "deformable":
         lines.append(f"  {metrics['mode']} mode: no displacement field written; transform.h5 is the linear "
                      "transform alone (Slicer can harden it)")
