@@ -157,3 +157,36 @@ def affine_case(seed: int = 0):
     labels = tissue_labels()
     return (sitk.Resample(t1, fixed, truth, sitk.sitkLinear, 0.0), t1,
             sitk.Resample(labels, fixed, truth, sitk.sitkNearestNeighbor, 0), labels, truth)
+
+
+def labelled_cases(folder, image: sitk.Image, labels: sitk.Image, names: dict, n_cases: int, size, spacing: float,
+                   angle_step: float, angle_period: int, seed: int, max_field_mm: float, intensity_scale: float,
+                   noise_max: float) -> list[dict]:
+    """An MSD-style task in ``folder`` (images/, labels/, dataset.json with ``names``: {value: name}):
+    ``image`` and ``labels`` under a different oblique grid about the label map's centre, smooth
+    deformation (``known_transform``, seed ``seed + i``), gamma curve and noise per case. Returns the
+    dataset's training entries."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    centre = labels.TransformContinuousIndexToPhysicalPoint(((np.array(labels.GetSize()) - 1) / 2).tolist())
+    entries = []
+    for i in range(n_cases):
+        grid = oblique_grid(centre, size=tuple(size), spacing=(spacing,) * 3,
+                            versor=((0.2, 1.0, 0.3), angle_step * (i % angle_period)))
+        truth = known_transform(grid, seed=seed + i, max_field_mm=max_field_mm)
+        case = sitk.Resample(image, grid, truth, sitk.sitkLinear, 0.0)
+        rng = np.random.default_rng(i)
+        case = sitk.Pow(case / intensity_scale + 1e-3, float(rng.uniform(0.7, 1.4))) * float(rng.uniform(80, 120))
+        case = sitk.AdditiveGaussianNoise(case, float(rng.uniform(1, noise_max)), 0.0, i)
+        lab = sitk.Resample(labels, grid, truth, sitk.sitkNearestNeighbor, 0)
+        ip, lp = folder / f"images/case{i:02d}.nii.gz", folder / f"labels/case{i:02d}.nii.gz"
+        ip.parent.mkdir(parents=True, exist_ok=True)
+        lp.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(sitk.Cast(case, sitk.sitkFloat32), str(ip))
+        sitk.WriteImage(lab, str(lp))
+        entries.append({"image": str(ip), "label": str(lp)})
+    spec = {"labels": {"0": "background", **{str(v): n for v, n in names.items()}}, "training": entries}
+    (folder / "dataset.json").write_text(json.dumps(spec, indent=1))
+    return entries

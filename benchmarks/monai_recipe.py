@@ -4,7 +4,6 @@ sliding-window validation with DiceMetric), and the atlas task both are measured
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,25 +29,9 @@ def atlas_task(folder: Path, n_cases: int, spacing: float = 1.5) -> Path:
     kept = np.isin(sitk.GetArrayFromImage(atlas), list(REGIONS))
     labels = sitk.GetImageFromArray(np.where(kept, sitk.GetArrayFromImage(atlas), 0).astype(np.uint8))
     labels.CopyInformation(atlas)
-    centre = atlas.TransformContinuousIndexToPhysicalPoint(((np.array(atlas.GetSize()) - 1) / 2).tolist())
     size = [int(round(s * 1.5 / spacing)) for s in atlas.GetSize()]
-    entries = []
-    for i in range(n_cases):
-        grid = synthetic.oblique_grid(centre, size=size, spacing=(spacing,) * 3, versor=((0.2, 1.0, 0.3), 0.08 * (i % 4)))
-        truth = synthetic.known_transform(grid, seed=200 + i, max_field_mm=5.0)
-        rng = np.random.default_rng(i)
-        image = sitk.Resample(t1, grid, truth, sitk.sitkLinear, 0.0)
-        image = sitk.Pow(image / 8000.0 + 1e-3, float(rng.uniform(0.7, 1.4))) * float(rng.uniform(80, 120))
-        image = sitk.AdditiveGaussianNoise(image, float(rng.uniform(1, 3)), 0.0, i)
-        lab = sitk.Resample(labels, grid, truth, sitk.sitkNearestNeighbor, 0)
-        ip, lp = folder / f"images/case{i:02d}.nii.gz", folder / f"labels/case{i:02d}.nii.gz"
-        ip.parent.mkdir(parents=True, exist_ok=True)
-        lp.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32), str(ip))
-        sitk.WriteImage(lab, str(lp))
-        entries.append({"image": str(ip), "label": str(lp)})
-    spec = {"labels": {"0": "background", **{str(v): n for v, n in REGIONS.items()}}, "training": entries}
-    (folder / "dataset.json").write_text(json.dumps(spec, indent=1))
+    synthetic.labelled_cases(folder, t1, labels, REGIONS, n_cases, size, spacing, angle_step=0.08, angle_period=4,
+                             seed=200, max_field_mm=5.0, intensity_scale=8000.0, noise_max=3)
     return folder / "dataset.json"
 
 

@@ -116,26 +116,10 @@ def inference(args: argparse.Namespace) -> None:
 def make_task(folder: Path, n_cases: int, pretrain_cases: list[int]) -> Path:
     """An MSD-style dataset.json of deformed MNI heads (1.5 mm) with grey/white-matter labels, and
     ``unlabelled.txt`` listing the images of ``pretrain_cases`` (the self-supervised part)."""
-    t1, labels = synthetic.mni("t1"), synthetic.tissue_labels()
-    centre = t1.TransformContinuousIndexToPhysicalPoint(((np.array(t1.GetSize()) - 1) / 2).tolist())
-    entries = []
-    for i in range(n_cases):
-        grid = synthetic.oblique_grid(centre, size=(112, 128, 112), spacing=(1.5, 1.5, 1.5),
-                                      versor=((0.2, 1.0, 0.3), 0.1 * (i % 3)))
-        truth = synthetic.known_transform(grid, seed=100 + i, max_field_mm=6.0)
-        image = sitk.Resample(t1, grid, truth, sitk.sitkLinear, 0.0)
-        rng = np.random.default_rng(i)
-        image = sitk.Pow(image / 100.0 + 1e-3, float(rng.uniform(0.7, 1.4))) * float(rng.uniform(80, 120))
-        image = sitk.AdditiveGaussianNoise(image, float(rng.uniform(1, 4)), 0.0, i)
-        lab = sitk.Resample(labels, grid, truth, sitk.sitkNearestNeighbor, 0)
-        ip, lp = folder / f"images/case{i:02d}.nii.gz", folder / f"labels/case{i:02d}.nii.gz"
-        ip.parent.mkdir(parents=True, exist_ok=True)
-        lp.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32), str(ip))
-        sitk.WriteImage(lab, str(lp))
-        entries.append({"image": str(ip), "label": str(lp)})
-    spec = {"labels": {"0": "background", "1": "grey matter", "2": "white matter"}, "training": entries}
-    (folder / "dataset.json").write_text(json.dumps(spec, indent=1))
+    entries = synthetic.labelled_cases(folder, synthetic.mni("t1"), synthetic.tissue_labels(),
+                                       {1: "grey matter", 2: "white matter"}, n_cases, (112, 128, 112), 1.5,
+                                       angle_step=0.1, angle_period=3, seed=100, max_field_mm=6.0,
+                                       intensity_scale=100.0, noise_max=4)
     (folder / "unlabelled.txt").write_text("\n".join(entries[i]["image"] for i in pretrain_cases))
     return folder / "dataset.json"
 
