@@ -62,49 +62,52 @@ def remove_stale(folder: str | Path, prefix: str, end: str) -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
+def replacing(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary name beside ``path`` (``.<stem>.<pid>.partial<suffix>``) to write to; renamed onto
+    ``path`` when the block succeeds, removed otherwise. Temporaries of killed processes go first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = path.name
+    stem = f".{name[:len(name) - len(suffix)] or 'image'}."
+    remove_stale(path.parent, stem, f".partial{suffix}")
+    tmp = path.with_name(f"{stem}{os.getpid()}.partial{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_image(image, path: str | Path) -> Path:
     """sitk.WriteImage to a temporary name with the same extension, then rename into place."""
     import SimpleITK as sitk
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    name = path.name
     suffix = "".join(s for s in path.suffixes if s.lower() in (".nii", ".gz", ".nrrd", ".mha", ".mhd", ".seg")) \
         or path.suffix
-    stem = f".{name[:len(name) - len(suffix)] or 'image'}."
-    remove_stale(path.parent, stem, f".partial{suffix}")
-    tmp = path.with_name(f"{stem}{os.getpid()}.partial{suffix}")
-    try:
+    with replacing(path, suffix) as tmp:
         sitk.WriteImage(image, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
 def write_text(text: str, path: str | Path) -> Path:
     """A small text file written whole or not at all (temporary name, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with replacing(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
-# what the tools write label maps and images as: 3D formats only (a .png would hold one slice)
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
 def check_image_output(path: str | Path, inputs: tuple = ()) -> Path:
-    """Refuse, before any work, an output image path with a non-3D format, in a folder that cannot be
-    written, or that is one of the ``inputs`` (which it would overwrite)."""
+    """Refuse, before any work, an output image path with a non-3D format (a .png would hold one
+    slice), in a folder that cannot be written, or that is one of the ``inputs`` (which it would
+    overwrite)."""
+    from .volumes import IMAGE_SUFFIXES
+
     path = Path(path)
     if not path.name.lower().endswith(IMAGE_SUFFIXES):
-        raise ValueError(f"{path}: the output needs a 3D image format: {', '.join(IMAGE_SUFFIXES)}")
+        raise ValueError(f"{path}: the output needs a 3D image format: {', '.join(IMAGE_SUFFIXES)} "
+                         "(.seg.nrrd too)")
     if path.is_dir():
         raise ValueError(f"{path}: is a folder; give a file name for the output")
     check_not_an_input(path, inputs)
