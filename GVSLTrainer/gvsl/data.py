@@ -14,10 +14,8 @@ from monai.transforms import Transform
 from torch.utils.data import Dataset
 
 from . import geometry
-from .volumes import (CT_WINDOW, MIN_SIZE, MR_PERCENTILES, PRESETS, DataError, normalise,  # noqa: F401
-                      read_labels, read_volume)
-
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+from .volumes import (CT_WINDOW, IMAGE_SUFFIXES, MIN_SIZE, MR_PERCENTILES, PRESETS, DataError,  # noqa: F401
+                      normalise, read_labels, read_volume)
 
 
 def is_image(path: Path) -> bool:
@@ -120,9 +118,8 @@ def class_voxels(classes: np.ndarray, num_classes: int) -> list[torch.Tensor]:
     flat = classes.reshape(-1)
     order = np.argsort(flat, kind="stable")
     bounds = np.searchsorted(flat[order], np.arange(num_classes + 1))
-    out = [torch.from_numpy(order[bounds[c]:bounds[c + 1]].astype(np.int32)) for c in range(num_classes)]
-    out[0] = torch.zeros(0, dtype=torch.int32)
-    return out
+    return [torch.zeros(0, dtype=torch.int32)] + [torch.from_numpy(order[bounds[c]:bounds[c + 1]].astype(np.int32))
+                                                  for c in range(1, num_classes)]
 
 
 class VolumeStore:

@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 PRESETS = ("ct", "mr")
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # the 3D formats the tools read and write
 CT_WINDOW = (-1024.0, 1024.0)
 MR_PERCENTILES = (0.5, 99.5)
 
@@ -53,7 +54,8 @@ def nifti_problem(path: Path) -> str:
     else:
         return ""  # not a NIfTI header this check understands: leave it to the reader
     ndim = max(0, min(int(dims[0]), 7))
-    expected = max(offset, 352 if size == 348 else 544) + int(np.prod([max(1, d) for d in dims[1:ndim + 1]])) * bitpix // 8
+    voxels = int(np.prod([max(1, d) for d in dims[1:ndim + 1]]))
+    expected = max(offset, 352 if size == 348 else 544) + voxels * bitpix // 8
     if compressed:
         with open(path, "rb") as f:
             f.seek(-4, os.SEEK_END)
