@@ -309,8 +309,9 @@ def test_metrics_json_holds_null_where_a_figure_is_missing():
     metrics = {"ncc_after": float("nan"), "dice_after": {"gm": float("inf"), "wm": 0.9}, "tre": [1.0, float("nan")]}
     text = json.dumps(finite(metrics), allow_nan=False)
     assert json.loads(text) == {"ncc_after": None, "dice_after": {"gm": None, "wm": 0.9}, "tre": [1.0, None]}
-    from gvsl.registration_io import _non_finite
-    assert _non_finite(metrics) == ["ncc_after", "dice_after.gm", "tre[1]"]  # what the summary names as missing
+    missing = []
+    finite(metrics, missing)
+    assert missing == ["ncc_after", "dice_after.gm", "tre[1]"]  # what the summary names as missing
 
 
 def test_tiny_or_degenerate_images_are_refused_naming_the_files(tmp_path, capsys):

@@ -48,25 +48,18 @@ def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir:
     return written
 
 
-def finite(value):
+def finite(value, missing: list[str] | None = None, name: str = ""):
     """``value`` with NaN and infinities as None: JSON has no NaN (a bare NaN makes metrics.json unreadable
-    to strict parsers), and null says "no figure"."""
+    to strict parsers), and null says "no figure". The dotted names of those figures go to ``missing``."""
     if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
+        return {k: finite(v, missing, f"{name}.{k}" if name else str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
+        return [finite(v, missing, f"{name}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, float) and not math.isfinite(value):
+        if missing is not None:
+            missing.append(name)
         return None
     return value
-
-
-def _non_finite(value, name: str = "") -> list[str]:
-    """Dotted names of the NaN or infinite figures in ``value``."""
-    if isinstance(value, dict):
-        return [n for k, v in value.items() for n in _non_finite(v, f"{name}.{k}" if name else str(k))]
-    if isinstance(value, (list, tuple)):
-        return [n for i, v in enumerate(value) for n in _non_finite(v, f"{name}[{i}]")]
-    return [name] if isinstance(value, float) and not math.isfinite(value) else []
 
 
 def summary(metrics: dict, moving_name: str, fixed_name: str) -> str:
@@ -90,7 +83,8 @@ def summary(metrics: dict, moving_name: str, fixed_name: str) -> str:
         pairs = [f"{k} {metrics['dice_before'][k]:.3f} -> {v:.3f}" for k, v in metrics["dice_after"].items()
                  if v is not None and metrics["dice_before"].get(k) is not None]
         lines.append("  Dice: " + ", ".join(pairs))
-    missing = _non_finite(metrics)
+    missing: list[str] = []
+    finite(metrics, missing)
     if missing:
         lines.append(f"  not computed: {', '.join(missing)} (NaN or infinite, written as null in metrics.json; usually "
                      "no image content where the two images overlap)")
