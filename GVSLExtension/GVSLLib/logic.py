@@ -323,7 +323,8 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         self._require(self.segmentationInputsProblem(inputVolume, model))
 
         def arguments(workdir: Path) -> list:
-            return ["--model", model, "--input", self._write(conversion.imageFromVolumeNode(inputVolume), workdir / "input.nrrd"),
+            image = conversion.imageFromVolumeNode(inputVolume)
+            return ["--model", model, "--input", self._write(image, workdir / "input.nrrd"),
                     "--output", workdir / "out" / "labels.nrrd", "--classes", workdir / "out" / "classes.json",
                     "--device", device]
 
