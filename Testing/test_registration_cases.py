@@ -197,6 +197,11 @@ def bad_inputs(tmp_path_factory, anatomical_path):
                           [s * 2 for s in head.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor, head.GetOrigin(),
                           [s / 2 for s in head.GetSpacing()], head.GetDirection())
     sitk.WriteImage(finer, str(tmp / "finer.nrrd"))  # the same region on a finer grid: accepted
+    nan = sitk.GetArrayFromImage(sitk.Cast(head, sitk.sitkFloat32))
+    nan[3, 4, 5] = np.nan  # SimpleITK alone reads a NIfTI NaN as 0
+    nan_image = sitk.GetImageFromArray(nan)
+    nan_image.CopyInformation(head)
+    sitk.WriteImage(nan_image, str(tmp / "nan.nii.gz"))
     half = sitk.Image(head.GetSize(), sitk.sitkFloat32)
     half.CopyInformation(head)
     half[2, 3, 4] = 1.5  # a float label map whose values are not all integers
@@ -230,6 +235,7 @@ def markups(path, system):
     (["--moving-labels", "cut.nii.gz"], "cut.nii.gz: is truncated or damaged: its header promises"),
     (["--fixed-labels", "elsewhere.nrrd"], "elsewhere.nrrd: its labels lie outside its image"),
     (["--fixed-mask", "cut.nii"], "cut.nii: is truncated: its header promises"),
+    (["--moving", "nan.nii.gz"], "nan.nii.gz: 1 of its 33825 voxels is NaN or infinite"),
 ])
 def test_bad_registration_inputs_get_one_clear_error_and_no_output(bad_inputs, capsys, extra, expected):
     folder, head = bad_inputs

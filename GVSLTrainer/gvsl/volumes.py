@@ -22,17 +22,21 @@ class DataError(ValueError):
     """A problem with an input file or data source, always naming it."""
 
 
+NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of the float voxel types a scalar volume uses
+
+
 def nifti_problem(path: Path) -> str:
-    """Why a NIfTI file is incomplete ("" when it is not, or is no NIfTI): SimpleITK reads a truncated
-    .nii or .nii.gz without complaint and fills the missing voxels with zeros. The header says how many
-    bytes the data take; a .nii must hold them, and a .nii.gz's gzip trailer (the uncompressed size,
-    modulo 2^32) must match them."""
+    """Why a NIfTI file cannot be trusted ("" when it can, or is no NIfTI), for two things SimpleITK
+    reads without complaint: a truncated .nii or .nii.gz (missing voxels become zeros), and NaN or
+    infinite voxels (become zeros too). The header says how many bytes the data take; a .nii must
+    hold them, and a .nii.gz's gzip trailer (the uncompressed size, modulo 2^32) must match them.
+    Float data are then read as stored and counted for non-finite values."""
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz")) or not path.is_file():
         return ""
     compressed = name.endswith(".gz")
+    opener = gzip.open if compressed else open
     try:
-        opener = gzip.open if compressed else open
         with opener(path, "rb") as f:
             header = f.read(540)
     except (OSError, EOFError) as e:
@@ -43,19 +47,20 @@ def nifti_problem(path: Path) -> str:
         size = struct.unpack(order + "i", header[:4])[0]
         if size == 348:  # NIfTI-1
             dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
             offset = int(struct.unpack(order + "f", header[108:112])[0])
             break
         if size == 540 and len(header) >= 540:  # NIfTI-2
             dims = struct.unpack(order + "8q", header[16:80])
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
             offset = struct.unpack(order + "q", header[168:176])[0]
             break
     else:
         return ""  # not a NIfTI header this check understands: leave it to the reader
     ndim = max(0, min(int(dims[0]), 7))
     voxels = int(np.prod([max(1, d) for d in dims[1:ndim + 1]]))
-    expected = max(offset, 352 if size == 348 else 544) + voxels * bitpix // 8
+    offset = max(offset, 352 if size == 348 else 544)
+    expected = offset + voxels * bitpix // 8
     if compressed:
         with open(path, "rb") as f:
             f.seek(-4, os.SEEK_END)
@@ -65,6 +70,21 @@ def nifti_problem(path: Path) -> str:
                     "does not end with that size")
     elif path.stat().st_size < expected:
         return f"is truncated: its header promises {expected} bytes, the file has {path.stat().st_size}"
+    if datatype not in NIFTI_FLOATS:
+        return ""
+    dtype = np.dtype(order + NIFTI_FLOATS[datatype])
+    bad, chunk = 0, 1 << 22
+    try:
+        with opener(path, "rb") as f:
+            f.seek(offset)
+            for start in range(0, voxels, chunk):
+                values = np.frombuffer(f.read(min(chunk, voxels - start) * dtype.itemsize), dtype)
+                bad += values.size - int(np.count_nonzero(np.isfinite(values)))
+    except (OSError, EOFError, ValueError) as e:
+        return f"cannot be read: its data are damaged ({e})"
+    if bad:
+        what = "every voxel is" if bad == voxels else f"{bad} of its {voxels} voxels {'is' if bad == 1 else 'are'}"
+        return f"{what} NaN or infinite (as stored; SimpleITK would read them as 0)"
     return ""
 
 
