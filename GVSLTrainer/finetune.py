@@ -22,8 +22,8 @@ from gvsl.finetune import FinetuneConfig, train  # noqa: E402
 
 def main(argv=None) -> int:
     parser = build_parser(FinetuneConfig, __doc__)
-    cfg = resolve(FinetuneConfig, parser.parse_args(argv))
-    return run(lambda: train(cfg))
+    args = parser.parse_args(argv)
+    return run(lambda: train(resolve(FinetuneConfig, args)))  # option values are checked inside: one error line
 
 
 if __name__ == "__main__":

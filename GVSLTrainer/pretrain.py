@@ -20,8 +20,8 @@ from gvsl.pretrain import train  # noqa: E402
 
 def main(argv=None) -> int:
     parser = build_parser(PretrainConfig, __doc__)
-    cfg = resolve(PretrainConfig, parser.parse_args(argv), DEMO_OVERRIDES)
-    return run(lambda: train(cfg))
+    args = parser.parse_args(argv)
+    return run(lambda: train(resolve(PretrainConfig, args, DEMO_OVERRIDES)))  # option values are checked inside: one error line
 
 
 if __name__ == "__main__":

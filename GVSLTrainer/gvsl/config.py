@@ -64,21 +64,33 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# Options that make no sense at zero (or below zero): refused by name instead of failing later.
+POSITIVE = ("steps", "batch_size", "width", "lr", "checkpoint_every", "log_every", "val_every", "ncc_window")
+NON_NEGATIVE = ("workers", "warmup_steps", "seed", "ncc_weight", "smooth_weight", "mse_weight")
+
+
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
     if value is None:
         return None
+    flag = "--" + f.name.replace("_", "-")
+    if f.name in POSITIVE and not value > 0:
+        raise ValueError(f"{flag} must be above 0, got {value}")
+    if f.name in NON_NEGATIVE and not value >= 0:
+        raise ValueError(f"{flag} must be 0 or more, got {value}")
     if f.name == "spacing":
         values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         if len(values) == 1:
             values *= 3
         if len(values) != 3 or min(values) <= 0:
-            raise ValueError(f"spacing needs 1 or 3 positive values, got {value}")
+            raise ValueError(f"{flag} needs 1 or 3 positive values, got {value}")
         return tuple(values)
     if f.name == "crop":
         values = [int(v) for v in value]
         if len(values) != 3 or min(values) < 8:
-            raise ValueError(f"crop needs 3 sizes of at least 8 voxels, got {value}")
+            raise ValueError(f"{flag} needs 3 sizes of at least 8 voxels, got {value}")
         return tuple(values)
+    if f.name.endswith(("_rate", "_fraction")) and not 0 <= float(value) <= 1:
+        raise ValueError(f"{flag} is a share between 0 and 1, got {value}")
     return value
 
 
