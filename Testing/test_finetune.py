@@ -251,11 +251,48 @@ def test_augmentation_choices_are_separate(tmp_path):
     assert torch.equal(same_image, image) and torch.equal(same_label, label)
     curved, kept = augment_pair(image, label, gen.manual_seed(1), augment.spatial_config("none"), intensity=True)
     assert torch.equal(kept, label) and not torch.equal(curved, image)  # geometry kept, intensities changed
+    warped = [not torch.equal(augment_pair(image, label, gen.manual_seed(seed), augment.spatial_config("default"),
+                                           intensity=False, rate=0.5)[0][i], image[i])
+              for seed in range(8) for i in range(2)]
+    assert 0 < sum(warped) < len(warped)  # a share of the crops, not all or none
+    assert all(torch.equal(a, b) for a, b in zip(augment_pair(image, label, gen, augment.spatial_config("default"),
+                                                              intensity=True, rate=0.0), (image, label)))
     light, full = augment.spatial_config("light"), augment.spatial_config("default")
     assert light.rotation == full.rotation / 2 and light.elastic_magnitude == full.elastic_magnitude / 2
     help_text = subprocess.run([sys.executable, str(ROOT / "GVSLTrainer" / "finetune.py"), "--help"],
                                capture_output=True, text=True).stdout
     assert "crops per step" in help_text and "pairs per step" not in help_text
     for flag in ("--sampling", "--foreground-rate", "--lr-schedule", "--warmup-steps", "--augment",
-                 "--no-intensity-augment"):
+                 "--no-intensity-augment", "--augment-rate"):
         assert flag in help_text
+
+
+def test_dice_per_class_matches_monais_metric_and_skips_absent_classes():
+    """Counted from one confusion matrix instead of two int64 one-hot maps (memory grows with the
+    classes), it must give MONAI's DiceMetric values; a class absent from the truth is NaN, not 0."""
+    from monai.metrics import DiceMetric
+
+    from gvsl.finetune import dice_per_class
+
+    gen = torch.Generator().manual_seed(0)
+    truth, pred = torch.randint(0, 5, (2, 12, 14, 10), generator=gen), torch.randint(0, 5, (2, 12, 14, 10), generator=gen)
+    pred[0][truth[0] == 2] = 2  # some agreement, so the values differ per class
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    onehot = lambda x: torch.nn.functional.one_hot(x, 5).movedim(-1, 1)  # noqa: E731
+    expected = metric(onehot(pred), onehot(truth)).numpy()
+    ours = np.stack([dice_per_class(p, t, 5) for p, t in zip(pred, truth)])
+    np.testing.assert_allclose(ours, expected, rtol=1e-6)
+    truth[1][truth[1] == 3] = 0
+    assert np.isnan(dice_per_class(pred[1], truth[1], 5)[2])  # class 3 is absent: not scored
+
+
+def test_a_run_whose_classes_cannot_fit_is_refused_with_the_figures(monkeypatch):
+    from gvsl import runtime
+    from gvsl.finetune import check_memory
+    from gvsl.training import TrainingError
+
+    monkeypatch.setattr(runtime, "available_memory", lambda device: 4 * 2 ** 30)
+    check_memory(10, (64, 64, 64), 2, 128 ** 3, torch.device("cpu"))  # about 0.2 GB: fits
+    with pytest.raises(TrainingError, match=r"300 classes need about 13.6 GB of memory .* --batch-size 2 x --crop "
+                                            r"128x128x62; validation: .* and 4.0 GB are available"):
+        check_memory(300, (128, 128, 62), 2, 128 * 128 * 62 * 2, torch.device("cpu"))

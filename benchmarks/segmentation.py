@@ -197,6 +197,12 @@ def compare(args: argparse.Namespace) -> None:
                                           cache_dir=str(tmp / "pc"), seed=0, **{**common, "lr": args.pretrain_lr}))
             print(json.dumps({"benchmark": "segmentation_compare_pretrain", "steps": args.pretrain_steps,
                               "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
+        # GVSL's training options under test; runs are labelled by those that differ from the defaults
+        options = {"augment": args.augment, "intensity_augment": args.intensity_augment,
+                   "augment_rate": args.augment_rate, "lr_schedule": args.lr_schedule}
+        defaults = finetune.FinetuneConfig()
+        changes = [f"{k.replace('_', ' ')} {v}" for k, v in options.items() if getattr(defaults, k) != v]
+        changed = f" ({', '.join(changes)})" if changes else ""
         for seed in args.seeds:
             for run, pre in (("gvsl_scratch", None), ("gvsl_pretrained", str(tmp / "pre/gvsl_pretrained.pt"))):
                 if run not in args.runs:
@@ -206,11 +212,8 @@ def compare(args: argparse.Namespace) -> None:
                 finetune.train(finetune.FinetuneConfig(
                     data=str(dataset), output_dir=str(out), steps=args.steps, val_every=args.val_every,
                     val_fraction=val_fraction, pretrained=pre, checkpoint_every=10 ** 9, seed=seed,
-                    cache_dir=str(tmp / "fc"), augment=args.augment, intensity_augment=args.intensity_augment,
-                    lr_schedule=args.lr_schedule, **common))
-                label = run if args.augment == "default" and args.intensity_augment and args.lr_schedule == "poly" \
-                    else (f"{run} (augment {args.augment}, intensity {'on' if args.intensity_augment else 'off'}, "
-                          f"{args.lr_schedule} lr)")
+                    cache_dir=str(tmp / "fc"), **options, **common))
+                label = run + changed
                 for step, per_class in monai_recipe.gvsl_curve(out / "log.csv").items():
                     show(label, seed, step, per_class)
                 print(json.dumps({"benchmark": "segmentation_compare_wall", "run": label, "seed": seed,
@@ -262,6 +265,7 @@ def main() -> None:
     cmp.add_argument("--augment", default="default", choices=["none", "light", "default"],
                      help="GVSL's spatial augmentation (MONAI's recipe here has none)")
     cmp.add_argument("--intensity-augment", action=argparse.BooleanOptionalAction, default=True)
+    cmp.add_argument("--augment-rate", type=float, default=0.2, help="GVSL's share of augmented crops")
     cmp.add_argument("--lr-schedule", default="poly", choices=["constant", "cosine", "poly"],
                      help="GVSL's schedule (MONAI's recipe here keeps the rate constant)")
     for p in (inf, lc, cmp):

@@ -49,7 +49,7 @@ def _rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.rand(shape, generator=gen, device=gen.device)
 
 
-def _chosen(gen: torch.Generator, n: int, rate: float) -> torch.Tensor:
+def chosen(gen: torch.Generator, n: int, rate: float) -> torch.Tensor:
     return _rand(gen, n) < rate
 
 
@@ -71,7 +71,7 @@ def local_pixel_shuffle(x: torch.Tensor, gen: torch.Generator, rate: float, cove
     values = flat.gather(2, index).reshape(n, c, k, -1)
     perm = _rand(gen, n, 1, k, values.shape[-1]).argsort(-1).expand_as(values)
     shuffled = flat.clone().scatter_(2, index, values.gather(-1, perm).reshape(n, c, -1)).reshape_as(x)
-    return torch.where(_chosen(gen, n, rate).reshape(n, 1, 1, 1, 1), shuffled, x)
+    return torch.where(chosen(gen, n, rate).reshape(n, 1, 1, 1, 1), shuffled, x)
 
 
 def bezier_curves(gen: torch.Generator, n: int, points: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +91,7 @@ def nonlinear_intensity(x: torch.Tensor, gen: torch.Generator, rate: float) -> t
     x0, x1 = xs.gather(1, hi - 1), xs.gather(1, hi)
     y0, y1 = ys.gather(1, hi - 1), ys.gather(1, hi)
     mapped = y0 + (v - x0) / (x1 - x0).clamp_min(1e-12) * (y1 - y0)
-    return torch.where(_chosen(gen, n, rate).reshape(n, 1, 1, 1, 1), mapped.reshape_as(x).to(x.dtype), x)
+    return torch.where(chosen(gen, n, rate).reshape(n, 1, 1, 1, 1), mapped.reshape_as(x).to(x.dtype), x)
 
 
 def _box_union(gen: torch.Generator, n: int, size: list[int], count: int, lo: list[int], hi: list[int],
@@ -125,8 +125,8 @@ def paint(x: torch.Tensor, gen: torch.Generator, paint_rate: float, inpaint_rate
     out_hi = [s - 3 * s // 7 for s in size]
     out_keep = _box_union(gen, n, size, 5, out_lo, out_hi, out_active)
     noise = _rand(gen, *x.shape).to(x.dtype)
-    painted = _chosen(gen, n, paint_rate)
-    inpaint = _chosen(gen, n, inpaint_rate)
+    painted = chosen(gen, n, paint_rate)
+    inpaint = chosen(gen, n, inpaint_rate)
     noise_where = torch.where(inpaint.reshape(n, 1, 1, 1), in_mask, ~out_keep) & painted.reshape(n, 1, 1, 1)
     return torch.where(noise_where.unsqueeze(1), noise, x)
 

@@ -177,6 +177,14 @@ class VolumeStore:
         """A (D, H, W) tensor, or {"image", "label"} tensors for labelled volumes."""
         return self._dataset[self._index[i]]
 
+    def skipped_summary(self) -> str:
+        """For a run's closing lines: the files left out and why ("" when none were), so a skip seen
+        once as a warning during preparation is counted where the user reads the result."""
+        if not self.skipped:
+            return ""
+        return (f"Skipped {len(self.skipped)} of {len(self.skipped) + len(self)} cases:\n"
+                + "\n".join(f"  {reason}" for reason in self.skipped.values()))
+
 
 def _identity(path) -> dict:
     stat = Path(path).stat()

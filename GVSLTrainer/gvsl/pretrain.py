@@ -25,10 +25,10 @@ LOSS_TERMS = ("ncc", "smooth", "mse", "total")
 RESUME_FIXED = ("width", "crop", "batch_size", "seed", "normalize", "spacing", "lr")
 
 
-def model_meta(cfg: PretrainConfig, paths: list[Path]) -> dict:
+def model_meta(cfg: PretrainConfig, paths: list[Path], skipped: dict[str, str] | None = None) -> dict:
     return {"width": cfg.width, "in_channels": 1, "normalize": cfg.normalize, "spacing": list(cfg.spacing),
             "crop": list(cfg.crop), "config": to_dict(cfg), "data": cfg.data or "built-in demo",
-            "num_volumes": len(paths)}
+            "num_volumes": len(paths), "skipped": skipped or {}}
 
 
 def _check_resumable(ckpt: checkpoint.Checkpoint, cfg: PretrainConfig) -> None:
@@ -98,7 +98,7 @@ def train(cfg: PretrainConfig) -> GVSL:
                            GVSLLoss(cfg.ncc_weight, cfg.smooth_weight, cfg.mse_weight, cfg.ncc_window),
                            run.amp_dtype, cfg.channels_last)
     gen = torch.Generator(device=run.device)
-    meta = model_meta(cfg, store.paths)
+    meta = model_meta(cfg, store.paths, {str(p): why for p, why in store.skipped.items()})
     logbook = TrainingLog(run.out, start, [*LOSS_TERMS, "steps_per_s", "data_wait_share"], enabled=run.dist.is_main)
 
     bar = tqdm(total=cfg.steps, initial=start, desc="Pre-training", unit="step", disable=not run.show,
@@ -150,5 +150,7 @@ def train(cfg: PretrainConfig) -> GVSL:
             final = checkpoint.save(run.out / FINAL, model, "pretrain", {**meta, "steps": step})
             print(f"Pre-trained model: {final.resolve()}\nLogs: {logbook.path.resolve()} and "
                   f"{(run.out / 'tensorboard').resolve()}")
+            if store.skipped:
+                print(store.skipped_summary())
     run.dist.barrier()
     return model

@@ -39,6 +39,23 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a job can still allocate on ``device``: free GPU memory, or the host's available memory
+    (Linux's MemAvailable); None where it cannot be told (macOS, MPS)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a wall-clock time measures it (GPU kernels are asynchronous)."""
     if device.type == "cuda":
