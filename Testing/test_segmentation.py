@@ -133,20 +133,48 @@ def test_window_count_follows_monais_scan(shape, overlap):
         assert window_count(shape, window, overlap) == len(monai_windows)
 
 
-def test_segment_refuses_bad_outputs_before_loading_anything(tmp_path, anatomical_path):
-    """Checked before the model is read: the errors name the output, not the (missing) model."""
-    import subprocess
-    import sys
+SEGMENT_CASES = {
+    "a 2D output format": (["--output", "{tmp}/out.png"], "out.png: the output needs a 3D image format"),
+    "no image format": (["--output", "{tmp}/out.txt"], "out.txt: the output needs a 3D image format"),
+    "the output is the input": (["--output", "{head}"], "is also an input"),
+    "--probabilities is a file": (["--probabilities", "{tmp}/probs"], "probs: is a file"),
+    "a pre-training checkpoint": (["--model", "{tmp}/pre.pt"], "pre.pt: is a pretrain model"),
+    "a plain pickle as the model": (["--model", "{tmp}/pickle.pt"], "pickle.pt: "),
+    "a missing model": (["--model", "{tmp}/missing.pt"], "missing.pt"),
+    "NaN voxels in the input": (["--input", "{tmp}/nan.nii.gz"], "nan.nii.gz: 1 of its"),
+    "a truncated input": (["--input", "{tmp}/cut.nii.gz"], "cut.nii.gz: is truncated or damaged"),
+}
 
-    script = Path(__file__).resolve().parents[1] / "GVSLTrainer" / "segment.py"
-    a_file = tmp_path / "probs"
-    a_file.write_text("x")
-    cases = [(["--output", str(tmp_path / "out.png")], "out.png: the output needs a 3D image format"),
-             (["--output", str(tmp_path / "out.txt")], "out.txt: the output needs a 3D image format"),
-             (["--output", str(anatomical_path)], "is also an input"),
-             (["--output", str(tmp_path / "ok.nii.gz"), "--probabilities", str(a_file)], "probs: is a file")]
-    for extra, expected in cases:
-        done = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "missing.pt"), "--input",
-                               str(anatomical_path), "--no-progress", *extra], capture_output=True, text=True)
-        assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
-    assert anatomical_path.is_file() and not (tmp_path / "out.png").exists()
+
+@pytest.mark.parametrize("case", SEGMENT_CASES)
+def test_segment_refuses_bad_input_in_one_line_and_writes_nothing(case, tmp_path, anatomical_path, capsys):
+    """Outputs are checked before the model is read; every error names the file and has no traceback."""
+    import importlib.util
+    import pickle
+
+    spec = importlib.util.spec_from_file_location("segment_script", Path(__file__).resolve().parents[1]
+                                                  / "GVSLTrainer" / "segment.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seg_checkpoint(tmp_path / "seg.pt")
+    checkpoint.save(tmp_path / "pre.pt", GVSL(width=4), "pretrain", {"width": 4})
+    (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"not": "a checkpoint"}))
+    (tmp_path / "probs").write_text("x")
+    head = sitk.ReadImage(str(anatomical_path), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(head)
+    array[3, 4, 5] = np.nan
+    nan = sitk.GetImageFromArray(array)
+    nan.CopyInformation(head)
+    sitk.WriteImage(nan, str(tmp_path / "nan.nii.gz"))
+    sitk.WriteImage(head, str(tmp_path / "whole.nii.gz"))
+    whole = (tmp_path / "whole.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(whole[:len(whole) // 2])
+    extra, expected = SEGMENT_CASES[case]
+    argv = ["--model", str(tmp_path / "seg.pt"), "--input", str(anatomical_path), "--output",
+            str(tmp_path / "out" / "labels.nii.gz"), "--no-progress",
+            *[a.format(tmp=tmp_path, head=anatomical_path) for a in extra]]
+    before = sorted(tmp_path.rglob("*"))
+    code = script.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err and "\x1b[" not in err, err
+    assert sorted(tmp_path.rglob("*")) == before and anatomical_path.is_file()  # nothing written, nothing lost

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
 import platform
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle also draws torch's protocol warning: the error says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and weights-only errors all mean "not ours"
         text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))  # torch colours parts of its message
         if "WeightsUnpickler error:" in text:  # the reason, not torch's advice to load it unsafely
