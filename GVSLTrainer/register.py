@@ -24,9 +24,7 @@ from gvsl.report_process import ReportProcess  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
-    from gvsl.registration.options import MODES  # these import torch
-    from gvsl.runtime import DEVICES
-    from gvsl.similarity import SIMILARITIES
+    from gvsl.choices import DEVICES, MODES, SIMILARITIES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fixed", help="fixed image (NIfTI, NRRD, MHA...); omitted: the built-in demo pair")

@@ -391,3 +391,12 @@ def test_a_label_map_on_another_grid_of_the_same_region_is_used(bad_inputs):
     image = sitk.ReadImage(str(head))
     labels = read_labels_for(folder / "finer.nrrd", image, head)  # as register.py --fixed-labels finer.nrrd
     assert labels.GetSize() == tuple(2 * s for s in image.GetSize())
+
+
+def test_help_and_option_errors_answer_without_importing_torch():
+    """torch's import takes seconds: --help and a mistyped option must not wait for it."""
+    probe = ("import runpy, sys\nsys.argv = [sys.argv[1], *sys.argv[2:]]\ntry:\n    runpy.run_path(sys.argv[0], "
+             "run_name='__main__')\nexcept SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
+    for argv in (["--help"], ["--mode", "elastic"], ["--iterations", "0"]):
+        done = subprocess.run([sys.executable, "-c", probe, str(SCRIPT), *argv], capture_output=True, text=True)
+        assert "torch imported: False" in done.stdout, (argv, done.stdout, done.stderr)

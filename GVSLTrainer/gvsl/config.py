@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .runtime import DEVICES
+from .choices import DEVICES
 
 
 @dataclass

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
+from .choices import DEVICES
 
 
 def mps_available() -> bool:

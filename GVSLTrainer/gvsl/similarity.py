@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .choices import SIMILARITIES
 from .losses import box_mean, local_moments, local_ncc
 
-SIMILARITIES = ("ncc", "mind", "mi", "auto")
 # auto: a Wasserstein-1 distance between the two images' normalised foreground intensity
 # distributions above this means different contrasts (T1 vs T2, MR vs CT). Measured: 0.008-0.03
 # between MNI T1 templates (a known warp of one, the FSL and ICBM templates), 0.145 between the

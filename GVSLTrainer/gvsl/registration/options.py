@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import SimpleITK as sitk
 
-MODES = ("rigid", "affine", "deformable")
+from ..choices import MODES
 INITIALISATIONS = ("moments", "geometry", "none")
 DEFAULT_SPACING = 2.0  # mm: finer working grids cost much more time for little accuracy
 
