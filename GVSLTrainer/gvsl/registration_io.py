@@ -34,7 +34,8 @@ def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir:
         sitk.WriteTransform(result.inverse, str(stage / FILES["inverse"]))
         sitk.WriteTransform(result.affine, str(stage / FILES["affine"]))
         if result.displacement is not None:  # none in the linear modes
-            sitk.WriteImage(result.displacement, str(stage / FILES["displacement"]))
+            # float32: half the bytes to gzip (the slowest output to write), 1e-6 mm of rounding
+            sitk.WriteImage(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), str(stage / FILES["displacement"]))
         if result.warped_labels is not None:
             sitk.WriteImage(result.warped_labels, str(stage / FILES["warped_labels"]))
         (stage / FILES["metrics"]).write_text(json.dumps(finite(result.metrics), indent=2, allow_nan=False))
