@@ -150,16 +150,22 @@ def test_cmake_files_name_every_module_file():
     assert "slicerMacroBuildScriptedModule" in cmake and "NAME ${MODULE_NAME}" in cmake
 
 
-def test_the_gui_offers_the_registrations_names():
-    """The module names modes and similarities without importing gvsl; they must be gvsl's."""
+def test_the_gui_offers_the_registrations_names_without_torch():
+    """The module's choices are gvsl's own, read from a module that imports no torch."""
+    import subprocess
+
     sys.path.insert(0, str(ROOT / "GVSLExtension"))
     pytest.importorskip("slicer")
-    from GVSLLib.logic import MODES, SIMILARITIES
+    from GVSLLib.logic import DEVICES, MODES, SIMILARITIES
 
     from gvsl.registration import MODES as GVSL_MODES
+    from gvsl.runtime import DEVICES as GVSL_DEVICES
     from gvsl.similarity import SIMILARITIES as GVSL_SIMILARITIES
 
-    assert MODES == GVSL_MODES and set(SIMILARITIES) == set(GVSL_SIMILARITIES)
+    assert (MODES, SIMILARITIES, DEVICES) == (GVSL_MODES, GVSL_SIMILARITIES, GVSL_DEVICES)
+    probe = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import gvsl.choices; "
+                            "print('torch' in sys.modules)", str(ROOT / "GVSLTrainer")], capture_output=True, text=True)
+    assert probe.stdout.strip() == "False", probe.stderr
 
 
 def test_devices_are_greyed_out_again_after_every_gui_connection(module_tree):

@@ -22,17 +22,17 @@ import slicer
 from . import conversion, paths
 from .process import BackgroundProcess, pythonExecutable
 
+paths.ensureGvslImportable()
+from gvsl.choices import DEVICES, MODES, SIMILARITIES  # noqa: E402  (torch-free: the GUI needs no torch)
+
 try:  # the application's base class where there is one (Slicer), a plain object under pytest
     from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 except ImportError:
     ScriptedLoadableModuleLogic = object
 
 Progress = Callable[[str, float], None]  # (stage, fraction done)
-DEVICES = ("auto", "cpu", "cuda", "mps")
 GRID_PART = "GVSL.gridPart"  # marks the grid node of a split result, so that a later split run reuses it
 METRICS = "GVSL.metrics"  # a result transform's metrics (JSON); it also marks the node as a GVSL result
-MODES = ("rigid", "affine", "deformable")  # gvsl.registration.MODES, named here so the GUI needs no torch
-SIMILARITIES = ("auto", "ncc", "mind", "mi")  # gvsl.similarity.SIMILARITIES, likewise
 
 
 def temporaryFolder(prefix: str) -> Path:
