@@ -211,40 +211,52 @@ ants.image_write(out["warpedmovout"], sys.argv[3] + "/warped.nii.gz")
 """
 
 
-def command_line(name: str, seed: int, data, device: str = "auto") -> dict:
+def command_line(name: str, seed: int, data, device: str = "auto", repeat: int = 1) -> dict:
     """register.py end to end against ANTs SyN on the same files, in one run; the breakdown from a
-    separate import-only process and from the run's own metrics.json."""
+    separate import-only process and from the run's own metrics.json. With ``repeat``, the tools take
+    turns that many times and the medians are reported: this machine's speed drifts within minutes."""
     fixed, moving, fixed_labels, moving_labels, truth = data
+    try:
+        import ants
+    except ImportError as e:
+        ants = None
+        skipped = f"skipped: {e}"
+    times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = {k: f"{tmp}/{k}.nii.gz" for k in ("fixed", "moving")}
         sitk.WriteImage(fixed, files["fixed"])
         sitk.WriteImage(moving, files["moving"])
-        row = {"case": name, "seed": seed, "benchmark": "command_line", "device": device}
-        row["gvsl_cli_s"] = timed_process([sys.executable, str(ROOT / "GVSLTrainer" / "register.py"), "--fixed",
-                                           files["fixed"], "--moving", files["moving"], "--output-dir",
-                                           f"{tmp}/out", "--no-progress", "--device", device])
-        metrics = json.loads(Path(f"{tmp}/out/metrics.json").read_text())
-        row["gvsl_imports_s"] = timed_process([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                                               "import gvsl.cli, gvsl.registration, gvsl.registration.inputs, "
-                                               "gvsl.registration_io, tqdm.auto", str(ROOT / "GVSLTrainer")])
-        row["gvsl_registration_s"] = metrics["runtime_s"]
-        row["gvsl_rest_s"] = round(row["gvsl_cli_s"] - row["gvsl_imports_s"] - metrics["runtime_s"], 2)
-        row["gvsl_stages_s"] = metrics["timing_s"]
-        try:
-            import ants
-        except ImportError as e:
-            row["ants"] = f"skipped: {e}"
-            return _rounded(row)
         ants_dir = Path(tmp) / "ants"
         ants_dir.mkdir()
-        row["ants_process_s"] = timed_process([sys.executable, "-c", ANTS_JOB, files["fixed"], files["moving"],
-                                               str(ants_dir)])
-        fa, ma = ants.image_read(files["fixed"]), ants.image_read(files["moving"])
-        start = time.perf_counter()
-        ants.registration(fa, ma, type_of_transform="SyN", outprefix=f"{tmp}/r")
-        row["ants_syn_registration_s"] = time.perf_counter() - start
+        for turn in range(repeat):
+            out = f"{tmp}/out{turn}"
+            times.setdefault("gvsl_cli_s", []).append(timed_process([
+                sys.executable, str(ROOT / "GVSLTrainer" / "register.py"), "--fixed", files["fixed"], "--moving",
+                files["moving"], "--output-dir", out, "--no-progress", "--device", device]))
+            metrics = json.loads(Path(f"{out}/metrics.json").read_text())
+            times.setdefault("gvsl_registration_s", []).append(metrics["runtime_s"])
+            times.setdefault("gvsl_imports_s", []).append(timed_process([
+                sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import gvsl.cli, gvsl.registration, "
+                "gvsl.registration.inputs, gvsl.registration_io, tqdm.auto", str(ROOT / "GVSLTrainer")]))
+            if ants is None:
+                continue
+            times.setdefault("ants_process_s", []).append(timed_process([
+                sys.executable, "-c", ANTS_JOB, files["fixed"], files["moving"], str(ants_dir)]))
+            fa, ma = ants.image_read(files["fixed"]), ants.image_read(files["moving"])
+            start = time.perf_counter()
+            ants.registration(fa, ma, type_of_transform="SyN", outprefix=f"{tmp}/r")
+            times.setdefault("ants_syn_registration_s", []).append(time.perf_counter() - start)
+    row = {"case": name, "seed": seed, "benchmark": "command_line", "device": device, "repeat": repeat,
+           **{k: float(np.median(v)) for k, v in times.items()}}
+    row["gvsl_rest_s"] = row["gvsl_cli_s"] - row["gvsl_imports_s"] - row["gvsl_registration_s"]
+    row["gvsl_stages_s"] = metrics["timing_s"]  # of the last turn
+    if ants is None:
+        row["ants"] = skipped
+        return _rounded(row)
     row["ratio_cli_to_syn_registration"] = row["gvsl_cli_s"] / row["ants_syn_registration_s"]
     row["ratio_cli_to_ants_process"] = row["gvsl_cli_s"] / row["ants_process_s"]
+    if repeat > 1:
+        row["ratio_per_turn"] = [round(g / a, 3) for g, a in zip(times["gvsl_cli_s"], times["ants_syn_registration_s"])]
     return _rounded(row)
 
 
@@ -260,6 +272,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", help="only these methods (e.g. gvsl ants_syn)")
     p.add_argument("--model", help="a GVSL checkpoint for a 'gvsl+model' run on the deformable cases as well")
     p.add_argument("--cli", action="store_true", help="also time the command line end to end against ANTs SyN")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="--cli: the two tools take turns this many times; medians are reported")
     p.add_argument("--device", default="auto", help="gvsl's device (auto, cpu, cuda, mps); the peers run on the CPU")
     args = p.parse_args()
     warm_up(args.device)
@@ -286,7 +300,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         if args.cli and name in ("same", "multimodal"):
-            print(json.dumps(command_line(name, seed, data, args.device)), flush=True)
+            print(json.dumps(command_line(name, seed, data, args.device, args.repeat)), flush=True)
     keys = ("wall_s", "epe_mean_mm", "dice_gm", "dice_wm", "folding_percent", "tre_mean_mm")
     for case, method in dict.fromkeys((r["case"], r["method"]) for r in rows):
         mine = [r for r in rows if r["case"] == case and r["method"] == method]
