@@ -51,8 +51,9 @@ def parse(argv=None) -> argparse.Namespace:
                                              "x,y,z (LPS unless its header says RAS); target registration error "
                                              "before and after goes to metrics.json and report.png")
     p.add_argument("--moving-landmarks", help="the corresponding landmarks on the moving image")
-    p.add_argument("--iterations", type=positive_int, default=None, help="deformable optimisation iterations over all "
-                                                                "levels (default 100; each linear level: half)")
+    p.add_argument("--iterations", type=positive_int, default=None,
+                   help="optimisation budget (default 100): each linear level runs half of it, the deformable "
+                        "stage 80%% over its three levels")
     p.add_argument("--spacing", type=positive_float, default=None, help="working grid spacing in mm (default: the "
                         "model's, else the fixed image's median spacing, at least 2)")
     p.add_argument("--normalize", nargs="+", choices=("auto", "ct", "mr"), default=["auto"], metavar="PRESET",

@@ -21,16 +21,18 @@ class RegistrationOptions:
     spacing: float | None = None  # working grid, mm; default: the model's, else the fixed image's median
     #                                spacing but no finer than DEFAULT_SPACING
     max_size: int = 160  # voxels per axis of the working grid at most
-    iterations: int = 100  # deformable iterations over all levels (each linear level: half as many)
+    iterations: int = 100  # the budget: each linear level takes half, the deformable levels their shares
     initialisation: str | None = None  # see INITIALISATIONS; None: moments, or none with an initial transform
     rotation_search: bool = True  # try large rotations at the coarsest level; keep one only if it matches better
     normalize: str | tuple[str, str] = "auto"  # ct | mr | auto (each image its own), or (fixed, moving)
     ncc_window: int = 7
     smooth_weight: float = 1.0
     affine_lr: float = 0.01
-    deform_lr: float = 0.02
-    # deformable levels: (image shrink, velocity-grid shrink, share of the iterations), coarse to fine
-    levels: tuple = ((4, 8, 0.45), (2, 4, 0.45), (1, 4, 0.1))
+    deform_lr: float = 0.03
+    # deformable levels: (image shrink, velocity-grid shrink, share of the iterations), coarse to fine.
+    # 80 % of the budget at a 1.5x rate: on the benchmark's same-modality and CT<->MR pairs (2 seeds
+    # each) the same mean end-point error as 100 % at 0.02 (0.715 mm both), 20-45 % less time
+    levels: tuple = ((4, 8, 0.36), (2, 4, 0.36), (1, 4, 0.08))
     # the linear stage runs on images shrunk by these factors, in turn; None: (4, 2), or only 4 before a
     # same-modality deformable stage, which absorbs what the finer affine level would add
     linear_shrinks: tuple | None = None
