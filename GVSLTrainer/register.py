@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
-from gvsl.cli import positive_float, positive_int, run  # noqa: E402
+from gvsl.cli import exit_now, positive_float, positive_int, run  # noqa: E402
 from gvsl.report_process import ReportProcess  # noqa: E402
 
 
@@ -125,4 +125,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
-from gvsl.cli import run  # noqa: E402
+from gvsl.cli import exit_now, run  # noqa: E402
 from gvsl.runtime import DEVICES  # noqa: E402
 
 
@@ -74,4 +74,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

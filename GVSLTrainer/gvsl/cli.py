@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import warnings
-from typing import Callable
+from typing import Callable, NoReturn
 
 # ValueError covers gvsl's own DataError, CheckpointError and RegistrationError; nothing here imports
 # torch, so an entry script can start work before paying for it
@@ -46,3 +47,13 @@ def run(job: Callable[[], object], interrupted: str = "") -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process without the interpreter's teardown: after torch is imported, unloading every
+    module takes 0.4-0.8 s on 2 CPU cores, a tenth of a command-line registration, and does nothing a
+    user needs. Only for tools whose files are all closed and in place when ``main`` returns (no
+    DataLoader workers, TensorBoard writers or other atexit work)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
