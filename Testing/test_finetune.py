@@ -223,6 +223,10 @@ def test_balanced_crops_find_a_small_class_that_foreground_crops_miss(tmp_path, 
 
     balanced, foreground = share_with_small("balanced"), share_with_small("foreground")
     assert 0.4 < balanced < 0.6 and balanced > 2.5 * foreground  # foreground: only crops that happen to reach it
+    default = data.LabelledCrops(store, [0], (16, 16, 16), seed=0, length=1)  # the background as a third class
+    shape = tuple(store[0]["image"].shape)
+    random_share = np.mean([default._centre(voxels, shape, np.random.default_rng(i)) is None for i in range(900)])
+    assert abs(random_share - 1 / 3) < 0.05, random_share
     with pytest.raises(ValueError, match="sampling must be one of"):
         data.LabelledCrops(store, [0], (16, 16, 16), 0, 1, sampling="everywhere")
 

@@ -199,7 +199,8 @@ def compare(args: argparse.Namespace) -> None:
                               "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
         # GVSL's training options under test; runs are labelled by those that differ from the defaults
         options = {"augment": args.augment, "intensity_augment": args.intensity_augment,
-                   "augment_rate": args.augment_rate, "lr_schedule": args.lr_schedule}
+                   "augment_rate": args.augment_rate, "lr_schedule": args.lr_schedule,
+                   "warmup_steps": args.warmup_steps, "foreground_rate": args.foreground_rate}
         defaults = finetune.FinetuneConfig()
         changes = [f"{k.replace('_', ' ')} {v}" for k, v in options.items() if getattr(defaults, k) != v]
         changed = f" ({', '.join(changes)})" if changes else ""
@@ -266,6 +267,9 @@ def main() -> None:
                      help="GVSL's spatial augmentation (MONAI's recipe here has none)")
     cmp.add_argument("--intensity-augment", action=argparse.BooleanOptionalAction, default=True)
     cmp.add_argument("--augment-rate", type=float, default=0.2, help="GVSL's share of augmented crops")
+    cmp.add_argument("--warmup-steps", type=int, default=100, help="GVSL's warm-up (at most a tenth of --steps)")
+    cmp.add_argument("--foreground-rate", type=float, default=None,
+                     help="GVSL's share of class-centred crops (default: n/(n+1) for n classes)")
     cmp.add_argument("--lr-schedule", default="poly", choices=["constant", "cosine", "poly"],
                      help="GVSL's schedule (MONAI's recipe here keeps the rate constant)")
     for p in (inf, lc, cmp):

@@ -110,7 +110,7 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
                                 metavar=("D", "H", "W") if f.name == "crop" else "MM",
                                 help=f"{help_text} (default: {' '.join(map(str, f.default))})")
         else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
+            kind = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
             parser.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"),
                                 help=f"{help_text} (default: {f.default})")
     return parser

@@ -291,10 +291,12 @@ class LabelledCrops(Dataset):
     uniformly among those present in the case, then one of its voxels (as MONAI's
     RandCropByLabelClassesd and nnU-Net do), so small structures are seen as often as large ones;
     ``foreground`` picks any foreground voxel, mostly the largest class's. ``uniform`` crops anywhere.
+    ``foreground_rate`` None counts the background as one more class, as RandCropByLabelClassesd with
+    equal ratios does: n / (n + 1) of the crops for n classes present, the rest random.
     """
 
     def __init__(self, store: VolumeStore, indices: Sequence[int], crop: Sequence[int], seed: int, length: int,
-                 foreground_rate: float = 2 / 3, sampling: str = "balanced"):
+                 foreground_rate: float | None = None, sampling: str = "balanced"):
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
         self.store, self.indices, self.crop = store, list(indices), tuple(crop)
@@ -305,10 +307,12 @@ class LabelledCrops(Dataset):
 
     def _centre(self, voxels: list[torch.Tensor], shape: tuple[int, ...], rng: np.random.Generator) -> list | None:
         """A voxel (z, y, x) of the unpadded case to centre the crop on, or None for a random crop."""
-        if self.sampling == "uniform" or rng.random() >= self.foreground_rate:
+        if self.sampling == "uniform":
             return None
         counts = np.array([len(v) for v in voxels])
-        if counts.sum() == 0:
+        present = int(np.count_nonzero(counts))
+        rate = present / (present + 1) if self.foreground_rate is None else self.foreground_rate
+        if present == 0 or rng.random() >= rate:
             return None
         if self.sampling == "balanced":
             c = int(rng.choice(np.flatnonzero(counts)))

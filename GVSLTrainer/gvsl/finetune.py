@@ -45,8 +45,10 @@ class FinetuneConfig(TrainConfig):
         "help": "where crops are centred: balanced (a class drawn uniformly among those present, then one of "
                 "its voxels: small structures are seen as often as large ones), foreground (any labelled "
                 "voxel), uniform (anywhere)", "choices": data.SAMPLINGS})
-    foreground_rate: float = field(default=2 / 3, metadata={
-        "help": "share of the crops centred by --sampling balanced or foreground; the rest are random"})
+    foreground_rate: float | None = field(default=None, metadata={
+        "help": "share of the crops centred by --sampling balanced or foreground, the rest random; default: "
+                "n/(n+1) for n classes in the case (the background counts as one more class, as in MONAI's "
+                "RandCropByLabelClassesd): 5/6 for 5 classes, 1/2 for one"})
     lr_schedule: str = field(default="poly", metadata={
         "help": "learning rate after the warm-up: constant, or a cosine or poly (power 0.9) decay to zero at "
                 "--steps", "choices": schedule.SCHEDULES})
