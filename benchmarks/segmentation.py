@@ -263,14 +263,20 @@ def main() -> None:
     cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     cmp.add_argument("--runs", nargs="+", default=["gvsl_scratch", "gvsl_pretrained", "monai_basicunet"],
                      choices=["gvsl_scratch", "gvsl_pretrained", "monai_basicunet"])
-    cmp.add_argument("--augment", default="default", choices=["none", "light", "default"],
+    from gvsl.augment import SPATIAL_LEVELS
+    from gvsl.finetune import FinetuneConfig
+    from gvsl.schedule import SCHEDULES
+
+    gvsl = FinetuneConfig()  # GVSL's options default to fine-tuning's own defaults
+    cmp.add_argument("--augment", default=gvsl.augment, choices=SPATIAL_LEVELS,
                      help="GVSL's spatial augmentation (MONAI's recipe here has none)")
-    cmp.add_argument("--intensity-augment", action=argparse.BooleanOptionalAction, default=True)
-    cmp.add_argument("--augment-rate", type=float, default=0.2, help="GVSL's share of augmented crops")
-    cmp.add_argument("--warmup-steps", type=int, default=100, help="GVSL's warm-up (at most a tenth of --steps)")
-    cmp.add_argument("--foreground-rate", type=float, default=None,
+    cmp.add_argument("--intensity-augment", action=argparse.BooleanOptionalAction, default=gvsl.intensity_augment)
+    cmp.add_argument("--augment-rate", type=float, default=gvsl.augment_rate, help="GVSL's share of augmented crops")
+    cmp.add_argument("--warmup-steps", type=int, default=gvsl.warmup_steps,
+                     help="GVSL's warm-up (at most a tenth of --steps)")
+    cmp.add_argument("--foreground-rate", type=float, default=gvsl.foreground_rate,
                      help="GVSL's share of class-centred crops (default: n/(n+1) for n classes)")
-    cmp.add_argument("--lr-schedule", default="poly", choices=["constant", "cosine", "poly"],
+    cmp.add_argument("--lr-schedule", default=gvsl.lr_schedule, choices=SCHEDULES,
                      help="GVSL's schedule (MONAI's recipe here keeps the rate constant)")
     for p in (inf, lc, cmp):
         p.add_argument("--device", default="cpu")
