@@ -216,11 +216,11 @@ def command_line(name: str, seed: int, data, device: str = "auto", repeat: int =
     separate import-only process and from the run's own metrics.json. With ``repeat``, the tools take
     turns that many times and the medians are reported: this machine's speed drifts within minutes."""
     fixed, moving, fixed_labels, moving_labels, truth = data
+    ants, missing = None, ""
     try:
         import ants
     except ImportError as e:
-        ants = None
-        skipped = f"skipped: {e}"
+        missing = f"skipped: {e}"
     times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = {k: f"{tmp}/{k}.nii.gz" for k in ("fixed", "moving")}
@@ -250,8 +250,8 @@ def command_line(name: str, seed: int, data, device: str = "auto", repeat: int =
            **{k: float(np.median(v)) for k, v in times.items()}}
     row["gvsl_rest_s"] = row["gvsl_cli_s"] - row["gvsl_imports_s"] - row["gvsl_registration_s"]
     row["gvsl_stages_s"] = metrics["timing_s"]  # of the last turn
-    if ants is None:
-        row["ants"] = skipped
+    if missing:
+        row["ants"] = missing
         return _rounded(row)
     row["ratio_cli_to_syn_registration"] = row["gvsl_cli_s"] / row["ants_syn_registration_s"]
     row["ratio_cli_to_ants_process"] = row["gvsl_cli_s"] / row["ants_process_s"]
