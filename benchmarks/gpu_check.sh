@@ -57,13 +57,19 @@ for line in sys.stdin:
 
 # 0. set-up: a fresh environment from the repository (keeps an existing .venv). Where the machine's
 # Python already has a (CUDA) PyTorch, the environment sees it instead of installing another.
-if [ ! -x .venv/bin/python ]; then
-    if "${PYTHON:-python3}" -c "import torch" 2>/dev/null; then
-        "${PYTHON:-python3}" -m venv --system-site-packages .venv
+# GVSL_PYTHON names a ready interpreter instead (one whose CUDA PyTorch lives in its own virtual
+# environment, which --system-site-packages would not see), with gvsl and its packages importable.
+if [ -n "${GVSL_PYTHON:-}" ]; then
+    PY="$GVSL_PYTHON"
+else
+    if [ ! -x .venv/bin/python ]; then
+        if "${PYTHON:-python3}" -c "import torch" 2>/dev/null; then
+            "${PYTHON:-python3}" -m venv --system-site-packages .venv
+        fi
+        scripts/bootstrap.sh test >&2
     fi
-    scripts/bootstrap.sh test >&2
+    PY=.venv/bin/python
 fi
-PY=.venv/bin/python
 if [ "$QUICK" = 0 ]; then
     "$PY" -m pip install --quiet antspyx >&2 || echo "antspyx not installed: ANTs rows are skipped" >&2
 fi
