@@ -44,7 +44,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def batches(args, store, device):
-    pairs = data.PairCrops(store, args.crop, seed=0, length=(args.steps + args.warmup) * args.batch_size)
+    pairs = data.PairCrops(store, args.crop, seed=0, length=(args.steps + args.warmup + 1) * args.batch_size)
     loader = torch.utils.data.DataLoader(pairs, batch_size=args.batch_size, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
     return iter(loader)
@@ -53,6 +53,7 @@ def batches(args, store, device):
 def time_gvsl(args, store, device) -> dict:
     torch.manual_seed(0)
     model = GVSL(width=args.width).to(device)
+    args.channels_last = runtime.use_channels_last(args.channels_last, device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     cfg = PretrainConfig(amp=args.amp)
@@ -77,7 +78,27 @@ def time_gvsl(args, store, device) -> dict:
         if i >= args.warmup:
             steps.append(t2 - t0)
             shares.append((t1 - t0) / (t2 - t0))
-    return summary("gvsl", args, steps, statistics.median(shares), device, amp=str(amp_dtype) if amp_dtype else None)
+    if args.profile:
+        print(json.dumps(profile_step(stepper, it, gen, device, args.profile)), flush=True)
+    return summary("gvsl", args, steps, statistics.median(shares), device, amp=str(amp_dtype) if amp_dtype else None,
+                   cudnn_benchmark=torch.backends.cudnn.benchmark, channels_last=args.channels_last)
+
+
+def profile_step(stepper: TrainingStep, it, gen: torch.Generator, device: torch.device, top: int) -> dict:
+    """The costliest kernels of one more step, by their own device time: where a precision's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    views = stepper.augment(*next(it), gen)
+    runtime.synchronize(device)
+    with profile(activities=activities) as prof:
+        stepper.optimise(*views)
+        runtime.synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events)
+    return {"profile": "one step", "amp": str(stepper.amp_dtype), "total_ms": round(total / 1e3, 1),
+            "top": [{"name": e.key[:90], "ms": round(getattr(e, key) / 1e3, 2), "calls": e.count}
+                    for e in events[:top]]}
 
 
 def time_reference_style(args, store, device) -> dict:
@@ -117,11 +138,18 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast (CUDA)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last-3d memory format (default: as pre-training, on the CPU only)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip the reference-style baseline")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="let cuDNN time its convolution algorithms once per shape, as training does on CUDA")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile one step and print its N costliest device kernels as JSON")
     args = p.parse_args()
     device = runtime.resolve_device(args.device)
+    if args.cudnn_benchmark:
+        runtime.tune_convolutions(device)
     with tempfile.TemporaryDirectory() as cache, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         store = data.VolumeStore(demo.demo_paths(), data.Preprocessing((1.5,) * 3, "mr"), cache, progress=False)
