@@ -42,8 +42,9 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "steps between CSV/TensorBoard rows"})
     cache_dir: str | None = field(default=None, metadata={
         "help": "cache of preprocessed volumes (default OUTPUT/cache)"})
-    channels_last: bool = field(default=True, metadata={
-        "help": "channels-last-3d memory format: 25-40%% faster conv3d on a CPU, and on GPUs with AMP"})
+    channels_last: bool | None = field(default=None, metadata={
+        "help": "channels-last-3d memory format: 25-40%% faster conv3d on a CPU; on an H100 it made "
+                "steps 18%% slower in float32 and 1.2x slower with --amp", "default_text": "CPU only"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -101,9 +102,9 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{help_text} (default: {f.default})")
+                                help=f"{help_text} (default: {f.metadata.get('default_text', f.default)})")
         elif f.name in ("crop", "spacing"):
             kind = int if f.name == "crop" else float
             parser.add_argument(flag, type=kind, nargs="+" if f.name == "spacing" else 3, default=None,

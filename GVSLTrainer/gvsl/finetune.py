@@ -217,7 +217,7 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
                 image, label = image.to(run.device, non_blocking=True), label.to(run.device, non_blocking=True)
                 with torch.no_grad():
                     image, label = augment_pair(image, label, gen, aug_cfg, cfg.intensity_augment, cfg.augment_rate)
-                if cfg.channels_last:
+                if run.channels_last:
                     image = image.contiguous(memory_format=torch.channels_last_3d)
                 with run.autocast():
                     loss = loss_fn(net(image).float(), label[:, None])

@@ -96,7 +96,7 @@ def train(cfg: PretrainConfig) -> GVSL:
     loader = run.loader(pairs)
     stepper = TrainingStep(run.wrapped(), run.optimizer, run.scaler,
                            GVSLLoss(cfg.ncc_weight, cfg.smooth_weight, cfg.mse_weight, cfg.ncc_window),
-                           run.amp_dtype, cfg.channels_last)
+                           run.amp_dtype, run.channels_last)
     gen = torch.Generator(device=run.device)
     meta = model_meta(cfg, store.paths, {str(p): why for p, why in store.skipped.items()})
     logbook = TrainingLog(run.out, start, [*LOSS_TERMS, "steps_per_s", "data_wait_share"], enabled=run.dist.is_main)

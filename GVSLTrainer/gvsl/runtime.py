@@ -39,6 +39,19 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def use_channels_last(requested: bool | None, device: torch.device) -> bool:
+    """Whether training uses the channels-last-3d format: where asked, else on the CPU only, where
+    it speeds conv3d up; on an H100 the default layout was faster with and without AMP."""
+    return device.type == "cpu" if requested is None else requested
+
+
+def tune_convolutions(device: torch.device) -> None:
+    """Let cuDNN time its algorithms once per shape: training crops keep one shape, and on an H100
+    this made bf16 steps 2-3x faster (float32: no change)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def available_memory(device: torch.device) -> int | None:
     """Bytes a job can still allocate on ``device``: free GPU memory, or the host's available memory
     (Linux's MemAvailable); None where it cannot be told (macOS, MPS)."""

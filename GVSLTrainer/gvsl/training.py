@@ -82,8 +82,10 @@ class TrainingRun:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Move the model, build Adam over its trainable parameters and the AMP scaler."""
         model = model.to(self.device)
-        if self.cfg.channels_last:
+        self.channels_last = runtime.use_channels_last(self.cfg.channels_last, self.device)
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
+        runtime.tune_convolutions(self.device)
         self.model = model
         self.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.cfg.lr)
         self.amp_dtype, need_scaler = amp_settings(self.cfg, self.device)
