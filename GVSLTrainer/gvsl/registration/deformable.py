@@ -14,7 +14,9 @@ from .pyramid import Pyramid
 def optimise(pyramid: Pyramid, similarity, theta: torch.Tensor, velocity0: torch.Tensor, levels, iterations: int,
              lr: float, smooth_weight: float, tolerance: float, patience: int,
              report: Callable[[float], None] = lambda x: None) -> torch.Tensor:
-    """The normalised displacement (scaling and squaring of the velocity, so it does not fold).
+    """The stationary velocity field, in normalised units on the last level's control grid: its
+    scaling and squaring (``spatial.integrate_velocity``) is the displacement, which does not fold,
+    and that of its negative the inverse displacement.
 
     At each level the images are shrunk by one factor and the velocity lives on a grid shrunk by
     another. The velocity is kept in normalised units, so it carries over from level to level by
@@ -42,4 +44,4 @@ def optimise(pyramid: Pyramid, similarity, theta: torch.Tensor, velocity0: torch
             report(min(1.0, done / iterations))
             if stop(loss.item()):
                 break
-    return spatial.integrate_velocity(velocity.detach())
+    return velocity.detach()

@@ -267,12 +267,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     mark = time.perf_counter()
 
     # 4. the deformable stage
-    disp = None
+    optimised = None  # the velocity field
     if opts.mode == "deformable":
         theta = spatial.to_normalised(matrix, shape)
-        disp = deformable.optimise(pyramid, sim, theta, velocity, opts.levels, opts.iterations, opts.deform_lr,
-                                   opts.smooth_weight * sim.smooth_scale, opts.tolerance, opts.patience,
-                                   lambda x: report("deformable", 0.05 + span + deformable_share * x))
+        optimised = deformable.optimise(pyramid, sim, theta, velocity, opts.levels, opts.iterations,
+                                        opts.deform_lr, opts.smooth_weight * sim.smooth_scale, opts.tolerance,
+                                        opts.patience, lambda x: report("deformable", 0.05 + span + deformable_share * x))
 
     timing["deformable"] = time.perf_counter() - mark
     mark = time.perf_counter()
@@ -284,15 +284,16 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     affine_m = init @ registered
     affine = geometry.affine_transform(affine_m)
     field = None
-    if disp is None:
+    if optimised is None:
         forward, inverse = affine, affine.GetInverse()
     else:  # the field stays on the working grid, its own resolution: ITK interpolates it as the
-        # optimiser did, and a 1 mm fixed grid does not multiply the files by 8 for nothing
-        disp_vox = spatial.displacement_from_normalised(disp, shape)[0].cpu().numpy()
-        field = geometry.displacement_image(disp_vox, grid)
+        # optimiser did, and a 1 mm fixed grid does not multiply the files by 8 for nothing.
+        # The inverse field is exp(-v), exact for a stationary velocity field up to the integration
+        # (ITK's fixed-point inversion took 0.3-0.4 s of a 3 s registration on 2 CPU cores).
+        field, inverse_field = (
+            geometry.displacement_image(spatial.displacement_from_normalised(
+                spatial.integrate_velocity(v), shape)[0].cpu().numpy(), grid) for v in (optimised, -optimised))
         forward = sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(sitk.Image(field))])
-        inverse_field = sitk.InvertDisplacementField(field, maximumNumberOfIterations=10,
-                                                     maxErrorToleranceThreshold=0.01, meanErrorToleranceThreshold=0.001)
         inverse = sitk.CompositeTransform([sitk.DisplacementFieldTransform(inverse_field), affine.GetInverse()])
 
     # 6. outputs and quality figures
