@@ -24,6 +24,30 @@ def _checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
     return np.where(((yy // size) + (xx // size)) % 2 == 0, a, b)
 
 
+PANELS = ("fixed", "moving (before)", "warped (after)", "checkerboard before", "checkerboard after",
+          "Jacobian determinant")  # the figure's columns; the last is coloured by its own scale
+
+
+def empty_figure(titles: tuple[str, ...] = PANELS):
+    """The figure's titled axes without their images, and the Jacobian's colour bar (a fixed 0-2 scale):
+    most of the drawing time, so that ``gvsl.report_process`` builds it while the registration runs."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state to close
+
+    fig = Figure(figsize=(3 * len(titles), 9.5))
+    axes = fig.subplots(3, len(titles))
+    for col, title in enumerate(titles):
+        axes[0, col].set_title(title, fontsize=10)
+        for ax in axes[:, col]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if title.startswith("Jacobian"):
+            fig.colorbar(ScalarMappable(Normalize(0, 2), "RdBu_r"), ax=axes[:, col], shrink=0.6,
+                         label="det J (<= 0: folding)")
+    return fig, axes
+
+
 def registration_panels(fixed: sitk.Image, before: sitk.Image, warped: sitk.Image, jacobian: sitk.Image,
                         landmarks: dict | None = None) -> dict:
     """What the figure shows, as plain arrays: mid-slices of fixed, moving and warped, checkerboards
@@ -33,10 +57,9 @@ def registration_panels(fixed: sitk.Image, before: sitk.Image, warped: sitk.Imag
     """
     f, b, w = (_display(sitk.GetArrayFromImage(x).astype(np.float32)) for x in (fixed, before, warped))
     jac = sitk.GetArrayFromImage(jacobian).astype(np.float32)
-    panels = {"fixed": _slices(f), "moving (before)": _slices(b), "warped (after)": _slices(w),
-              "checkerboard before": [_checkerboard(x, y) for x, y in zip(_slices(f), _slices(b))],
-              "checkerboard after": [_checkerboard(x, y) for x, y in zip(_slices(f), _slices(w))],
-              "Jacobian determinant": _slices(jac)}
+    panels = dict(zip(PANELS, (_slices(f), _slices(b), _slices(w),
+                               [_checkerboard(x, y) for x, y in zip(_slices(f), _slices(b))],
+                               [_checkerboard(x, y) for x, y in zip(_slices(f), _slices(w))], _slices(jac))))
     points = None
     if landmarks is not None:
         points = {key: _projected(fixed, np.asarray(landmarks[key])) for key in ("fixed", "moving")}
@@ -44,28 +67,18 @@ def registration_panels(fixed: sitk.Image, before: sitk.Image, warped: sitk.Imag
             "aspects": _aspects(fixed), "landmarks": points}
 
 
-def draw_registration(figure: dict, path: str | Path, metrics: dict | None = None) -> Path:
+def draw_registration(figure: dict, path: str | Path, metrics: dict | None = None, layout=None) -> Path:
     """Draw ``registration_panels`` into a PNG: fixed landmarks as + (then as circles around where
-    they should land), moving landmarks as x."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state to close
-
-    columns = list(figure["panels"].items())
-    fig = Figure(figsize=(3 * len(columns), 9.5))
-    axes = fig.subplots(3, len(columns))
-    for col, (title, images) in enumerate(columns):
+    they should land), moving landmarks as x. ``layout``: an unused ``empty_figure()`` to draw into."""
+    titles = tuple(figure["panels"])
+    fig, axes = layout if layout is not None else empty_figure(titles)
+    for col, (title, images) in enumerate(figure["panels"].items()):
         jacobian = title.startswith("Jacobian")
         for row, image in enumerate(images):
-            ax = axes[row, col]
-            im = ax.imshow(image, cmap="RdBu_r" if jacobian else "gray", aspect=figure["aspects"][row],
-                           interpolation="nearest", vmin=0, vmax=2 if jacobian else 1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(title, fontsize=10)
+            axes[row, col].imshow(image, cmap="RdBu_r" if jacobian else "gray", aspect=figure["aspects"][row],
+                                  interpolation="nearest", vmin=0, vmax=2 if jacobian else 1)
         if figure["landmarks"] is not None and title in ("fixed", "warped (after)"):
             _draw_landmarks(axes[:, col], figure["landmarks"], moving=title != "fixed")
-        if jacobian:
-            fig.colorbar(im, ax=axes[:, col], shrink=0.6, label="det J (<= 0: folding)")
     if metrics:
         fig.suptitle(_summary(metrics), fontsize=10)
     path = Path(path)

@@ -2,8 +2,8 @@
 
 Importing matplotlib (about 0.7 s) and drawing the figure (about 0.5 s) were a fifth of a
 command-line registration on 2 CPU cores. Started before torch is imported, the helper imports
-matplotlib on the other core while torch loads here (a single-threaded wait), then draws while this
-process writes the other outputs. It receives the figure's arrays (``report.registration_panels``),
+matplotlib on the other core while torch loads here (a single-threaded wait), builds the figure's
+axes while the registration runs, then puts the images in while this process writes the other outputs. It receives the figure's arrays (``report.registration_panels``),
 never the volumes, through its stdin as one pickle from its own parent.
 """
 from __future__ import annotations
@@ -58,15 +58,16 @@ class ReportProcess:
 
 
 def _serve() -> int:
-    from matplotlib.figure import Figure  # noqa: F401 - the import this process exists to pay early
+    import matplotlib.backends.backend_agg  # noqa: F401 - what savefig would import late
 
-    from .report import draw_registration
+    from .report import PANELS, draw_registration, empty_figure
 
+    layout = empty_figure()  # the axes and the colour bar, while the registration runs
     try:
         figure, path, metrics = pickle.load(sys.stdin.buffer)  # from our own parent only
     except EOFError:  # the command ended without a figure to draw
         return 0
-    draw_registration(figure, path, metrics)
+    draw_registration(figure, path, metrics, layout if tuple(figure["panels"]) == PANELS else None)
     return 0
 
 
