@@ -3,8 +3,9 @@
 Importing matplotlib (about 0.7 s) and drawing the figure (about 0.5 s) were a fifth of a
 command-line registration on 2 CPU cores. Started before torch is imported, the helper imports
 matplotlib on the other core while torch loads here (a single-threaded wait), builds the figure's
-axes while the registration runs, then puts the images in while this process writes the other outputs. It receives the figure's arrays (``report.registration_panels``),
-never the volumes, through its stdin as one pickle from its own parent.
+axes while the registration runs, then puts the images in while this process writes the other
+outputs. It receives the figure's arrays (``report.registration_panels``), never the volumes,
+through its stdin as one pickle from its own parent.
 """
 from __future__ import annotations
 
