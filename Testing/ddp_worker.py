@@ -21,7 +21,7 @@ def fine_tune(out: Path, data_dir: str) -> torch.nn.Module:
     finetune.GVSLSegmenter = Recorded
     finetune.train(finetune.FinetuneConfig(
         data=data_dir, output_dir=str(out), steps=4, batch_size=1, crop=(16, 16, 16), width=4, workers=0,
-        spacing=(2.0, 2.0, 2.0), normalize="mr", progress=False, device="cpu", val_every=2))
+        spacing=(2.0, 2.0, 2.0), normalize="mr", progress=False, device="cpu", val_every=2, norm="group"))
     return made[0]
 
 

@@ -55,7 +55,7 @@ def run_tool(name: str, argv: list[str], capsys) -> tuple[int, str, str]:
 
 # a tiny, fast run on the CPU; later flags override these
 TINY = ["--crop", "16", "16", "16", "--width", "4", "--spacing", "2", "--normalize", "mr", "--workers", "0",
-        "--steps", "2", "--no-progress", "--device", "cpu"]
+        "--steps", "2", "--no-progress", "--device", "cpu", "--norm", "group"]
 
 
 def nothing_written(out: Path) -> bool:
@@ -141,6 +141,9 @@ FINETUNE_CASES = {
     "--steps -3": ("flag", ["--steps", "-3"], "--steps must be above 0, got -3"),
     "--warmup-steps -1": ("flag", ["--warmup-steps", "-1"], "--warmup-steps must be 0 or more"),
     "--lr-schedule step": ("flag", ["--lr-schedule", "step"], "invalid choice: 'step'"),
+    "--norm instance on 16-voxel crops": ("flag", ["--norm", "instance"],
+                                          "instance normalisation needs inputs over 16 voxels along at least one "
+                                          "axis (the bottleneck is 1/16 of each), got 16 x 16 x 16"),
 }
 
 

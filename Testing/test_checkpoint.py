@@ -9,7 +9,7 @@ from gvsl.networks import GVSL
 
 def outputs(model, seed=0):
     g = torch.Generator().manual_seed(seed)
-    fixed, moving = torch.rand(2, 1, 1, 16, 16, 16, generator=g)
+    fixed, moving = torch.rand(2, 1, 1, 32, 16, 16, generator=g)  # 2 values per channel at the bottleneck
     with torch.no_grad():
         return model.eval()(fixed, moving)
 
@@ -26,12 +26,14 @@ def test_official_state_dict_loads_strictly(tmp_path, prefix):
     torch.testing.assert_close(outputs(model).warped, outputs(ref).warped)
 
 
-def test_project_checkpoint_round_trip(tmp_path):
+@pytest.mark.parametrize("norm", ["instance", "group"])
+def test_project_checkpoint_round_trip(tmp_path, norm):
     torch.manual_seed(2)
-    model = GVSL(width=4)
-    path = checkpoint.save(tmp_path / "m.pt", model, "pretrain", {"width": 4, "normalize": "mr", "spacing": [1.5] * 3})
+    model = GVSL(width=4, norm=norm)
+    path = checkpoint.save(tmp_path / "m.pt", model, "pretrain",
+                           {"width": 4, "norm": norm, "normalize": "mr", "spacing": [1.5] * 3})
     ckpt = checkpoint.load(path)
-    assert (ckpt.source, ckpt.kind, ckpt.meta["normalize"]) == ("project", "pretrain", "mr")
+    assert (ckpt.source, ckpt.kind, ckpt.meta["normalize"], ckpt.norm) == ("project", "pretrain", "mr", norm)
     assert "torch_version" in ckpt.meta["provenance"]
     torch.testing.assert_close(outputs(checkpoint.build_gvsl(ckpt)).affine, outputs(model).affine)
 

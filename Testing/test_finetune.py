@@ -93,11 +93,15 @@ def test_pretrained_backbone_is_loaded_and_can_be_frozen(tmp_path, labelled_case
         warnings.simplefilter("ignore")
         model, _ = train(cfg(root, tmp_path / "run", steps=3, val_every=3, width=8, pretrained=str(path),
                              freeze_backbone=True))
-    assert model.width == 4  # the backbone's width wins
+    assert (model.width, model.norm) == (4, "group")  # the backbone's width and (the paper's) norm win
     for k, v in pre.unet.state_dict().items():
         torch.testing.assert_close(model.unet.state_dict()[k], v, msg=k)  # loaded, and frozen
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():  # the same features: the normalisation the backbone was trained with
+        torch.testing.assert_close(model.unet.eval()(x)[1], pre.unet.eval()(x)[1])
     ckpt = checkpoint.load(tmp_path / "run" / "gvsl_segmentation.pt")
     assert ckpt.meta["pretrained"] == str(path) and ckpt.meta["frozen_backbone"]
+    assert (ckpt.norm, ckpt.meta["config"]["norm"]) == ("group", "group")
 
 
 def test_dataset_json_with_label_names(tmp_path, labelled_case):
@@ -153,7 +157,7 @@ def test_resume_after_interruption_reproduces_the_run(tmp_path, labelled_case, m
     root, _, _ = labelled_case
     # a warm-up and a cosine decay: a resumed run must continue the schedule exactly
     settings = dict(steps=10, val_every=5, checkpoint_every=1, crop=(16, 16, 16), width=4, log_every=1,
-                    lr_schedule="cosine", warmup_steps=5)
+                    lr_schedule="cosine", warmup_steps=5, norm="group")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train(cfg(root, tmp_path / "a", **settings))

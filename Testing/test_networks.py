@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gvsl.losses import GVSLLoss
-from gvsl.networks import GVSL, channels
+from gvsl.networks import GVSL, channels, check_input_size
 
 # (name, shape) pairs of the reference implementation at its default width, written out by hand
 REFERENCE_KEYS = {
@@ -44,6 +44,24 @@ def test_parameter_names_and_shapes_equal_the_reference():
     # GroupNorm groups as the reference: channels // 8
     assert GVSL(width=32).unet.inc.double_conv[1].num_groups == 4
     assert len(sd) == 104  # every parameter the reference has, and no more
+
+
+def test_instance_norm_has_one_channel_per_group_and_the_same_parameters():
+    torch.manual_seed(0)
+    group, instance = GVSL(width=8), GVSL(width=8, norm="instance")
+    norms = [m for m in instance.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == m.num_channels for m in norms)
+    assert group.unet.inc.double_conv[1].num_groups == 1  # the paper's channels // 8 at width 8
+    instance.load_state_dict(group.state_dict(), strict=True)  # interchangeable files
+    fixed, moving = torch.rand(2, 1, 1, 32, 17, 8)  # 2 x 2 x 1 at the bottleneck
+    with torch.no_grad():  # same weights, another normalisation: other outputs
+        assert not torch.allclose(group.eval()(fixed, moving).restored, instance.eval()(fixed, moving).restored)
+    with pytest.raises(ValueError, match="norm must be one of instance, group"):
+        GVSL(width=8, norm="batch")
+    check_input_size((17, 8, 8), "instance")  # 2 values per channel at the bottleneck: enough
+    check_input_size((16, 16, 16), "group")
+    with pytest.raises(ValueError, match="instance normalisation needs inputs over 16 voxels .* got 16 x 16 x 16"):
+        check_input_size((16, 16, 16), "instance")
 
 
 def test_width_scales_channels():

@@ -137,7 +137,7 @@ def learning_curve(args: argparse.Namespace) -> None:
         dataset = make_task(tmp / "task", n, train_idx)  # pre-training never sees the validation cases
         common = dict(crop=tuple(args.crop), width=args.width, batch_size=2, spacing=(1.5, 1.5, 1.5),
                       normalize="mr", workers=0, progress=args.progress, cache_dir=str(tmp / "cache"),
-                      device=args.device, seed=args.seed)
+                      device=args.device, seed=args.seed, norm=finetune.FinetuneConfig.norm)  # one network
         t0 = time.perf_counter()
         pretrain.train(PretrainConfig(data=str(tmp / "task/unlabelled.txt"), output_dir=str(tmp / "pre"),
                                       steps=args.pretrain_steps, checkpoint_every=10 ** 9, lr=args.pretrain_lr,
@@ -187,7 +187,8 @@ def compare(args: argparse.Namespace) -> None:
         entries = json.loads(dataset.read_text())["training"]
         val_fraction = args.held_out / n
         common = dict(crop=tuple(args.crop), width=args.width, batch_size=args.batch_size, spacing=(1.5, 1.5, 1.5),
-                      normalize="mr", workers=0, progress=args.progress, device=args.device, lr=args.lr)
+                      normalize="mr", workers=0, progress=args.progress, device=args.device, lr=args.lr,
+                      norm=args.norm)
         train_idx, val_idx = finetune.split_cases(n, val_fraction, seed=0)  # one split for every run
         (tmp / "unlabelled.txt").write_text("\n".join(entries[i]["image"] for i in train_idx))
         if "gvsl_pretrained" in args.runs:
@@ -202,7 +203,8 @@ def compare(args: argparse.Namespace) -> None:
                    "augment_rate": args.augment_rate, "lr_schedule": args.lr_schedule,
                    "warmup_steps": args.warmup_steps, "foreground_rate": args.foreground_rate}
         defaults = finetune.FinetuneConfig()
-        changes = [f"{k.replace('_', ' ')} {v}" for k, v in options.items() if getattr(defaults, k) != v]
+        changes = [f"{k.replace('_', ' ')} {v}" for k, v in {**options, "norm": args.norm}.items()
+                   if getattr(defaults, k) != v]
         changed = f" ({', '.join(changes)})" if changes else ""
         for seed in args.seeds:
             for run, pre in (("gvsl_scratch", None), ("gvsl_pretrained", str(tmp / "pre/gvsl_pretrained.pt"))):
@@ -264,6 +266,7 @@ def main() -> None:
     cmp.add_argument("--runs", nargs="+", default=["gvsl_scratch", "gvsl_pretrained", "monai_basicunet"],
                      choices=["gvsl_scratch", "gvsl_pretrained", "monai_basicunet"])
     from gvsl.augment import SPATIAL_LEVELS
+    from gvsl.choices import NORMS
     from gvsl.finetune import FinetuneConfig
     from gvsl.schedule import SCHEDULES
 
@@ -278,6 +281,8 @@ def main() -> None:
                      help="GVSL's share of class-centred crops (default: n/(n+1) for n classes)")
     cmp.add_argument("--lr-schedule", default=gvsl.lr_schedule, choices=SCHEDULES,
                      help="GVSL's schedule (MONAI's recipe here keeps the rate constant)")
+    cmp.add_argument("--norm", default=gvsl.norm, choices=NORMS,
+                     help="GVSL's normalisation, in pre-training and fine-tuning alike")
     for p in (inf, lc, cmp):
         p.add_argument("--device", default="cpu")
         p.add_argument("--progress", action="store_true")

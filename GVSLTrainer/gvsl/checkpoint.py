@@ -39,6 +39,12 @@ class Checkpoint:
     def width(self) -> int:
         return int(self.meta["width"])
 
+    @property
+    def norm(self) -> str:
+        """The U-Net's normalisation; files without it (official, and this project's before the option)
+        were trained with the paper's GroupNorm."""
+        return str(self.meta.get("norm", "group"))
+
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """torch.save to a temporary file beside ``path``, then rename: a kill never leaves a torn file."""
@@ -125,7 +131,7 @@ def build_gvsl(ckpt: Checkpoint) -> GVSL:
     """The GVSL network with the checkpoint's weights (strict: every parameter must match)."""
     if ckpt.kind != "pretrain":
         raise CheckpointError(f"{ckpt.path}: is a {ckpt.kind} model, not a GVSL pre-training/registration model")
-    model = GVSL(in_channels=int(ckpt.meta.get("in_channels", 1)), width=ckpt.width)
+    model = GVSL(in_channels=int(ckpt.meta.get("in_channels", 1)), width=ckpt.width, norm=ckpt.norm)
     try:
         model.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as e:

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .choices import DEVICES
+from .choices import DEVICES, NORMS
 
 
 @dataclass
@@ -54,6 +54,10 @@ class PretrainConfig(TrainConfig):
     smooth_weight: float = field(default=1.0, metadata={"help": "weight of the displacement smoothness loss"})
     mse_weight: float = field(default=1.0, metadata={"help": "weight of the restoration MSE loss"})
     ncc_window: int = field(default=9, metadata={"help": "local NCC window, voxels"})
+    norm: str = field(default="group", metadata={
+        "help": "the U-Net's normalisation: group (the paper's GroupNorm, channels/8 per group, as official "
+                "checkpoints) or instance (each channel alone; needs crops over 16 voxels along an axis)",
+        "choices": NORMS})
 
 
 # What a newcomer's first run without --data uses: a few quick steps on the CPU.

@@ -15,10 +15,11 @@ import SimpleITK as sitk
 import torch
 
 from . import augment, checkpoint, data, runtime, schedule, spatial
+from .choices import NORMS
 from .config import TrainConfig, to_dict
 from .labels import LabelSpec
 from .logs import LearningCurve, TrainingLog
-from .networks import GVSLSegmenter
+from .networks import GVSLSegmenter, check_input_size
 from .training import TrainingError, TrainingRun, step_seed
 from .segmentation import SegmentationOptions, build_segmenter, sliding_window_probabilities
 
@@ -62,6 +63,12 @@ class FinetuneConfig(TrainConfig):
     augment_rate: float = field(default=0.2, metadata={
         "help": "share of the crops given the spatial augmentation and, independently, the intensity curve "
                 "(nnU-Net applies each of its transforms to 0.1-0.3 of the samples)"})
+    norm: str = field(default="instance", metadata={
+        "help": "the U-Net's normalisation: instance (each channel alone, as MONAI's BasicUNet and nnU-Net; "
+                "needs crops over 16 voxels along an axis) or group (the paper's GroupNorm, channels/8 per "
+                "group: one group at width 8); with --pretrained, the backbone's. From scratch at width 8, "
+                "mean held-out Dice at 600 steps: 0.65/0.68 (seeds 0/1) with instance, 0.58/0.61 with group",
+        "choices": NORMS})
 
 
 def split_cases(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -162,9 +169,12 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
                                          "pre-training checkpoint")
     run = TrainingRun(cfg, "segmentation")
     if pretrained is not None:
-        if pretrained.width != cfg.width and run.show:
-            print(f"Using the pre-trained backbone's width {pretrained.width} (not {cfg.width})")
-        cfg.width = pretrained.width
+        for option in ("width", "norm"):  # the backbone's own, whatever was asked
+            if getattr(pretrained, option) != getattr(cfg, option) and run.show:
+                print(f"Using the pre-trained backbone's {option} {getattr(pretrained, option)} "
+                      f"(not {getattr(cfg, option)})")
+            setattr(cfg, option, getattr(pretrained, option))
+    check_input_size(tuple(cfg.crop), cfg.norm)
     store = run.store([p for p, _ in pairs], data.Preprocessing(tuple(cfg.spacing), cfg.normalize),
                       labels=[lbl for _, lbl in pairs], spec=spec)
     train_idx, val_idx = split_cases(len(store), cfg.val_fraction, cfg.seed)
@@ -172,7 +182,7 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
                  max(store[i]["image"].numel() for i in val_idx), run.device)
 
     runtime.seed_everything(cfg.seed)
-    model = GVSLSegmenter(spec.num_classes, width=cfg.width)
+    model = GVSLSegmenter(spec.num_classes, width=cfg.width, norm=cfg.norm)
     if pretrained is not None:
         model.load_backbone(pretrained.state_dict)
     if cfg.freeze_backbone:
@@ -180,7 +190,7 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
     model = run.prepare(model)
     start = run.resume()
     best = float(run.extra.get("best_dice", -1.0))
-    meta = {"width": cfg.width, "in_channels": 1, "labels": spec.as_dict(), "normalize": cfg.normalize,
+    meta = {"width": cfg.width, "norm": cfg.norm, "in_channels": 1, "labels": spec.as_dict(), "normalize": cfg.normalize,
             "spacing": list(cfg.spacing), "crop": list(cfg.crop), "config": to_dict(cfg),
             "pretrained": str(cfg.pretrained) if cfg.pretrained else None,
             "pretrained_source": pretrained.source if pretrained is not None else None,

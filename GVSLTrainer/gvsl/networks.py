@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import spatial
+from .choices import NORMS
 
 BASE_CHANNELS = (32, 64, 128, 256, 512, 256, 128, 64, 32)
 DEFAULT_WIDTH = 32
@@ -26,21 +27,33 @@ def channels(width: int = DEFAULT_WIDTH) -> tuple[int, ...]:
     return tuple(c * width // DEFAULT_WIDTH for c in BASE_CHANNELS)
 
 
-def _groups(num_channels: int, per_group: int) -> int:
-    """GroupNorm groups as the reference (channels // per_group), kept valid for tiny widths."""
-    groups = max(1, num_channels // per_group)
-    return math.gcd(groups, num_channels)
+def norm_layer(num_channels: int, per_group: int, norm: str = "group") -> nn.GroupNorm:
+    """GroupNorm as the reference (channels // per_group groups, kept valid for tiny widths), or with one
+    channel per group for ``norm="instance"``: the same parameters, so state dicts load either way."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    groups = num_channels if norm == "instance" else math.gcd(max(1, num_channels // per_group), num_channels)
+    return nn.GroupNorm(groups, num_channels)
+
+
+def check_input_size(shape: tuple[int, ...], norm: str) -> None:
+    """Instance normalisation needs more than one value per channel at the bottleneck, 1/16 of the
+    input (padded to a multiple of 16): refused before training, not at its first step."""
+    if norm == "instance" and math.prod(-(-s // PAD_MULTIPLE) for s in shape) < 2:
+        raise ValueError(f"instance normalisation needs inputs over {PAD_MULTIPLE} voxels along at least one "
+                         f"axis (the bottleneck is 1/{PAD_MULTIPLE} of each), got {' x '.join(map(str, shape))}: "
+                         "a larger --crop, or --norm group")
 
 
 class DoubleConv(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "group"):
         super().__init__()
         self.double_conv = nn.Sequential(
             nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1),
-            nn.GroupNorm(_groups(out_channels, 8), out_channels),
+            norm_layer(out_channels, 8, norm),
             nn.LeakyReLU(0.2),
             nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1),
-            nn.GroupNorm(_groups(out_channels, 8), out_channels),
+            norm_layer(out_channels, 8, norm),
             nn.LeakyReLU(0.2),
         )
 
@@ -49,18 +62,18 @@ class DoubleConv(nn.Module):
 
 
 class Down(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "group"):
         super().__init__()
-        self.maxpool_conv = nn.Sequential(nn.MaxPool3d(2), DoubleConv(in_channels, out_channels))
+        self.maxpool_conv = nn.Sequential(nn.MaxPool3d(2), DoubleConv(in_channels, out_channels, norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool_conv(x)
 
 
 class Up(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "group"):
         super().__init__()
-        self.conv = DoubleConv(in_channels, out_channels)
+        self.conv = DoubleConv(in_channels, out_channels, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.conv(torch.cat([skip, spatial.upsample(x, size=skip.shape[2:])], dim=1))
@@ -69,19 +82,19 @@ class Up(nn.Module):
 class UNet(nn.Module):
     """Backbone. Returns the bottleneck ("global") and last-decoder ("local") features."""
 
-    def __init__(self, in_channels: int = 1, width: int = DEFAULT_WIDTH):
+    def __init__(self, in_channels: int = 1, width: int = DEFAULT_WIDTH, norm: str = "group"):
         super().__init__()
         ch = channels(width)
         self.channels = ch
-        self.inc = DoubleConv(in_channels, ch[0])
-        self.down1 = Down(ch[0], ch[1])
-        self.down2 = Down(ch[1], ch[2])
-        self.down3 = Down(ch[2], ch[3])
-        self.down4 = Down(ch[3], ch[4])
-        self.up1 = Up(ch[4] + ch[3], ch[5])
-        self.up2 = Up(ch[5] + ch[2], ch[6])
-        self.up3 = Up(ch[6] + ch[1], ch[7])
-        self.up4 = Up(ch[7] + ch[0], ch[8])
+        self.inc = DoubleConv(in_channels, ch[0], norm)
+        self.down1 = Down(ch[0], ch[1], norm)
+        self.down2 = Down(ch[1], ch[2], norm)
+        self.down3 = Down(ch[2], ch[3], norm)
+        self.down4 = Down(ch[3], ch[4], norm)
+        self.up1 = Up(ch[4] + ch[3], ch[5], norm)
+        self.up2 = Up(ch[5] + ch[2], ch[6], norm)
+        self.up3 = Up(ch[6] + ch[1], ch[7], norm)
+        self.up4 = Up(ch[7] + ch[0], ch[8], norm)
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight)
@@ -112,15 +125,15 @@ class GVSLOutput(NamedTuple):
 class GVSL(nn.Module):
     """Backbone + Z-matching head + restoration head. ``forward(fixed, moving)`` as in the reference."""
 
-    def __init__(self, in_channels: int = 1, width: int = DEFAULT_WIDTH):
+    def __init__(self, in_channels: int = 1, width: int = DEFAULT_WIDTH, norm: str = "group"):
         super().__init__()
-        self.width = width
-        self.unet = UNet(in_channels, width)
+        self.width, self.norm = width, norm
+        self.unet = UNet(in_channels, width, norm)
         ch = self.unet.channels
         glob, loc = ch[4] // 2, ch[8] // 2
-        self.f_conv = DoubleConv(2 * ch[4], glob)
-        self.sp_conv = DoubleConv(2 * ch[8], loc)
-        self.res_conv = nn.Sequential(nn.Conv3d(ch[8], loc, 3, padding=1), nn.GroupNorm(_groups(loc, 4), loc),
+        self.f_conv = DoubleConv(2 * ch[4], glob, norm)
+        self.sp_conv = DoubleConv(2 * ch[8], loc, norm)
+        self.res_conv = nn.Sequential(nn.Conv3d(ch[8], loc, 3, padding=1), norm_layer(loc, 4, norm),
                                       nn.LeakyReLU(0.2), nn.Conv3d(loc, in_channels, 1))
         self.out_flow = nn.Conv3d(loc, 3, 3, padding=1)
         self.fc_rot = nn.Linear(glob, 3)
@@ -176,10 +189,10 @@ class GVSL(nn.Module):
 class GVSLSegmenter(nn.Module):
     """Downstream model of the paper: the GVSL backbone plus a 3x3x3 convolution to class scores."""
 
-    def __init__(self, num_classes: int, in_channels: int = 1, width: int = DEFAULT_WIDTH):
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = DEFAULT_WIDTH, norm: str = "group"):
         super().__init__()
-        self.width, self.num_classes = width, num_classes
-        self.unet = UNet(in_channels, width)
+        self.width, self.num_classes, self.norm = width, num_classes, norm
+        self.unet = UNet(in_channels, width, norm)
         self.seg_head = nn.Conv3d(self.unet.channels[8], num_classes, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,17 +16,17 @@ from . import augment, checkpoint, data, demo, runtime
 from .config import PretrainConfig, to_dict
 from .logs import TrainingLog
 from .losses import GVSLLoss
-from .networks import GVSL
+from .networks import GVSL, check_input_size
 from .training import TrainingError, TrainingRun, step_seed
 
 FINAL = "gvsl_pretrained.pt"
 LOSS_TERMS = ("ncc", "smooth", "mse", "total")
 # Options a resumed run must share with the run it continues.
-RESUME_FIXED = ("width", "crop", "batch_size", "seed", "normalize", "spacing", "lr")
+RESUME_FIXED = ("width", "norm", "crop", "batch_size", "seed", "normalize", "spacing", "lr")
 
 
 def model_meta(cfg: PretrainConfig, paths: list[Path], skipped: dict[str, str] | None = None) -> dict:
-    return {"width": cfg.width, "in_channels": 1, "normalize": cfg.normalize, "spacing": list(cfg.spacing),
+    return {"width": cfg.width, "norm": cfg.norm, "in_channels": 1, "normalize": cfg.normalize, "spacing": list(cfg.spacing),
             "crop": list(cfg.crop), "config": to_dict(cfg), "data": cfg.data or "built-in demo",
             "num_volumes": len(paths), "skipped": skipped or {}}
 
@@ -90,7 +90,8 @@ def train(cfg: PretrainConfig) -> GVSL:
     paths = data.discover(cfg.data) if cfg.data else demo.demo_paths()
     store = run.store(paths, data.Preprocessing(tuple(cfg.spacing), cfg.normalize))
     runtime.seed_everything(cfg.seed)
-    model = run.prepare(GVSL(width=cfg.width))
+    check_input_size(tuple(cfg.crop), cfg.norm)
+    model = run.prepare(GVSL(width=cfg.width, norm=cfg.norm))
     start = run.resume(lambda ckpt: _check_resumable(ckpt, cfg))
     pairs = data.PairCrops(store, cfg.crop, cfg.seed, length=cfg.steps * run.dist.world_size * cfg.batch_size)
     loader = run.loader(pairs)

@@ -41,7 +41,7 @@ def build_segmenter(ckpt: Checkpoint) -> tuple[GVSLSegmenter, LabelSpec]:
         raise CheckpointError(f"{ckpt.path}: is a {ckpt.kind} model; segmentation needs a fine-tuned model "
                               "(gvsl_segmentation.pt from finetune.py)")
     spec = LabelSpec.from_dict(ckpt.meta["labels"])
-    model = GVSLSegmenter(spec.num_classes, int(ckpt.meta.get("in_channels", 1)), ckpt.width)
+    model = GVSLSegmenter(spec.num_classes, int(ckpt.meta.get("in_channels", 1)), ckpt.width, ckpt.norm)
     try:
         model.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as e:

@@ -155,7 +155,13 @@ def _mask_on_grid(mask: sitk.Image | None, image: sitk.Image, grid: sitk.Image, 
 def _network_prediction(ckpt, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The GVSL network's affine (voxel matrix) and displacement (normalised) on the working grid."""
     from ..checkpoint import build_gvsl
+    from ..networks import check_input_size
 
+    try:
+        check_input_size(tuple(fixed.shape[2:]), ckpt.norm)
+    except ValueError as e:
+        raise RegistrationError(f"{ckpt.path} was trained with instance normalisation, too fine for this pair: "
+                                f"{e}") from None
     model = build_gvsl(ckpt).to(fixed.device).eval()
     with torch.no_grad():
         out = model(fixed, moving)
