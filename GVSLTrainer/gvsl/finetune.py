@@ -190,8 +190,8 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
     model = run.prepare(model)
     start = run.resume()
     best = float(run.extra.get("best_dice", -1.0))
-    meta = {"width": cfg.width, "norm": cfg.norm, "in_channels": 1, "labels": spec.as_dict(), "normalize": cfg.normalize,
-            "spacing": list(cfg.spacing), "crop": list(cfg.crop), "config": to_dict(cfg),
+    meta = {"width": cfg.width, "norm": cfg.norm, "in_channels": 1, "labels": spec.as_dict(),
+            "normalize": cfg.normalize, "spacing": list(cfg.spacing), "crop": list(cfg.crop), "config": to_dict(cfg),
             "pretrained": str(cfg.pretrained) if cfg.pretrained else None,
             "pretrained_source": pretrained.source if pretrained is not None else None,
             "frozen_backbone": cfg.freeze_backbone, "cases": {"train": len(train_idx), "validation": len(val_idx)},
