@@ -203,6 +203,21 @@ def test_two_process_gloo_ddp_fine_tuning_keeps_replicas_identical(tmp_path, lab
     assert sum(not torch.equal(fresh[k], r0[k]) for k in r0 if r0[k].is_floating_point()) > len(r0) // 2
 
 
+def test_resume_refuses_options_that_change_the_run(tmp_path, labelled_case):
+    from gvsl.training import TrainingError
+
+    root, _, _ = labelled_case
+    settings = dict(steps=2, val_every=2, crop=(16, 16, 16), width=4, norm="group")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg(root, tmp_path / "r", **settings))
+        with pytest.raises(TrainingError, match=r"cannot resume with different options \(norm: group then, "
+                                                r"instance now, crop: .16, 16, 16. then, .24, 24, 24. now\)"):
+            train(cfg(root, tmp_path / "r", **{**settings, "steps": 4, "norm": "instance", "crop": (24, 24, 24),
+                                               "resume": True}))
+        train(cfg(root, tmp_path / "r", **{**settings, "steps": 3, "resume": True}))  # the same run goes on
+
+
 def test_balanced_crops_find_a_small_class_that_foreground_crops_miss(tmp_path, anatomical_path):
     """A 4^3-voxel class beside a large one: balanced sampling centres half of its centred crops on it."""
     from gvsl.labels import LabelSpec

@@ -30,6 +30,11 @@ CROP_BYTES_PER_CLASS = 24
 VALIDATION_BYTES_PER_CLASS = 10
 
 
+# Options a resumed run must share with the run it continues (the validation split included).
+RESUME_FIXED = ("width", "norm", "crop", "batch_size", "seed", "normalize", "spacing", "lr", "val_fraction",
+                "freeze_backbone", "sampling", "augment")
+
+
 @dataclass
 class FinetuneConfig(TrainConfig):
     output_dir: str = field(default="gvsl_runs/finetune", metadata={"help": "where checkpoints and logs go"})
@@ -188,7 +193,7 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
     if cfg.freeze_backbone:
         model.unet.requires_grad_(False)
     model = run.prepare(model)
-    start = run.resume()
+    start = run.resume(RESUME_FIXED)
     best = float(run.extra.get("best_dice", -1.0))
     meta = {"width": cfg.width, "norm": cfg.norm, "in_channels": 1, "labels": spec.as_dict(),
             "normalize": cfg.normalize, "spacing": list(cfg.spacing), "crop": list(cfg.crop), "config": to_dict(cfg),

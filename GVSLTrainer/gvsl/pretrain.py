@@ -26,23 +26,9 @@ RESUME_FIXED = ("width", "norm", "crop", "batch_size", "seed", "normalize", "spa
 
 
 def model_meta(cfg: PretrainConfig, paths: list[Path], skipped: dict[str, str] | None = None) -> dict:
-    return {"width": cfg.width, "norm": cfg.norm, "in_channels": 1, "normalize": cfg.normalize, "spacing": list(cfg.spacing),
-            "crop": list(cfg.crop), "config": to_dict(cfg), "data": cfg.data or "built-in demo",
-            "num_volumes": len(paths), "skipped": skipped or {}}
-
-
-def _check_resumable(ckpt: checkpoint.Checkpoint, cfg: PretrainConfig) -> None:
-    saved = ckpt.meta.get("config", {})
-    now = to_dict(cfg)
-    diff = {k: (saved.get(k), now[k]) for k in RESUME_FIXED
-            if k in saved and _as_list(saved[k]) != _as_list(now[k])}
-    if diff:
-        detail = ", ".join(f"{k}: {a} then, {b} now" for k, (a, b) in diff.items())
-        raise TrainingError(f"{ckpt.path}: cannot resume with different options ({detail})")
-
-
-def _as_list(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
+    return {"width": cfg.width, "norm": cfg.norm, "in_channels": 1, "normalize": cfg.normalize,
+            "spacing": list(cfg.spacing), "crop": list(cfg.crop), "config": to_dict(cfg),
+            "data": cfg.data or "built-in demo", "num_volumes": len(paths), "skipped": skipped or {}}
 
 
 class TrainingStep:
@@ -92,7 +78,7 @@ def train(cfg: PretrainConfig) -> GVSL:
     runtime.seed_everything(cfg.seed)
     check_input_size(tuple(cfg.crop), cfg.norm)
     model = run.prepare(GVSL(width=cfg.width, norm=cfg.norm))
-    start = run.resume(lambda ckpt: _check_resumable(ckpt, cfg))
+    start = run.resume(RESUME_FIXED)
     pairs = data.PairCrops(store, cfg.crop, cfg.seed, length=cfg.steps * run.dist.world_size * cfg.batch_size)
     loader = run.loader(pairs)
     stepper = TrainingStep(run.wrapped(), run.optimizer, run.scaler,

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint, data, runtime
-from .config import TrainConfig
+from .config import TrainConfig, to_dict
 
 LAST = "checkpoint_last.pt"
 
@@ -39,6 +39,18 @@ def amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank
+
+
+def _check_same_options(ckpt: checkpoint.Checkpoint, cfg: TrainConfig, fixed: tuple[str, ...]) -> None:
+    """A resumed run is the interrupted run: options that change it are refused by name."""
+    def plain(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    saved, now = ckpt.meta.get("config", {}), to_dict(cfg)
+    diff = {k: (saved.get(k), now[k]) for k in fixed if k in saved and plain(saved[k]) != plain(now[k])}
+    if diff:
+        detail = ", ".join(f"{k}: {a} then, {b} now" for k, (a, b) in diff.items())
+        raise TrainingError(f"{ckpt.path}: cannot resume with different options ({detail})")
 
 
 class TrainingRun:
@@ -92,15 +104,15 @@ class TrainingRun:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=need_scaler)
         return model
 
-    def resume(self, check: Callable[[checkpoint.Checkpoint], None] | None = None) -> int:
-        """With --resume, restore model, optimiser, scaler, RNG and step from checkpoint_last.pt."""
+    def resume(self, fixed: tuple[str, ...] = ()) -> int:
+        """With --resume, restore model, optimiser, scaler, RNG and step from checkpoint_last.pt, once
+        the options named in ``fixed`` are found equal to the interrupted run's."""
         if self.cfg.resume:
             if self.last.is_file():
                 ckpt = checkpoint.load(self.last, map_location=self.device)
                 if ckpt.training_state is None:
                     raise TrainingError(f"{self.last}: holds no training state to resume from")
-                if check:
-                    check(ckpt)
+                _check_same_options(ckpt, self.cfg, fixed)
                 self.model.load_state_dict(ckpt.state_dict)
                 state = ckpt.training_state
                 self.optimizer.load_state_dict(state["optimizer"])
