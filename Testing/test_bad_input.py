@@ -75,6 +75,8 @@ PRETRAIN_CASES = {
     "--crop 4": ("good.nii.gz", ["--crop", "4", "4", "4"], "--crop needs 3 sizes of at least 8 voxels"),
     "--lr -1": ("good.nii.gz", ["--lr", "-1"], "--lr must be above 0"),
     "--workers -1": ("good.nii.gz", ["--workers", "-1"], "--workers must be 0 or more"),
+    "--norm instance on 16-voxel crops": ("good.nii.gz", ["--norm", "instance"],
+                                          "instance normalisation needs inputs over 16 voxels"),
 }
 
 

@@ -73,10 +73,10 @@ def train(cfg: PretrainConfig) -> GVSL:
     from tqdm.auto import tqdm
 
     run = TrainingRun(cfg, "pretrain")
+    check_input_size(tuple(cfg.crop), cfg.norm)  # before any preprocessing
     paths = data.discover(cfg.data) if cfg.data else demo.demo_paths()
     store = run.store(paths, data.Preprocessing(tuple(cfg.spacing), cfg.normalize))
     runtime.seed_everything(cfg.seed)
-    check_input_size(tuple(cfg.crop), cfg.norm)
     model = run.prepare(GVSL(width=cfg.width, norm=cfg.norm))
     start = run.resume(RESUME_FIXED)
     pairs = data.PairCrops(store, cfg.crop, cfg.seed, length=cfg.steps * run.dist.world_size * cfg.batch_size)

@@ -276,9 +276,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     optimised = None  # the velocity field
     if opts.mode == "deformable":
         theta = spatial.to_normalised(matrix, shape)
-        optimised = deformable.optimise(pyramid, sim, theta, velocity, opts.levels, opts.iterations,
-                                        opts.deform_lr, opts.smooth_weight * sim.smooth_scale, opts.tolerance,
-                                        opts.patience, lambda x: report("deformable", 0.05 + span + deformable_share * x))
+        optimised = deformable.optimise(
+            pyramid, sim, theta, velocity, opts.levels, opts.iterations, opts.deform_lr,
+            opts.smooth_weight * sim.smooth_scale, opts.tolerance, opts.patience,
+            lambda x: report("deformable", 0.05 + span + deformable_share * x))
 
     timing["deformable"] = time.perf_counter() - mark
     mark = time.perf_counter()
