@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
 from gvsl.cli import exit_now, run  # noqa: E402
-from gvsl.runtime import DEVICES  # noqa: E402
+from gvsl.choices import DEVICES  # noqa: E402  (torch-free: --help answers at once)
 
 
 def parse(argv=None) -> argparse.Namespace:
