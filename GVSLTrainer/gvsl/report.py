@@ -69,9 +69,10 @@ def registration_panels(fixed: sitk.Image, before: sitk.Image, warped: sitk.Imag
 
 def draw_registration(figure: dict, path: str | Path, metrics: dict | None = None, layout=None) -> Path:
     """Draw ``registration_panels`` into a PNG: fixed landmarks as + (then as circles around where
-    they should land), moving landmarks as x. ``layout``: an unused ``empty_figure()`` to draw into."""
+    they should land), moving landmarks as x. ``layout``: an unused ``empty_figure()`` to draw into,
+    used when the figure has its columns (``PANELS``)."""
     titles = tuple(figure["panels"])
-    fig, axes = layout if layout is not None else empty_figure(titles)
+    fig, axes = layout if layout is not None and titles == PANELS else empty_figure(titles)
     for col, (title, images) in enumerate(figure["panels"].items()):
         jacobian = title.startswith("Jacobian")
         for row, image in enumerate(images):

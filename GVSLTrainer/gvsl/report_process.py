@@ -61,14 +61,14 @@ class ReportProcess:
 def _serve() -> int:
     import matplotlib.backends.backend_agg  # noqa: F401 - what savefig would import late
 
-    from .report import PANELS, draw_registration, empty_figure
+    from .report import draw_registration, empty_figure
 
     layout = empty_figure()  # the axes and the colour bar, while the registration runs
     try:
         figure, path, metrics = pickle.load(sys.stdin.buffer)  # from our own parent only
     except EOFError:  # the command ended without a figure to draw
         return 0
-    draw_registration(figure, path, metrics, layout if tuple(figure["panels"]) == PANELS else None)
+    draw_registration(figure, path, metrics, layout)
     return 0
 
 
