@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 from scipy.spatial.transform import Rotation
 
 from gvsl import spatial
@@ -117,3 +118,28 @@ def test_normalised_grid_is_theta_of_the_displaced_identity():
     torch.testing.assert_close(normalised_grid(shape, theta, field), expected)
     torch.testing.assert_close(normalised_grid(shape, None, upsample(field, size=shape)), u)
     torch.testing.assert_close(normalised_grid(shape, theta), identity_grid(shape) @ theta[0, :, :3].T + theta[0, :, 3])
+
+
+@pytest.mark.parametrize("grid_shape", [(17, 16, 16), (5000, 1, 1)])
+def test_sample_split_across_threads_equals_one_grid_sample(grid_shape):
+    """The CPU split into slabs (an odd depth, so the last slab is padded) gives grid_sample's values
+    and gradients, for the image and the grid alike."""
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 11, 12, 10, requires_grad=True)
+    grid = (torch.rand(1, *grid_shape, 3) * 2.4 - 1.2).requires_grad_(True)
+    weight = torch.randn(1, 3, *grid_shape)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            out = spatial.sample(image, grid, padding_mode="border")
+            (out * weight).sum().backward()
+            results.append((out.detach(), image.grad.clone(), grid.grad.clone()))
+            image.grad = grid.grad = None
+    finally:
+        torch.set_num_threads(threads)
+    reference = F.grid_sample(image.detach(), grid.detach(), padding_mode="border", align_corners=True)
+    torch.testing.assert_close(results[0][0], reference, rtol=0, atol=0)
+    for one, split in zip(*results):
+        torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5)

@@ -5,8 +5,9 @@ Each similarity has the same three calls, so the optimiser never needs to know w
 * ``features(image)``: what is warped and compared, computed once per resolution level (MIND's
   12-channel descriptors; the image itself for NCC and MI). Warping the moving image's features
   instead of recomputing them from the warped image is what ConvexAdam does, and it is cheaper.
-* ``loss(warped, fixed, weight=None)``: a scalar to minimise; ``weight`` (N, 1, D, H, W) is a
-  per-voxel weight (the product of the fixed mask and the warped moving mask).
+* ``loss(warped, fixed, weight=None, per_item=False)``: a scalar to minimise (with ``per_item``, one
+  per pair of the batch, as a search scores many candidates at once); ``weight`` (N, 1, D, H, W) is
+  a per-voxel weight (the product of the fixed mask and the warped moving mask).
 * ``score(loss)``: the figure a person reads (local NCC and MI: higher is better; MIND: a mean
   squared descriptor difference, lower is better).
 
@@ -30,11 +31,17 @@ from .losses import box_mean, local_moments, local_ncc
 HISTOGRAM_DISTANCE_THRESHOLD = 0.1
 
 
-def weighted_mean(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``x`` (N, C, ...) over voxels and channels, each voxel weighted by ``weight`` (N, 1, ...)."""
+def weighted_mean(x: torch.Tensor, weight: torch.Tensor | None, per_item: bool = False) -> torch.Tensor:
+    """Mean of ``x`` (N, C, ...) over voxels and channels, each voxel weighted by ``weight`` (N or 1, 1, ...);
+    with ``per_item``, one mean per item of the batch, (N,)."""
+    if not per_item:
+        if weight is None:
+            return x.mean()
+        return (x * weight).sum() / (weight.sum() * x.shape[1]).clamp_min(1e-8)
     if weight is None:
-        return x.mean()
-    return (x * weight).sum() / (weight.sum() * x.shape[1]).clamp_min(1e-8)
+        return x.flatten(1).mean(1)
+    weight = weight.expand(x.shape[0], *weight.shape[1:])
+    return (x * weight).flatten(1).sum(1) / (weight.flatten(1).sum(1) * x.shape[1]).clamp_min(1e-8)
 
 
 class _Sampled:
@@ -68,9 +75,10 @@ class LocalNCC:
     def sample_points(self, n: int, device) -> None:
         return None  # a local window needs every voxel
 
-    def loss(self, warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None,
+             per_item: bool = False) -> torch.Tensor:
         cc = local_ncc(warped, fixed, self.window, reduce=False, b_moments=self._moments(fixed))
-        return weighted_mean(cc, weight)  # 1 - cc, per voxel
+        return weighted_mean(cc, weight, per_item)  # 1 - cc, per voxel
 
     def _moments(self, fixed: torch.Tensor):
         """The fixed image's local moments, kept per fixed tensor: an optimiser compares hundreds of
@@ -129,8 +137,9 @@ class MIND(_Sampled):
     def features(self, image: torch.Tensor) -> torch.Tensor:
         return mind_ssc(image, self.radius, self.dilation)
 
-    def loss(self, warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return weighted_mean((warped - fixed) ** 2, weight)
+    def loss(self, warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None,
+             per_item: bool = False) -> torch.Tensor:
+        return weighted_mean((warped - fixed) ** 2, weight, per_item)
 
     def score(self, loss: float) -> float:
         return loss
@@ -163,11 +172,12 @@ class MutualInformation(_Sampled):
         weights = _cubic_bspline(u[:, None] - idx)
         return idx.long().clamp(0, self.bins - 1), weights
 
-    def loss(self, warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        total = 0.0
-        for i in range(warped.shape[0]):  # one histogram per pair of the batch
-            a, b = warped[i, 0].reshape(-1).float(), fixed[i, 0].reshape(-1).float()
-            w = torch.ones_like(a) if weight is None else weight[i, 0].reshape(-1).float()
+    def loss(self, warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None,
+             per_item: bool = False) -> torch.Tensor:
+        losses = []
+        for i in range(warped.shape[0]):  # one histogram per pair of the batch (fixed and weight: N or 1)
+            a, b = warped[i, 0].reshape(-1).float(), fixed[min(i, fixed.shape[0] - 1), 0].reshape(-1).float()
+            w = torch.ones_like(a) if weight is None else weight[min(i, weight.shape[0] - 1), 0].reshape(-1).float()
             idx = self.sample_points(a.numel(), a.device)
             if idx is not None:
                 a, b, w = a[idx], b[idx], w[idx]
@@ -178,8 +188,9 @@ class MutualInformation(_Sampled):
             joint = torch.zeros(self.bins * self.bins, device=a.device, dtype=a.dtype).index_add(0, cells, mass)
             joint = joint.reshape(self.bins, self.bins) / joint.sum().clamp_min(1e-12)
             pa, pb = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
-            total = total + (joint * (torch.log(joint + 1e-10) - torch.log(pa * pb + 1e-10))).sum()
-        return -total / warped.shape[0]
+            losses.append(-(joint * (torch.log(joint + 1e-10) - torch.log(pa * pb + 1e-10))).sum())
+        losses = torch.stack(losses)
+        return losses if per_item else losses.mean()
 
     def score(self, loss: float) -> float:
         return -loss

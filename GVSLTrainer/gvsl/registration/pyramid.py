@@ -31,8 +31,9 @@ class Level:
     fixed_mask: torch.Tensor | None
     masked: bool
 
-    def loss(self, similarity, grid: torch.Tensor) -> torch.Tensor:
-        """The similarity loss of the moving features sampled at ``grid`` (normalised, this level's shape)."""
+    def loss(self, similarity, grid: torch.Tensor, per_item: bool = False) -> torch.Tensor:
+        """The similarity loss of the moving features sampled at ``grid`` (normalised, this level's shape);
+        a batch of grids compares the one pair under as many transforms (``per_item``: a loss each)."""
         fixed, fixed_mask = self.fixed, self.fixed_mask
         points = similarity.sample_points(grid[0, ..., 0].numel(), grid.device)
         if points is not None:  # a metric that samples: interpolate only there
@@ -41,11 +42,12 @@ class Level:
 
             grid = grid.reshape(grid.shape[0], -1, 1, 1, 3)[:, points]
             fixed, fixed_mask = pick(fixed), None if fixed_mask is None else pick(fixed_mask)
-        warped = spatial.sample(self.moving, grid, padding_mode=similarity.padding)
+        warped = spatial.sample(self.moving.expand(grid.shape[0], *self.moving.shape[1:]), grid,
+                                padding_mode=similarity.padding)
         weight = None
         if self.masked:
             warped, weight = warped[:, :-1], warped[:, -1:] * fixed_mask
-        return similarity.loss(warped, fixed, weight)
+        return similarity.loss(warped, fixed, weight, per_item)
 
 
 class Pyramid:
