@@ -203,7 +203,10 @@ def equalise(image: torch.Tensor, background: float = 0.05, levels: int = 256) -
     A CT through its Hounsfield window puts all of the brain within 2 % of the range (grey and white
     matter 15 HU apart in a window of 2048): one bin of a mutual-information histogram, and noise to
     MIND next to the bone. Background (below ``background``) keeps [0, 0.1]; the foreground gets (0.1, 1].
+    Each image of a batch by its own distribution.
     """
+    if image.shape[0] > 1:
+        return torch.cat([equalise(x[None], background, levels) for x in image])
     flat = image.reshape(-1)
     fg = flat[flat > background]
     if fg.numel() < levels:

@@ -32,22 +32,22 @@ def similarity_figures(fixed_w: sitk.Image, before_w: sitk.Image, after_w: sitk.
     """Local NCC and the chosen similarity, before and after, on the working grid (inside the fixed mask).
 
     Local NCC is always reported; for a multi-modal pair it is low whatever the alignment, and the
-    chosen similarity is the figure to read."""
+    chosen similarity is the figure to read. Before and after are one batch: the fixed image's
+    features (MIND's are the costly part) are computed once."""
     def tensor(image, preset):
         return torch.from_numpy(normalise(sitk.GetArrayFromImage(image), preset))[None, None]
 
     weight = None if fixed_mask_w is None else torch.from_numpy(
         sitk.GetArrayFromImage(fixed_mask_w).astype(np.float32))[None, None]
+    fixed = tensor(fixed_w, presets[0])
+    moving = torch.cat([tensor(before_w, presets[1]), tensor(after_w, presets[1])])
     scores = {}
     with torch.no_grad():
         for sim_name in dict.fromkeys(("ncc", name)):  # local NCC once when it is the chosen similarity
             sim = similarities.make(sim_name, ncc_window)
-            values = []
-            for moving_w in (before_w, after_w):
-                f, m, w, _ = similarities.prepare(sim_name, tensor(fixed_w, presets[0]), tensor(moving_w, presets[1]),
-                                                  weight)
-                values.append(round(sim.score(sim.loss(sim.features(m), sim.features(f), w).item()), 4))
-            scores[sim_name] = (values, sim.higher_is_better)
+            f, m, w, _ = similarities.prepare(sim_name, fixed, moving, weight)
+            losses = sim.loss(sim.features(m), sim.features(f), w, per_item=True)
+            scores[sim_name] = ([round(sim.score(v), 4) for v in losses.tolist()], sim.higher_is_better)
     (ncc_before, ncc_after), _ = scores["ncc"]
     (before, after), higher_is_better = scores[name]
     out = {"ncc_before": ncc_before, "ncc_after": ncc_after,
