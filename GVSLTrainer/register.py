@@ -15,6 +15,7 @@ linear transform alone), warped_labels.nii.gz, metrics.json and report.png.
 import argparse
 import contextlib
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
@@ -85,7 +86,7 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
     from gvsl.registration import RegistrationError, RegistrationOptions, register
     from gvsl.registration.inputs import read_inputs
     from gvsl.outputs import check_output_folder
-    from gvsl.registration_io import FILES, save_registration, summary
+    from gvsl.registration_io import FILES, save_registration, send_panels, summary
 
     if args.fixed is None:
         args.fixed, args.moving = demo.demo_registration_pair()
@@ -109,8 +110,9 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
             bar.set_description(f"Registering ({stage})", refresh=False)
             bar.update(round(100 * fraction) - bar.n)
 
+        on_images = None if drawer is None else partial(send_panels, drawer, inputs["fixed"])
         try:
-            result = register(progress=progress, options=opts, **inputs)
+            result = register(progress=progress, options=opts, on_images=on_images, **inputs)
         except RegistrationError as e:  # the pipeline knows images, not files: name them
             raise RegistrationError(f"{e} (fixed: {args.fixed}; moving: {args.moving})") from None
     files = save_registration(result, inputs["fixed"], out, drawer)

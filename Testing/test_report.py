@@ -35,15 +35,26 @@ def test_landmarks_are_projected_onto_each_view_in_voxels(figure):
     np.testing.assert_allclose(sagittal, [[5, 3], [5, 9]], atol=1e-9)  # (j, d - 1 - k)
 
 
-def test_the_helper_draws_the_same_figure_as_this_process(figure, tmp_path):
+METRICS = {"ncc_before": 0.1, "ncc_after": 0.5, "folding_percent": 0.0, "runtime_s": 2.0, "device": "cpu",
+           "inverse_consistency_mm": {"mean": 0.04}, "similarity": {"name": "mind", "before": 0.2, "after": 0.1},
+           "tre_before": {"mean_mm": 5.0}, "tre_after": {"mean_mm": 0.5}}
+
+
+@pytest.mark.parametrize("metrics", [None, METRICS])
+def test_the_helper_draws_the_same_figure_as_this_process(figure, metrics, tmp_path):
+    """The helper renders the panels first and draws the title onto them last; the PNG is the one
+    ``draw_registration`` saves in one go."""
     from matplotlib.image import imread
 
-    metrics = None
     draw_registration(figure, tmp_path / "here.png", metrics)
     with ReportProcess() as drawer:
-        drawer.draw(figure, tmp_path / "helper.png", metrics)
+        drawer.panels(figure)
+        drawer.save(tmp_path / "helper.png", metrics)
         drawer.wait()
-    np.testing.assert_array_equal(imread(tmp_path / "helper.png"), imread(tmp_path / "here.png"))
+    here = imread(tmp_path / "here.png")
+    np.testing.assert_array_equal(imread(tmp_path / "helper.png"), here)
+    top = here[: here.shape[0] // 20, :, :3]
+    assert (top.min() < 0.5) == (metrics is not None)  # the title is there, in the top margin
 
 
 def test_a_failed_drawing_is_raised_and_an_unused_helper_stops(figure, tmp_path):

@@ -23,12 +23,14 @@ FILES = {"warped": "warped.nii.gz", "transform": "transform.h5", "inverse": "inv
 def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir: str | Path,
                       drawer: ReportProcess | None = None) -> dict[str, Path]:
     """Write every output into ``output_dir`` at once (nothing half-written on failure); ``drawer``
-    draws report.png while the other files are written, else this process draws it."""
+    draws report.png while the other files are written (from the panels ``send_panels`` gave it
+    during the registration, if it did), else this process draws it."""
     output_dir = Path(output_dir)
     with staged_files(output_dir) as stage:
-        figure = registration_panels(fixed, result.before, result.warped, result.jacobian, result.landmarks)
         if drawer is not None:
-            drawer.draw(figure, stage / FILES["report"], result.metrics)
+            if not drawer.has_panels:
+                send_panels(drawer, fixed, result.before, result.warped, result.jacobian, result.landmarks)
+            drawer.save(stage / FILES["report"], result.metrics)
         sitk.WriteImage(result.warped, str(stage / FILES["warped"]))
         sitk.WriteTransform(result.transform, str(stage / FILES["transform"]))
         sitk.WriteTransform(result.inverse, str(stage / FILES["inverse"]))
@@ -42,11 +44,18 @@ def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir:
         if drawer is not None:
             drawer.wait()
         else:
-            draw_registration(figure, stage / FILES["report"], result.metrics)
+            draw_registration(registration_panels(fixed, result.before, result.warped, result.jacobian,
+                                                  result.landmarks), stage / FILES["report"], result.metrics)
         written = {k: output_dir / v for k, v in FILES.items() if (stage / v).exists()}
         for name in set(FILES.values()) - {p.name for p in written.values()}:  # an earlier run's, say its
             (output_dir / name).unlink(missing_ok=True)  # warped_labels: the folder holds one whole set
     return written
+
+
+def send_panels(drawer: ReportProcess, fixed: sitk.Image, before: sitk.Image, warped: sitk.Image,
+                jacobian: sitk.Image, landmarks: dict | None) -> None:
+    """Give ``drawer`` the figure's images to render (``register``'s ``on_images`` with ``fixed`` bound)."""
+    drawer.panels(registration_panels(fixed, before, warped, jacobian, landmarks))
 
 
 def finite(value, missing: list[str] | None = None, name: str = ""):

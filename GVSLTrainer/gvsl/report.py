@@ -24,6 +24,7 @@ def _checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
     return np.where(((yy // size) + (xx // size)) % 2 == 0, a, b)
 
 
+DPI = 80
 PANELS = ("fixed", "moving (before)", "warped (after)", "checkerboard before", "checkerboard after",
           "Jacobian determinant")  # the figure's columns; the last is coloured by its own scale
 
@@ -35,7 +36,7 @@ def empty_figure(titles: tuple[str, ...] = PANELS):
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state to close
 
-    fig = Figure(figsize=(3 * len(titles), 9.5))
+    fig = Figure(figsize=(3 * len(titles), 9.5), dpi=DPI)
     axes = fig.subplots(3, len(titles))
     for col, title in enumerate(titles):
         axes[0, col].set_title(title, fontsize=10)
@@ -67,10 +68,10 @@ def registration_panels(fixed: sitk.Image, before: sitk.Image, warped: sitk.Imag
             "aspects": _aspects(fixed), "landmarks": points}
 
 
-def draw_registration(figure: dict, path: str | Path, metrics: dict | None = None, layout=None) -> Path:
-    """Draw ``registration_panels`` into a PNG: fixed landmarks as + (then as circles around where
-    they should land), moving landmarks as x. ``layout``: an unused ``empty_figure()`` to draw into,
-    used when the figure has its columns (``PANELS``)."""
+def draw_panels(figure: dict, layout=None):
+    """The figure of ``registration_panels``, without its title: fixed landmarks as + (then as circles
+    around where they should land), moving landmarks as x. ``layout``: an unused ``empty_figure()`` to
+    draw into, used when the figure has its columns (``PANELS``)."""
     titles = tuple(figure["panels"])
     fig, axes = layout if layout is not None and titles == PANELS else empty_figure(titles)
     for col, (title, images) in enumerate(figure["panels"].items()):
@@ -80,10 +81,35 @@ def draw_registration(figure: dict, path: str | Path, metrics: dict | None = Non
                                   interpolation="nearest", vmin=0, vmax=2 if jacobian else 1)
         if figure["landmarks"] is not None and title in ("fixed", "warped (after)"):
             _draw_landmarks(axes[:, col], figure["landmarks"], moving=title != "fixed")
+    return fig
+
+
+def draw_registration(figure: dict, path: str | Path, metrics: dict | None = None, layout=None) -> Path:
+    """Draw ``registration_panels`` into a PNG, titled with the metrics' summary."""
+    fig = draw_panels(figure, layout)
     if metrics:
         fig.suptitle(_summary(metrics), fontsize=10)
     path = Path(path)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def render(fig) -> None:
+    """Render ``draw_panels``'s figure now, so that ``save_rendered`` has only the title left to draw."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+
+
+def save_rendered(fig, path: str | Path, metrics: dict | None = None) -> Path:
+    """The PNG of a ``render``-ed figure, its title drawn onto the rendered pixels (where nothing else
+    is): the same image as ``draw_registration``'s."""
+    from matplotlib.image import imsave
+
+    if metrics:
+        fig.draw_artist(fig.suptitle(_summary(metrics), fontsize=10))
+    path = Path(path)
+    imsave(path, np.asarray(fig.canvas.buffer_rgba()), format="png", dpi=DPI)
     return path
 
 

@@ -3,9 +3,10 @@
 Importing matplotlib (about 0.7 s) and drawing the figure (about 0.5 s) were a fifth of a
 command-line registration on 2 CPU cores. Started before torch is imported, the helper imports
 matplotlib on the other core while torch loads here (a single-threaded wait), builds the figure's
-axes while the registration runs, then puts the images in while this process writes the other
-outputs. It receives the figure's arrays (``report.registration_panels``), never the volumes,
-through its stdin as one pickle from its own parent.
+axes while the registration runs, renders the images as soon as they exist (while this process
+computes the quality figures and writes the other outputs), and at the end draws only the title.
+It receives the figure's arrays (``report.registration_panels``), never the volumes, through its
+stdin as pickles from its own parent.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class ReportProcess:
         self._proc = subprocess.Popen([sys.executable, "-m", "gvsl.report_process"], stdin=subprocess.PIPE,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                                       creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+        self.has_panels = False
 
     @classmethod
     def start(cls) -> ReportProcess | None:
@@ -33,9 +35,21 @@ class ReportProcess:
         except OSError:
             return None
 
+    def panels(self, figure: dict) -> None:
+        """Hand over ``registration_panels(...)``: the helper renders them at once."""
+        self._send(("panels", figure))
+        self.has_panels = True
+
+    def save(self, path: str | Path, metrics: dict | None) -> None:
+        """Title the rendered panels with ``metrics`` and write the PNG (then the helper exits)."""
+        self._send(("save", str(path), metrics))
+
     def draw(self, figure: dict, path: str | Path, metrics: dict | None) -> None:
-        """Hand over ``registration_panels(...)``; the helper starts drawing at once."""
-        pickle.dump((figure, str(path), metrics), self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        self.panels(figure)
+        self.save(path, metrics)
+
+    def _send(self, message: tuple) -> None:
+        pickle.dump(message, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
         self._proc.stdin.flush()
 
     def wait(self, timeout: float = 300) -> None:
@@ -61,15 +75,22 @@ class ReportProcess:
 def _serve() -> int:
     import matplotlib.backends.backend_agg  # noqa: F401 - what savefig would import late
 
-    from .report import draw_registration, empty_figure
+    from .report import draw_panels, empty_figure, render, save_rendered
 
     layout = empty_figure()  # the axes and the colour bar, while the registration runs
-    try:
-        figure, path, metrics = pickle.load(sys.stdin.buffer)  # from our own parent only
-    except EOFError:  # the command ended without a figure to draw
-        return 0
-    draw_registration(figure, path, metrics, layout)
-    return 0
+    fig = None
+    while True:
+        try:
+            message = pickle.load(sys.stdin.buffer)  # from our own parent only
+        except EOFError:  # the command ended without a figure to draw
+            return 0
+        if message[0] == "panels":
+            fig = draw_panels(message[1], layout)
+            render(fig)
+        else:
+            _, path, metrics = message
+            save_rendered(fig, path, metrics)
+            return 0
 
 
 if __name__ == "__main__":

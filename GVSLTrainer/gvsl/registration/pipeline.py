@@ -183,12 +183,16 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
              moving_labels: sitk.Image | None = None, model=None, options: RegistrationOptions | None = None,
              progress: Progress | None = None, *, fixed_mask: sitk.Image | None = None,
              moving_mask: sitk.Image | None = None, initial_transform: sitk.Transform | None = None,
-             fixed_landmarks=None, moving_landmarks=None) -> RegistrationResult:
+             fixed_landmarks=None, moving_landmarks=None,
+             on_images: Callable[[sitk.Image, sitk.Image, sitk.Image, dict | None], None] | None = None
+             ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; every output is in physical space (see RegistrationResult).
 
     Masks (any geometry, non-zero = use) restrict the similarity to where both hold.
     ``initial_transform`` (fixed -> moving, linear) is applied first. Landmarks (``Landmarks`` or
-    (n, 3) LPS mm arrays) give the target registration error before and after.
+    (n, 3) LPS mm arrays) give the target registration error before and after. ``on_images`` is
+    called with the result's ``before``, ``warped``, ``jacobian`` and ``landmarks`` as soon as they
+    exist, before the quality figures: a caller can start drawing them.
     """
     opts = options or RegistrationOptions()
     opts.check()
@@ -313,17 +317,20 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     affine_det = float(np.linalg.det(affine_m[:3, :3]))
     jacobian_w = jacobian_determinant(field, affine_det, grid)
     jacobian = sitk.Resample(jacobian_w, fixed, sitk.Transform(), sitk.sitkLinear, affine_det)  # for the figure
+    landmarks = None
+    if landmark_pairs is not None:
+        fixed_pts, moving_pts, labels = landmark_pairs
+        landmarks = {"fixed": fixed_pts, "labels": labels,
+                     "moving": np.array([inverse.TransformPoint(p.tolist()) for p in moving_pts])}
+    if on_images is not None:
+        on_images(before, warped, jacobian, landmarks)
     metrics = similarity_figures(f_img, geometry.resample(moving, grid), geometry.resample(moving, grid, forward),
                                  presets, name, opts.ncc_window, fm_img)
     metrics["similarity"]["reason"] = reason
     metrics.update(quality(grid, jacobian_w, forward, inverse, fixed_labels, moving_labels, warped_labels))
-    landmarks = None
     if landmark_pairs is not None:
-        fixed_pts, moving_pts, labels = landmark_pairs
         metrics["tre_before"] = target_registration_error(None, fixed_pts, moving_pts, labels)
         metrics["tre_after"] = target_registration_error(forward, fixed_pts, moving_pts, labels)
-        landmarks = {"fixed": fixed_pts, "labels": labels,
-                     "moving": np.array([inverse.TransformPoint(p.tolist()) for p in moving_pts])}
     metrics.update(mode=opts.mode, normalize={"fixed": presets[0], "moving": presets[1]},
                    start={"initial_transform": initial is not None, "centring": centring,
                           "rotation_search": search_info},
