@@ -52,6 +52,22 @@ def test_auto_keeps_local_ncc_for_the_same_modality():
     assert name == "mind" and "histograms differ" in reason
 
 
+def test_rounding_noise_in_the_geometry_does_not_move_the_result():
+    """A file round trip changes origins and spacings in their last bits (Slicer's RAS conversion: ~1e-14
+    mm). The result must not change with them: nearly flat NCC windows once turned such noise into
+    0.03 mm at the 99th percentile of points (0.35 mm at worst), now 0.002 mm."""
+    fixed, moving, *_ = synthetic.synthetic_pair(seed=3)
+    nudged = sitk.Image(fixed)
+    nudged.SetOrigin([o + 1e-13 for o in fixed.GetOrigin()])
+    nudged.SetSpacing([float(np.nextafter(s, np.inf)) for s in fixed.GetSpacing()])
+    opts = RegistrationOptions(iterations=30)
+    a, b = (register(f, moving, options=opts).transform for f in (fixed, nudged))
+    points = [fixed.TransformContinuousIndexToPhysicalPoint(p.tolist())
+              for p in np.random.default_rng(0).uniform(0, 1, (2000, 3)) * (np.array(fixed.GetSize()) - 1)]
+    moved = np.array([np.linalg.norm(np.subtract(a.TransformPoint(p), b.TransformPoint(p))) for p in points])
+    assert np.percentile(moved, 99) < 0.01 and moved.max() < 0.5
+
+
 def write_markups_json(path, points, system="LPS"):
     sign = np.array([-1, -1, 1]) if system == "RAS" else np.ones(3)
     doc = {"@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
