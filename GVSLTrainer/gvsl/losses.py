@@ -12,8 +12,8 @@ def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
         n = x.shape[dim]
         padding = [0, 0] * (4 - dim) + [pad + 1, pad]  # F.pad lists the last axis first
         sums = F.pad(x, padding).cumsum(dim)
-        x = (sums.narrow(dim, window, n) - sums.narrow(dim, 0, n)) / window
-    return x
+        x = sums.narrow(dim, window, n) - sums.narrow(dim, 0, n)
+    return x.mul_(1.0 / window ** 3)  # one division for the three sums
 
 
 class _BoxMean(torch.autograd.Function):
