@@ -143,3 +143,21 @@ def test_sample_split_across_threads_equals_one_grid_sample(grid_shape):
     torch.testing.assert_close(results[0][0], reference, rtol=0, atol=0)
     for one, split in zip(*results):
         torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5)
+
+
+def test_points_grid_is_the_normalised_grid_at_those_voxels():
+    """A sampling metric's grid: the same coordinates as the full grid's rows, field resized or not."""
+    torch.manual_seed(0)
+    shape = (9, 11, 13)
+    theta = torch.eye(3, 4)[None] + 0.05 * torch.randn(1, 3, 4)
+    rows = torch.randperm(9 * 11 * 13)[:200]
+    coordinates = spatial.identity_grid(shape).reshape(-1, 3)[rows]
+    for field_shape in ((4, 5, 6), shape):
+        field = 0.1 * torch.randn(1, 3, *field_shape)
+        full = spatial.normalised_grid(shape, theta, field).reshape(1, -1, 3)[:, rows]
+        torch.testing.assert_close(spatial.points_grid(coordinates, theta, field).reshape(1, -1, 3), full,
+                                   rtol=0, atol=1e-6)
+    base = spatial.points_grid(coordinates, theta)
+    torch.testing.assert_close(base.reshape(1, -1, 3), spatial.normalised_grid(shape, theta).reshape(1, -1, 3)[:, rows])
+    torch.testing.assert_close(spatial.points_grid(coordinates, theta, field, base=base),
+                               spatial.points_grid(coordinates, theta, field))

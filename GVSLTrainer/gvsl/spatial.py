@@ -162,6 +162,23 @@ def normalised_grid(shape: tuple[int, ...], theta: torch.Tensor | None = None,
     return grid
 
 
+def points_grid(coordinates: torch.Tensor, theta: torch.Tensor, field: torch.Tensor | None = None,
+                base: torch.Tensor | None = None) -> torch.Tensor:
+    """``normalised_grid`` at some voxels only, (N, n, 1, 1, 3): ``coordinates`` (n, 3) are those voxels'
+    rows of ``identity_grid``. The field is interpolated there (trilinear, corners aligned: the values
+    its resizing would give), so a metric that samples a few voxels builds no full-size grid.
+    ``base``: this function's result without the field, when the caller keeps it."""
+    if base is None:
+        base = (coordinates @ theta[:, :, :3].transpose(1, 2) + theta[:, None, :, 3]).reshape(
+            theta.shape[0], -1, 1, 1, 3)
+    if field is None:
+        return base
+    field = torch.einsum("nij,nj...->ni...", theta[:, :, :3], field)
+    at = sample(field, coordinates.reshape(1, -1, 1, 1, 3).expand(field.shape[0], -1, -1, -1, -1),
+                padding_mode="border")  # (N, 3, n, 1, 1)
+    return base + at.movedim(1, -1)
+
+
 # On a CPU, PyTorch's 3-D grid_sample runs each batch item on one thread: a single registration
 # pair left the other cores idle in the costliest operation of instance optimisation.
 SPLIT_MIN_POINTS = 4096  # below this, splitting costs more than the other threads save

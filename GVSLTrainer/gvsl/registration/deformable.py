@@ -33,10 +33,10 @@ def optimise(pyramid: Pyramid, similarity, theta: torch.Tensor, velocity0: torch
         opt = Adam([velocity], lr=lr / max(control))
         units = spatial.half_extent(control, velocity.device).reshape(1, 3, 1, 1, 1)  # -> control voxels
         stop = Stopper(tolerance, patience)
-        affine = spatial.normalised_grid(level.shape, theta)  # theta is fixed here: one affine grid per level
+        affine = level.grid(similarity, theta)  # theta is fixed here: one affine grid per level
         for _ in range(n):
             disp = spatial.integrate_velocity(velocity)
-            loss = (level.loss(similarity, spatial.normalised_grid(level.shape, theta, disp, base=affine))
+            loss = (level.loss(similarity, level.grid(similarity, theta, disp, base=affine))
                     + smooth_weight * smoothness(disp * units))
             opt.zero_grad()
             loss.backward()

@@ -109,7 +109,7 @@ def optimise(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearPar
         stop = Stopper(tolerance, patience)
         for i in range(iterations):
             opt.lr = level_lr * (1 - 0.9 * i / iterations)
-            loss = level.loss(similarity, spatial.normalised_grid(level.shape, _theta(base, params, pyramid.shape)))
+            loss = level.loss(similarity, level.grid(similarity, _theta(base, params, pyramid.shape)))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -131,7 +131,7 @@ def candidate_rotations() -> list[tuple[float, float, float]]:
 @torch.no_grad()
 def score(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearParameters, shrink: float) -> float:
     level = pyramid.level(shrink, similarity)
-    return level.loss(similarity, spatial.normalised_grid(level.shape, _theta(base, params, pyramid.shape))).item()
+    return level.loss(similarity, level.grid(similarity, _theta(base, params, pyramid.shape))).item()
 
 
 @torch.no_grad()
@@ -148,7 +148,7 @@ def score_rotations(pyramid: Pyramid, similarity, base: torch.Tensor, template: 
     losses = []
     for batch in rotations.split(max(1, SEARCH_BATCH_VOXELS // math.prod(level.shape))):
         theta = spatial.to_normalised(compose(base, template.matrix(batch)), pyramid.shape)
-        losses.append(level.loss(similarity, spatial.normalised_grid(level.shape, theta), per_item=True))
+        losses.append(level.loss(similarity, level.grid(similarity, theta), per_item=True))
     return sorted(zip(torch.cat(losses).tolist(), angles), key=lambda s: s[0])
 
 

@@ -1,7 +1,8 @@
 """The pair on the working grid at several resolutions, as the features a similarity compares."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,18 +31,39 @@ class Level:
     moving: torch.Tensor
     fixed_mask: torch.Tensor | None
     masked: bool
+    _sampled: dict = field(default_factory=dict)
+
+    def _points(self, similarity):
+        """(identity coordinates, fixed features, fixed mask) at the similarity's sample points, or None
+        for a metric that compares every voxel."""
+        points = similarity.sample_points(math.prod(self.shape), self.fixed.device)
+        if points is None:
+            return None
+        if similarity.name not in self._sampled:
+            def pick(x):
+                return None if x is None else x.flatten(2)[:, :, points, None, None]
+
+            coordinates = spatial.identity_grid(self.shape, self.fixed.device, self.fixed.dtype).reshape(-1, 3)[points]
+            self._sampled[similarity.name] = (coordinates, pick(self.fixed), pick(self.fixed_mask))
+        return self._sampled[similarity.name]
+
+    def grid(self, similarity, theta: torch.Tensor, field: torch.Tensor | None = None,
+             base: torch.Tensor | None = None) -> torch.Tensor:
+        """Where ``loss`` samples the moving features: ``spatial.normalised_grid`` of this level, or for a
+        metric that samples, that grid at its sample points only. ``base``: this method's result for
+        ``theta`` alone, when the caller keeps it."""
+        sampled = self._points(similarity)
+        if sampled is None:
+            return spatial.normalised_grid(self.shape, theta, field, base)
+        return spatial.points_grid(sampled[0], theta, field, base)
 
     def loss(self, similarity, grid: torch.Tensor, per_item: bool = False) -> torch.Tensor:
-        """The similarity loss of the moving features sampled at ``grid`` (normalised, this level's shape);
-        a batch of grids compares the one pair under as many transforms (``per_item``: a loss each)."""
+        """The similarity loss of the moving features sampled at ``grid`` (from ``grid``); a batch of
+        grids compares the one pair under as many transforms (``per_item``: a loss each)."""
         fixed, fixed_mask = self.fixed, self.fixed_mask
-        points = similarity.sample_points(grid[0, ..., 0].numel(), grid.device)
-        if points is not None:  # a metric that samples: interpolate only there
-            def pick(x):
-                return x.flatten(2)[:, :, points, None, None]
-
-            grid = grid.reshape(grid.shape[0], -1, 1, 1, 3)[:, points]
-            fixed, fixed_mask = pick(fixed), None if fixed_mask is None else pick(fixed_mask)
+        sampled = self._points(similarity)
+        if sampled is not None:  # a metric that samples: interpolated only there
+            _, fixed, fixed_mask = sampled
         warped = spatial.sample(self.moving.expand(grid.shape[0], *self.moving.shape[1:]), grid,
                                 padding_mode=similarity.padding)
         weight = None
