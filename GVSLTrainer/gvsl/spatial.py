@@ -209,7 +209,7 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 5) -> torch.Tensor:
     registration benchmark's four pairs the result matched 7 steps' (VoxelMorph's) to 0.001 mm of mean
     end-point error, for 30 % less time per optimiser iteration."""
     field = velocity / (2 ** steps)
+    identity = identity_grid(tuple(field.shape[2:]), field.device, field.dtype)
     for _ in range(steps):
-        grid = identity_grid(tuple(field.shape[2:]), field.device, field.dtype) + field.movedim(1, -1)
-        field = field + sample(field, grid, padding_mode="border")
+        field = field + sample(field, identity + field.movedim(1, -1), padding_mode="border")
     return field
