@@ -58,8 +58,8 @@ class Level:
         return spatial.points_grid(sampled[0], theta, field, base)
 
     def loss(self, similarity, grid: torch.Tensor, per_item: bool = False) -> torch.Tensor:
-        """The similarity loss of the moving features sampled at ``grid`` (from ``grid``); a batch of
-        grids compares the one pair under as many transforms (``per_item``: a loss each)."""
+        """The similarity loss of the moving features sampled at ``grid`` (from this level's ``grid``); a
+        batch of grids compares the one pair under as many transforms (``per_item``: a loss each)."""
         fixed, fixed_mask = self.fixed, self.fixed_mask
         sampled = self._points(similarity)
         if sampled is not None:  # a metric that samples: interpolated only there
