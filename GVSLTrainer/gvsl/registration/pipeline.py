@@ -247,8 +247,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
         name, reason = similarities.choose(presets, f_t.cpu().numpy(), m_t.cpu().numpy(), *inside)
     else:
         name, reason = opts.similarity, "chosen by the user"
-    sim = similarities.make(name, opts.ncc_window)
-    linear_sim = similarities.make(LINEAR_SIMILARITY[name], opts.ncc_window)
+    floor = similarities.FIELD_NCC_FLOOR if opts.mode == "deformable" else None
+    sim = similarities.make(name, opts.ncc_window, floor)
+    linear_sim = similarities.make(LINEAR_SIMILARITY[name], opts.ncc_window, floor)
     base = spatial.identity_matrix(1, device)
     control = tuple(max(4, round(s / opts.levels[0][1])) for s in shape)
     velocity = torch.zeros(1, 3, *control, device=device)
