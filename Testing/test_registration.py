@@ -180,3 +180,28 @@ def test_cli_errors_leave_no_output(tmp_path, bad_files, anatomical_path, what):
     res = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and expected in res.stderr
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.mark.parametrize("rigid", [True, False])
+def test_the_linear_stage_gradient_is_the_chain_rule_through_its_jacobian(rigid):
+    """The linear stage differentiates its 3x4 matrix by central differences, not autograd: the
+    gradient it hands Adam must be autograd's, for the rigid and the affine parameters alike."""
+    from gvsl.registration import linear
+
+    torch.manual_seed(0)
+    shape = (20, 23, 21)
+    centre = (torch.tensor(shape[::-1], dtype=torch.float32) - 1) / 2
+    params = linear.LinearParameters(centre + 1.5, centre, float(centre.max()))
+    with torch.no_grad():
+        for t in params.all():
+            t.copy_(0.1 * torch.randn_like(t))
+    params.rigid = rigid
+    base = spatial.identity_matrix(1) + 0.01 * torch.randn(1, 3, 4)
+    weight = torch.randn(1, 3, 4)
+    theta_autograd = linear._theta(base, params, shape)
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad((theta_autograd * weight).sum(),
+                                                                     params.trainable())]).double()
+    theta, jacobian = linear.theta_and_jacobian(base, params, shape)
+    assert jacobian.shape == (12, 6 if rigid else 15)
+    torch.testing.assert_close(theta, theta_autograd.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(jacobian.T @ weight.reshape(12).double(), expected, rtol=1e-5, atol=1e-6)
