@@ -59,7 +59,8 @@ def test_the_helper_draws_the_same_figure_as_this_process(figure, metrics, tmp_p
 
 def test_a_failed_drawing_is_raised_and_an_unused_helper_stops(figure, tmp_path):
     drawer = ReportProcess()
-    drawer.draw(figure, tmp_path / "no such folder" / "report.png", None)
+    drawer.panels(figure)
+    drawer.save(tmp_path / "no such folder" / "report.png", None)
     with pytest.raises(RuntimeError, match="drawing report.png failed: .*No such file"):
         drawer.wait()
     idle = ReportProcess()

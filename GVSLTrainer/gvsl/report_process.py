@@ -44,10 +44,6 @@ class ReportProcess:
         """Title the rendered panels with ``metrics`` and write the PNG (then the helper exits)."""
         self._send(("save", str(path), metrics))
 
-    def draw(self, figure: dict, path: str | Path, metrics: dict | None) -> None:
-        self.panels(figure)
-        self.save(path, metrics)
-
     def _send(self, message: tuple) -> None:
         pickle.dump(message, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
         self._proc.stdin.flush()
