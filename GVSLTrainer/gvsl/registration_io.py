@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import SimpleITK as sitk
 
 from .outputs import staged_files
-from .report import draw_registration, registration_panels
+from .report import registration_panels, registration_report
 
 if TYPE_CHECKING:  # only for the annotation: reading the file names must not import torch (Slicer's GUI does)
     from .registration import RegistrationResult
@@ -44,8 +44,8 @@ def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir:
         if drawer is not None:
             drawer.wait()
         else:
-            draw_registration(registration_panels(fixed, result.before, result.warped, result.jacobian,
-                                                  result.landmarks), stage / FILES["report"], result.metrics)
+            registration_report(fixed, result.before, result.warped, result.jacobian, stage / FILES["report"],
+                                result.metrics, result.landmarks)
         written = {k: output_dir / v for k, v in FILES.items() if (stage / v).exists()}
         for name in set(FILES.values()) - {p.name for p in written.values()}:  # an earlier run's, say its
             (output_dir / name).unlink(missing_ok=True)  # warped_labels: the folder holds one whole set

@@ -84,9 +84,9 @@ def draw_panels(figure: dict, layout=None):
     return fig
 
 
-def draw_registration(figure: dict, path: str | Path, metrics: dict | None = None, layout=None) -> Path:
+def draw_registration(figure: dict, path: str | Path, metrics: dict | None = None) -> Path:
     """Draw ``registration_panels`` into a PNG, titled with the metrics' summary."""
-    fig = draw_panels(figure, layout)
+    fig = draw_panels(figure)
     if metrics:
         fig.suptitle(_summary(metrics), fontsize=10)
     path = Path(path)
