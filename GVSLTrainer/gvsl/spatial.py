@@ -138,6 +138,11 @@ def resize(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return upsample(image, size=tuple(shape))
 
 
+def turned(theta: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """``A field``: a displacement field (N, 3, ...) taken through theta's linear part A, per voxel."""
+    return torch.einsum("nij,nj...->ni...", theta[:, :, :3], field)
+
+
 def normalised_grid(shape: tuple[int, ...], theta: torch.Tensor | None = None,
                     field: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
     """Grid sampling at ``theta(u + field(u))`` for normalised coordinates u of a grid of ``shape``.
@@ -155,7 +160,7 @@ def normalised_grid(shape: tuple[int, ...], theta: torch.Tensor | None = None,
         grid = F.affine_grid(theta, [theta.shape[0], 1, *shape[-3:]], align_corners=ALIGN_CORNERS)
     if field is not None:
         if theta is not None:
-            field = torch.einsum("nij,nj...->ni...", theta[:, :, :3], field)
+            field = turned(theta, field)
         if tuple(field.shape[2:]) != tuple(shape):
             field = upsample(field, size=tuple(shape))
         grid = grid + field.movedim(1, -1)
@@ -173,8 +178,7 @@ def points_grid(coordinates: torch.Tensor, theta: torch.Tensor, field: torch.Ten
             theta.shape[0], -1, 1, 1, 3)
     if field is None:
         return base
-    field = torch.einsum("nij,nj...->ni...", theta[:, :, :3], field)
-    at = sample(field, coordinates.reshape(1, -1, 1, 1, 3).expand(field.shape[0], -1, -1, -1, -1),
+    at = sample(turned(theta, field), coordinates.reshape(1, -1, 1, 1, 3).expand(field.shape[0], -1, -1, -1, -1),
                 padding_mode="border")  # (N, 3, n, 1, 1)
     return base + at.movedim(1, -1)
 
