@@ -192,9 +192,8 @@ def test_the_linear_stage_gradient_is_the_chain_rule_through_its_jacobian(rigid)
     shape = (20, 23, 21)
     centre = (torch.tensor(shape[::-1], dtype=torch.float32) - 1) / 2
     params = linear.LinearParameters(centre + 1.5, centre, float(centre.max()))
-    with torch.no_grad():
-        for t in params.all():
-            t.copy_(0.1 * torch.randn_like(t))
+    for t in params.all():
+        t.copy_(0.1 * torch.randn_like(t)).requires_grad_(True)
     params.rigid = rigid
     base = spatial.identity_matrix(1) + 0.01 * torch.randn(1, 3, 4)
     weight = torch.randn(1, 3, 4)

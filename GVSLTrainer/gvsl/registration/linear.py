@@ -46,7 +46,8 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
 class LinearParameters:
     """Rotation (radians), translation (in units of ``unit`` voxels), log-scales and shears about ``pivot``.
 
-    ``rigid`` optimises the first two only; ``free_affine()`` then frees the other two.
+    ``rigid`` optimises the first two only; ``free_affine()`` then frees the other two. Plain tensors, no
+    autograd: the linear stage differentiates its matrix by hand (``theta_and_jacobian``).
     """
 
     def __init__(self, pivot: torch.Tensor, centre: torch.Tensor, unit: float, rotation=None):
@@ -57,8 +58,6 @@ class LinearParameters:
         self.log_scale = torch.zeros(1, 3, device=device)
         self.shear = torch.zeros(1, 6, device=device)
         self.rigid = True
-        for t in self.all():
-            t.requires_grad_(True)
 
     NAMES = ("rotation", "translation", "log_scale", "shear")  # the order of ``all()``
 
@@ -84,10 +83,9 @@ class LinearParameters:
         return torch.cat([a, t.unsqueeze(-1)], dim=2)
 
     def copy(self) -> "LinearParameters":
-        other = LinearParameters(self.pivot, self.centre, self.unit, self.rotation.detach())
-        with torch.no_grad():
-            for mine, theirs in zip(other.all(), self.all()):
-                mine.copy_(theirs)
+        other = LinearParameters(self.pivot, self.centre, self.unit, self.rotation)
+        for mine, theirs in zip(other.all(), self.all()):
+            mine.copy_(theirs)
         other.rigid = self.rigid
         return other
 
@@ -202,8 +200,7 @@ def search(pyramid: Pyramid, similarity, base: torch.Tensor, start: LinearParame
     better = [angles for loss, angles in ranked if loss < start_score - margin][:SEARCH_KEEP]
     for angles in better:  # half the iterations: a candidate must win clearly, or the start stays
         candidate = params.copy()
-        with torch.no_grad():
-            candidate.rotation.copy_(torch.tensor([angles], device=candidate.rotation.device))
+        candidate.rotation.copy_(torch.tensor([angles], device=candidate.rotation.device))
         optimise(pyramid, similarity, base, candidate, (shrink,), max(1, iterations // 2), **args)
         results.append((score(pyramid, similarity, base, candidate, shrink), angles, candidate))
     loss, angles, params = min(results, key=lambda r: r[0])

@@ -273,7 +273,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
                                      max(1, opts.iterations // 2), opts.rotation_search,
                                      lambda stage, x: report(stage, 0.05 + span * x),
                                      lr=opts.affine_lr, tolerance=opts.tolerance, patience=opts.patience)
-    matrix = linear.compose(base, params.matrix()).detach()
+    matrix = linear.compose(base, params.matrix())
     timing["linear"] = time.perf_counter() - mark
     mark = time.perf_counter()
 
