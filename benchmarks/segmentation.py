@@ -226,12 +226,15 @@ def compare(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             monai_recipe.monai_recipe([entries[i] for i in train_idx], [entries[i] for i in val_idx], args.steps,
                                       args.crop, args.batch_size, args.lr, seed, args.val_every, args.device,
-                                      report=lambda step, per_class: show("monai_basicunet", seed, step, per_class))
+                                      report=lambda step, per_class: show("monai_basicunet", seed, step, per_class),
+                                      features=monai_recipe.BASIC_UNET_FEATURES[args.width])
             print(json.dumps({"benchmark": "segmentation_compare_wall", "run": "monai_basicunet", "seed": seed,
                               "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
 
 
 def main() -> None:
+    from monai_recipe import BASIC_UNET_FEATURES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     inf = sub.add_parser("inference", help="wall time and peak memory on a CT-sized volume")
@@ -254,7 +257,8 @@ def main() -> None:
                                          "structures of an atlas")
     cmp.add_argument("--cases", type=int, default=6, help="training cases")
     cmp.add_argument("--held-out", type=int, default=2, help="held-out cases")
-    cmp.add_argument("--width", type=int, default=8)
+    cmp.add_argument("--width", type=int, default=8, choices=sorted(BASIC_UNET_FEATURES),
+                     help="GVSL's width; MONAI's BasicUNet gets a similar parameter count (8: 1.4 M, 16: 5.8 M)")
     cmp.add_argument("--crop", type=int, nargs=3, default=[32, 32, 32])
     cmp.add_argument("--batch-size", type=int, default=2)
     cmp.add_argument("--steps", type=int, default=600)
