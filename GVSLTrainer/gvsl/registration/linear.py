@@ -90,8 +90,9 @@ class LinearParameters:
         return other
 
 
-def _theta(base: torch.Tensor, params: LinearParameters, shape: tuple[int, ...]) -> torch.Tensor:
-    return spatial.to_normalised(compose(base, params.matrix()), shape)
+def _theta(base: torch.Tensor, params: LinearParameters, shape: tuple[int, ...], **values) -> torch.Tensor:
+    """The normalised matrix of ``params`` after ``base``; ``values``: as ``LinearParameters.matrix``."""
+    return spatial.to_normalised(compose(base, params.matrix(**values)), shape)
 
 
 JACOBIAN_STEP = 1e-4  # radians, log-scales, shears and translation units: all of order 0.01-1
@@ -114,8 +115,7 @@ def theta_and_jacobian(base: torch.Tensor, params: LinearParameters,
     steps = torch.zeros(p, flat.shape[1], dtype=flat.dtype)
     steps[:, :p] = JACOBIAN_STEP * torch.eye(p, dtype=flat.dtype)
     rows = torch.cat([flat, flat + steps, flat - steps])
-    matrices = params.matrix(**dict(zip(params.NAMES, rows.split(sizes, 1))))
-    thetas = spatial.to_normalised(compose(cpu(base), matrices), shape)
+    thetas = _theta(cpu(base), params, shape, **dict(zip(params.NAMES, rows.split(sizes, 1))))
     jacobian = (thetas[1:p + 1] - thetas[p + 1:]).reshape(p, 12).T / (2 * JACOBIAN_STEP)
     return thetas[:1].to(base.device, base.dtype), jacobian
 
@@ -178,7 +178,7 @@ def score_rotations(pyramid: Pyramid, similarity, base: torch.Tensor, template: 
     rotations = torch.tensor(angles, device=template.rotation.device, dtype=template.rotation.dtype)
     losses = []
     for batch in rotations.split(max(1, SEARCH_BATCH_VOXELS // math.prod(level.shape))):
-        theta = spatial.to_normalised(compose(base, template.matrix(rotation=batch)), pyramid.shape)
+        theta = _theta(base, template, pyramid.shape, rotation=batch)
         losses.append(level.loss(similarity, level.grid(similarity, theta), per_item=True))
     return sorted(zip(torch.cat(losses).tolist(), angles), key=lambda s: s[0])
 
