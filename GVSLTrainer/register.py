@@ -80,12 +80,12 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
-    from tqdm.auto import tqdm
+    from concurrent.futures import ThreadPoolExecutor
 
     from gvsl import demo
-    from gvsl.registration import RegistrationError, RegistrationOptions, register
-    from gvsl.registration.inputs import read_inputs
     from gvsl.outputs import check_output_folder
+    from gvsl.registration import RegistrationError, RegistrationOptions, prepare
+    from gvsl.registration.inputs import read_inputs, read_model
     from gvsl.registration_io import FILES, save_registration, send_panels, summary
 
     if args.fixed is None:
@@ -96,7 +96,6 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
     given = (args.fixed, args.moving, args.fixed_labels, args.moving_labels, args.fixed_mask, args.moving_mask,
              args.initial_transform, args.fixed_landmarks, args.moving_landmarks, args.model)
     check_output_folder(out, given, tuple(FILES.values()))  # before any work, not after it
-    inputs = read_inputs(args)
     opts = RegistrationOptions(mode=args.mode, similarity=args.similarity, device=args.device,
                                normalize=args.normalize[0] if len(args.normalize) == 1 else tuple(args.normalize),
                                initialisation=args.initialisation, spacing=args.spacing,
@@ -104,18 +103,40 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
     if args.iterations is not None:
         opts.iterations = args.iterations
     opts.check()
+
+    @contextlib.contextmanager
+    def naming_the_files():  # the pipeline knows images, not files
+        try:
+            yield
+        except RegistrationError as e:
+            raise RegistrationError(f"{e} (fixed: {args.fixed}; moving: {args.moving})") from None
+
+    def read_and_prepare(model=None):
+        inputs = read_inputs(args)
+        labels = {k: inputs.pop(k) for k in ("fixed_labels", "moving_labels")}
+        with naming_the_files():
+            return prepare(**inputs, options=opts, model=model), labels
+
+    # Reading and preparing need no torch: without a model (whose file needs torch) they run in a
+    # thread while torch loads here (SimpleITK and NumPy release the interpreter's lock).
+    with ThreadPoolExecutor(1) as pool:
+        ready = pool.submit(read_and_prepare) if args.model is None else None
+        from tqdm.auto import tqdm
+
+        from gvsl.registration import register_prepared  # imports torch
+
+        model = read_model(args.model) if args.model else None
+        prepared, labels = ready.result() if ready is not None else read_and_prepare(model)
     with tqdm(total=100, desc="Registering", unit="%", disable=not args.progress,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
         def progress(stage: str, fraction: float) -> None:
             bar.set_description(f"Registering ({stage})", refresh=False)
             bar.update(round(100 * fraction) - bar.n)
 
-        on_images = None if drawer is None else partial(send_panels, drawer, inputs["fixed"])
-        try:
-            result = register(progress=progress, options=opts, on_images=on_images, **inputs)
-        except RegistrationError as e:  # the pipeline knows images, not files: name them
-            raise RegistrationError(f"{e} (fixed: {args.fixed}; moving: {args.moving})") from None
-    files = save_registration(result, inputs["fixed"], out, drawer)
+        on_images = None if drawer is None else partial(send_panels, drawer, prepared.fixed)
+        with naming_the_files():
+            result = register_prepared(prepared, model=model, progress=progress, on_images=on_images, **labels)
+    files = save_registration(result, prepared.fixed, out, drawer)
     print(summary(result.metrics, Path(args.moving).name, Path(args.fixed).name))
     print(f"Outputs in {out.resolve()}; figure: {files['report'].resolve()}")
 

@@ -317,7 +317,7 @@ def test_ctrl_c_says_that_nothing_was_written(bad_inputs, capsys, tmp_path, monk
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gvsl.registration, "register", interrupted)
+    monkeypatch.setattr(gvsl.registration, "register_prepared", interrupted)
     folder, head = bad_inputs
     code = load_register_script().main(["--fixed", str(head), "--moving", str(head), "--output-dir",
                                         str(tmp_path / "out"), "--no-progress"])
@@ -416,3 +416,22 @@ def test_help_and_option_errors_answer_without_importing_torch():
     for argv in (["--help"], ["--mode", "elastic"], ["--iterations", "0"]):
         done = subprocess.run([sys.executable, "-c", probe, str(SCRIPT), *argv], capture_output=True, text=True)
         assert "torch imported: False" in done.stdout, (argv, done.stdout, done.stderr)
+
+
+def test_inputs_are_read_and_prepared_without_torch(bad_inputs):
+    """register.py reads and prepares the pair in a thread while torch loads: that work must not need
+    torch, and the pipeline (which does) must not come with the package."""
+    folder, head = bad_inputs
+    code = ("import sys, argparse; sys.modules['torch'] = None\n"
+            "from gvsl.registration import RegistrationOptions, prepare\n"
+            "from gvsl.registration.inputs import read_inputs\n"
+            "args = argparse.Namespace(fixed=sys.argv[1], moving=sys.argv[1], fixed_labels=None, moving_labels=None,"
+            " fixed_mask=None, moving_mask=None, initial_transform=None, fixed_landmarks=None)\n"
+            "inputs = read_inputs(args)\n"
+            "p = prepare(inputs['fixed'], inputs['moving'], RegistrationOptions(spacing=4.0))\n"
+            "print(p.grid.GetSpacing(), p.presets, p.centring)\n"
+            "try:\n    from gvsl.registration import register\nexcept ImportError:\n    print('no pipeline')")
+    done = subprocess.run([sys.executable, "-c", code, str(head)], capture_output=True, text=True,
+                          cwd=SCRIPT.parent, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "(4.0, 4.0, 4.0) ('mr', 'mr') moments" in done.stdout and "no pipeline" in done.stdout, done.stdout

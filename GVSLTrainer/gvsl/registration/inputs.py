@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from ..volumes import DataError, read_labels, read_volume
 from .landmarks import pair, read_landmarks
-from .pipeline import linear_matrix, mask_problem
+from .preparation import linear_matrix, mask_problem
 from .options import RegistrationError
 
 
@@ -55,9 +55,8 @@ def read_labels_for(path: str | Path, image: sitk.Image, image_path: str | Path)
 
 
 def read_inputs(args) -> dict:
-    """The keyword arguments of ``register`` from register.py's arguments."""
-    from ..checkpoint import build_gvsl, load
-
+    """The keyword arguments of ``register`` from register.py's arguments, but the model (``read_model``):
+    nothing here imports torch."""
     fixed, moving = read_volume(args.fixed), read_volume(args.moving)
     inputs = dict(fixed=fixed, moving=moving,
                   fixed_labels=read_labels_for(args.fixed_labels, fixed, args.fixed) if args.fixed_labels else None,
@@ -65,13 +64,18 @@ def read_inputs(args) -> dict:
                   else None,
                   fixed_mask=read_mask(args.fixed_mask, fixed) if args.fixed_mask else None,
                   moving_mask=read_mask(args.moving_mask, moving) if args.moving_mask else None,
-                  initial_transform=read_transform(args.initial_transform) if args.initial_transform else None,
-                  model=load(args.model) if args.model else None)
-    if inputs["model"] is not None:
-        build_gvsl(inputs["model"])  # fail now, not after preprocessing, if it is not a GVSL model
+                  initial_transform=read_transform(args.initial_transform) if args.initial_transform else None)
     if args.fixed_landmarks:
         fixed_lm, moving_lm = read_landmarks(args.fixed_landmarks), read_landmarks(args.moving_landmarks)
         pair(fixed_lm, moving_lm)  # unequal counts or labels: an error now
         inputs.update(fixed_landmarks=fixed_lm, moving_landmarks=moving_lm)
     return inputs
 
+
+def read_model(path: str | Path):
+    """A GVSL checkpoint, checked to build as a GVSL network before any preprocessing."""
+    from ..checkpoint import build_gvsl, load
+
+    model = load(path)
+    build_gvsl(model)
+    return model

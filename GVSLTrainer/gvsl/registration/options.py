@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import SimpleITK as sitk
 
-from ..choices import MODES
+from ..choices import MODES, SIMILARITIES
 INITIALISATIONS = ("moments", "geometry", "none")
 DEFAULT_SPACING = 2.0  # mm: finer working grids cost much more time for little accuracy
 
@@ -47,7 +47,6 @@ class RegistrationOptions:
 
     def check(self) -> None:
         """Refuse unknown names before any work."""
-        from ..similarity import SIMILARITIES
         from ..volumes import PRESETS
 
         if self.mode not in MODES:

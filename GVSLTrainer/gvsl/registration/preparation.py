@@ -1,0 +1,213 @@
+"""Everything a registration does before torch: inputs checked, a start chosen, the working grid.
+
+Nothing here imports torch, so a command line can prepare the pair on one core while torch loads on
+the other (about 2 s of a 5 s command on two CPU cores): the initial alignment (a given initial
+transform, centres of intensity mass or of geometry), both images and masks on one isotropic working
+grid over the fixed image, and the images the quality figures compare before registration.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from .. import geometry
+from ..volumes import MIN_SIZE, auto_preset
+from .landmarks import Landmarks, pair
+from .options import DEFAULT_SPACING, INITIALISATIONS, RegistrationError, RegistrationOptions
+
+
+def centres(fixed: sitk.Image, moving: sitk.Image, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Physical centres (of geometry, or of intensity mass) of the two images."""
+    def centre(image: sitk.Image) -> np.ndarray:
+        if mode == "geometry":
+            return np.array(image.TransformContinuousIndexToPhysicalPoint((np.array(image.GetSize()) - 1) / 2))
+        arr = sitk.GetArrayViewFromImage(image).astype(np.float64)
+        weights = np.clip(arr - np.percentile(arr, 1), 0, None)
+        if weights.sum() <= 0:
+            weights = np.ones_like(arr)
+        idx = np.array([(weights.sum(axis=tuple(a for a in range(3) if a != ax)) * np.arange(arr.shape[ax])).sum()
+                        for ax in range(3)]) / weights.sum()
+        return np.array(image.TransformContinuousIndexToPhysicalPoint(idx[::-1].tolist()))
+
+    return centre(fixed), centre(moving)
+
+
+def initial_alignment(fixed: sitk.Image, moving: sitk.Image, mode: str = "moments",
+                      initial: np.ndarray | None = None) -> np.ndarray:
+    """4x4 fixed -> moving start: ``initial`` (default identity) after a translation that superimposes
+    the centres (of geometry or of intensity mass) as seen through it; ``none`` adds no translation."""
+    if mode not in INITIALISATIONS:
+        raise RegistrationError(f"initialisation must be one of {', '.join(INITIALISATIONS)}, got {mode!r}")
+    start = np.eye(4) if initial is None else initial
+    if mode == "none":
+        return start
+    c_fixed, c_moving = centres(fixed, moving, mode)
+    shift = np.eye(4)
+    shift[:3, 3] = (np.linalg.inv(start) @ np.append(c_moving, 1))[:3] - c_fixed
+    return start @ shift
+
+
+def linear_matrix(transform: sitk.Transform, what: str = "the initial transform") -> np.ndarray:
+    """A linear (rigid, similarity, affine, or a composite of those) 3D ITK transform as a 4x4 matrix."""
+    if transform.GetDimension() != 3:
+        raise RegistrationError(f"{what} is {transform.GetDimension()}D; a 3D transform is needed")
+    parts = [transform.Downcast()]
+    while isinstance(parts[-1], sitk.CompositeTransform):
+        composite = parts.pop()
+        parts += [composite.GetNthTransform(i).Downcast() for i in range(composite.GetNumberOfTransforms())]
+    nonlinear = [p.GetName() for p in parts if isinstance(p, (sitk.DisplacementFieldTransform, sitk.BSplineTransform))]
+    basis = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float64) * 100.0
+    mapped = np.array([transform.TransformPoint(p.tolist()) for p in basis])
+    m = np.eye(4)
+    m[:3, 3] = mapped[0]
+    m[:3, :3] = (mapped[1:] - mapped[0]).T / 100.0
+    probes = np.random.default_rng(0).uniform(-150, 150, (8, 3))
+    expected = probes @ m[:3, :3].T + m[:3, 3]
+    actual = np.array([transform.TransformPoint(p.tolist()) for p in probes])
+    if nonlinear or not np.allclose(actual, expected, atol=1e-3):
+        raise RegistrationError(f"{what} is not linear ({', '.join(nonlinear) or transform.GetName()}); give a "
+                                "rigid or affine transform "
+                                "(harden a deformable one into the moving image first)")
+    if abs(np.linalg.det(m[:3, :3])) < 1e-6:
+        raise RegistrationError(f"{what} is singular (it collapses space onto a plane)")
+    return m
+
+
+def _rounded(values) -> tuple:
+    return tuple(round(float(v), 3) for v in values)
+
+
+def _volume_mm3(image: sitk.Image) -> float:
+    return float(np.prod(np.array(image.GetSize()) * np.array(image.GetSpacing())))
+
+
+def _presets(normalize, fixed: sitk.Image, moving: sitk.Image) -> tuple[str, str]:
+    pair_ = (normalize, normalize) if isinstance(normalize, str) else tuple(normalize)
+    return tuple(auto_preset(img) if p == "auto" else p for p, img in zip(pair_, (fixed, moving)))
+
+
+def _check_image(image: sitk.Image, role: str) -> None:
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise RegistrationError(f"the {role} image must be a 3D scalar volume, got {image.GetDimension()}D with "
+                                f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+
+
+def _check_size(image: sitk.Image, role: str, spacing: float) -> None:
+    """Pre-training's minimum: MIN_SIZE voxels per axis, in the file and on the working grid (whose
+    spacing follows the fixed image)."""
+    size, pixel = np.array(image.GetSize()), np.array(image.GetSpacing())
+    on_grid = size * pixel / spacing
+    if size.min() < MIN_SIZE or on_grid.min() < MIN_SIZE:
+        raise RegistrationError(
+            f"the {role} image is too small to register: {tuple(int(v) for v in size)} voxels of "
+            f"{_rounded(pixel)} mm ({_rounded(size * pixel)} mm); "
+            f"at least {MIN_SIZE} voxels per axis are needed, also on the {spacing:g} mm working grid")
+
+
+def mask_problem(mask: sitk.Image, image: sitk.Image) -> str:
+    """Why ``mask`` cannot restrict the similarity on ``image`` ("" when it can): no voxels, or none inside."""
+    if mask.GetDimension() != 3:
+        return f"is {mask.GetDimension()}D; a 3D mask is needed"
+    if not sitk.GetArrayViewFromImage(mask).any():
+        return "has no voxels (every value is 0)"
+    on_image = sitk.Resample(mask != 0, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    if not sitk.GetArrayViewFromImage(on_image).any():
+        return "lies outside its image (no mask voxel falls inside the image's extent)"
+    return ""
+
+
+def _mask_on_grid(mask: sitk.Image | None, image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None,
+                  role: str) -> sitk.Image | None:
+    if mask is None:
+        return None
+    problem = mask_problem(mask, image)
+    if problem:
+        raise RegistrationError(f"the {role} mask {problem}")
+    on_grid = sitk.Resample(sitk.Cast(mask != 0, sitk.sitkFloat32), grid, transform or sitk.Transform(),
+                            sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    if not (sitk.GetArrayViewFromImage(on_grid) > 0.5).any():
+        raise RegistrationError(f"the {role} mask does not overlap the fixed image after the initial alignment")
+    return on_grid
+
+
+def _landmark_pairs(fixed_landmarks, moving_landmarks):
+    if (fixed_landmarks is None) != (moving_landmarks is None):
+        raise RegistrationError("landmarks need both a fixed and a moving set")
+    if fixed_landmarks is None:
+        return None
+    wrap = [lm if isinstance(lm, Landmarks) else Landmarks(np.asarray(lm, dtype=np.float64).reshape(-1, 3),
+                                                            [str(i + 1) for i in range(len(lm))], role)
+            for lm, role in ((fixed_landmarks, "the fixed landmarks"), (moving_landmarks, "the moving landmarks"))]
+    return pair(*wrap)
+
+
+@dataclass
+class Prepared:
+    """The pair as the optimisation starts from it (``prepare``)."""
+    options: RegistrationOptions
+    fixed: sitk.Image
+    moving: sitk.Image
+    presets: tuple[str, str]  # each image's intensity preset
+    initial: np.ndarray | None  # the given initial transform, 4x4 fixed -> moving
+    centring: str  # how the initial alignment superimposed the images (INITIALISATIONS)
+    init: np.ndarray  # 4x4 fixed -> moving start: ``initial`` after the centring
+    grid: sitk.Image  # the working grid over the fixed image
+    fixed_on_grid: sitk.Image
+    moving_on_grid: sitk.Image  # through ``init``
+    fixed_mask_on_grid: sitk.Image | None
+    moving_mask_on_grid: sitk.Image | None  # through ``init``
+    fixed_mask_given: bool
+    moving_mask_given: bool
+    landmarks: tuple | None  # (fixed (n, 3), moving (n, 3), labels), LPS mm
+    before: sitk.Image  # the moving image on the fixed grid as the files place it
+    before_on_grid: sitk.Image  # the same on the working grid
+    seconds: float
+
+
+def prepare(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions | None = None, *,
+            fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
+            initial_transform: sitk.Transform | None = None, fixed_landmarks=None, moving_landmarks=None,
+            model=None) -> Prepared:
+    """Check the inputs and put the pair on the working grid (see ``gvsl.registration.register``); with a
+    GVSL checkpoint (``model``), on the spacing its network was trained on, unless the options set one."""
+    start = time.perf_counter()
+    opts = options or RegistrationOptions()
+    opts.check()
+    _check_image(fixed, "fixed")
+    _check_image(moving, "moving")
+    landmark_pairs = _landmark_pairs(fixed_landmarks, moving_landmarks)
+    initial = linear_matrix(initial_transform) if initial_transform is not None else None
+    presets = _presets(opts.normalize, fixed, moving)
+    centring = opts.initialisation or ("none" if initial is not None else "moments")
+    init = initial_alignment(fixed, moving, centring, initial)
+    init_tf = geometry.affine_transform(init)
+    spacing = float(opts.spacing or (model.meta.get("spacing", [DEFAULT_SPACING])[0] if model is not None else
+                                     max(DEFAULT_SPACING, float(np.median(fixed.GetSpacing())))))
+    _check_size(fixed, "fixed", spacing)
+    _check_size(moving, "moving", spacing)
+    fixed_extent = np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())
+    if max(moving.GetSpacing()) * MIN_SIZE > fixed_extent.min():
+        raise RegistrationError(f"the moving image's voxels ({_rounded(moving.GetSpacing())} mm) are too coarse: "
+                                f"fewer than {MIN_SIZE} of them span the fixed image ({_rounded(fixed_extent)} mm)")
+    grid = geometry.working_grid(fixed, spacing, opts.max_size)
+    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(moving)
+    overlap = geometry.resample(ones, grid, init_tf, sitk.sitkNearestNeighbor, 0)
+    overlap_mm3 = float(sitk.GetArrayViewFromImage(overlap).sum()) * grid.GetSpacing()[0] ** 3
+    smaller_mm3 = min(_volume_mm3(fixed), _volume_mm3(moving))
+    if overlap_mm3 < 0.01 * smaller_mm3:
+        raise RegistrationError("the moving image does not overlap the fixed image after initial alignment "
+                                f"({overlap_mm3 / smaller_mm3:.1%} of the smaller image; voxel sizes: fixed "
+                                f"{_rounded(fixed.GetSpacing())} mm, moving {_rounded(moving.GetSpacing())} mm); "
+                                "check the images' origins, directions and spacings, or use another initialisation")
+    fm_img = _mask_on_grid(fixed_mask, fixed, grid, None, "fixed")
+    mm_img = _mask_on_grid(moving_mask, moving, grid, init_tf, "moving")
+    if fm_img is not None and mm_img is not None and not (sitk.GetArrayFromImage(fm_img * mm_img) > 0.25).any():
+        raise RegistrationError("the fixed and moving masks do not overlap after the initial alignment")
+    return Prepared(opts, fixed, moving, presets, initial, centring, init, grid, geometry.resample(fixed, grid),
+                    geometry.resample(moving, grid, init_tf), fm_img, mm_img, fixed_mask is not None,
+                    moving_mask is not None, landmark_pairs, geometry.resample(moving, fixed),
+                    geometry.resample(moving, grid), time.perf_counter() - start)
