@@ -236,7 +236,7 @@ def command_line(name: str, seed: int, data, device: str = "auto", repeat: int =
             metrics = json.loads(Path(f"{out}/metrics.json").read_text())
             times.setdefault("gvsl_registration_s", []).append(metrics["runtime_s"])
             times.setdefault("gvsl_imports_s", []).append(timed_process([
-                sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import gvsl.cli, gvsl.registration, "
+                sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import gvsl.cli, gvsl.registration.pipeline, "
                 "gvsl.registration.inputs, gvsl.registration_io, tqdm.auto", str(ROOT / "GVSLTrainer")]))
             if ants is None:
                 continue
