@@ -80,17 +80,17 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
                       on_images: Callable[[sitk.Image, sitk.Image, sitk.Image, dict | None], None] | None = None
                       ) -> RegistrationResult:
     """``register`` from the pair as ``preparation.prepare`` left it (given the same ``model``)."""
-    p, opts = prepared, prepared.options
+    opts = prepared.options
     report = progress or (lambda stage, fraction: None)
-    start = time.perf_counter() - p.seconds
+    start = time.perf_counter() - prepared.seconds
     device = resolve_device(opts.device)
-    fixed, moving, presets, grid, init = p.fixed, p.moving, p.presets, p.grid, p.init
-    fm_img = p.fixed_mask_on_grid
+    fixed, moving, presets, grid, init = prepared.fixed, prepared.moving, prepared.presets, prepared.grid, prepared.init
+    fm_img = prepared.fixed_mask_on_grid
     report("initial alignment", 0.0)
-    f_t = _to_tensor(p.fixed_on_grid, presets[0], device, fm_img)
-    m_t = _to_tensor(p.moving_on_grid, presets[1], device, p.moving_mask_on_grid)
+    f_t = _to_tensor(prepared.fixed_on_grid, presets[0], device, fm_img)
+    m_t = _to_tensor(prepared.moving_on_grid, presets[1], device, prepared.moving_mask_on_grid)
     masks = [None if m is None else torch.from_numpy(sitk.GetArrayFromImage(m))[None, None].to(device)
-             for m in (fm_img, p.moving_mask_on_grid)]
+             for m in (fm_img, prepared.moving_mask_on_grid)]
     shape = tuple(f_t.shape[2:])
 
     timing = {"preparation": time.perf_counter() - start}
@@ -171,31 +171,32 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
     jacobian_w = jacobian_determinant(field, affine_det, grid)
     jacobian = sitk.Resample(jacobian_w, fixed, sitk.Transform(), sitk.sitkLinear, affine_det)  # for the figure
     landmarks = None
-    if p.landmarks is not None:
-        fixed_pts, moving_pts, labels = p.landmarks
+    if prepared.landmarks is not None:
+        fixed_pts, moving_pts, labels = prepared.landmarks
         landmarks = {"fixed": fixed_pts, "labels": labels,
                      "moving": np.array([inverse.TransformPoint(p.tolist()) for p in moving_pts])}
     if on_images is not None:
-        on_images(p.before, warped, jacobian, landmarks)
-    metrics = similarity_figures(p.fixed_on_grid, p.before_on_grid, geometry.resample(moving, grid, forward),
+        on_images(prepared.before, warped, jacobian, landmarks)
+    metrics = similarity_figures(prepared.fixed_on_grid, prepared.before_on_grid,
+                                 geometry.resample(moving, grid, forward),
                                  presets, name, opts.ncc_window, fm_img)
     metrics["similarity"]["reason"] = reason
     metrics.update(quality(grid, jacobian_w, forward, inverse, fixed_labels, moving_labels, warped_labels))
-    if p.landmarks is not None:
+    if prepared.landmarks is not None:
         metrics["tre_before"] = target_registration_error(None, fixed_pts, moving_pts, labels)
         metrics["tre_after"] = target_registration_error(forward, fixed_pts, moving_pts, labels)
     metrics.update(mode=opts.mode, normalize={"fixed": presets[0], "moving": presets[1]},
-                   start={"initial_transform": p.initial is not None, "centring": p.centring,
+                   start={"initial_transform": prepared.initial is not None, "centring": prepared.centring,
                           "rotation_search": search_info},
-                   masks={"fixed": "given" if p.fixed_mask_given else
+                   masks={"fixed": "given" if prepared.fixed_mask_given else
                           "the fixed image's foreground (multi-modal)" if auto_mask else None,
-                          "moving": "given" if p.moving_mask_given else None},
+                          "moving": "given" if prepared.moving_mask_given else None},
                    runtime_s=round(time.perf_counter() - start, 2), device=str(device),
                    timing_s={**{k: round(v, 2) for k, v in timing.items()},
                              "transforms_and_figures": round(time.perf_counter() - mark, 2)},
                    working_grid={"size": list(grid.GetSize()), "spacing_mm": grid.GetSpacing()[0]},
                    model=str(model.path) if model is not None else None)
     report("done", 1.0)
-    return RegistrationResult(affine, field, forward, inverse, warped, p.before, jacobian, warped_labels, metrics,
-                              grid, landmarks)
+    return RegistrationResult(affine, field, forward, inverse, warped, prepared.before, jacobian, warped_labels,
+                              metrics, grid, landmarks)
 
