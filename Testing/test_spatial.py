@@ -108,15 +108,15 @@ def test_identity_warp_is_exact(shape):
 
 def test_normalised_grid_is_theta_of_the_displaced_identity():
     """theta(u + field(u)) written out point by point against the grid built on the coarse field."""
-    from gvsl.spatial import identity_grid, normalised_grid, upsample
+    from gvsl.spatial import identity_grid, normalised_grid, resize
     g = torch.Generator().manual_seed(3)
     theta = torch.eye(3, 4)[None] + 0.1 * torch.randn(1, 3, 4, generator=g)
     field = 0.05 * torch.randn(1, 3, 4, 5, 6, generator=g)
     shape = (9, 11, 13)
-    u = identity_grid(shape) + upsample(field, size=shape).movedim(1, -1)
+    u = identity_grid(shape) + resize(field, shape).movedim(1, -1)
     expected = u @ theta[0, :, :3].T + theta[0, :, 3]
     torch.testing.assert_close(normalised_grid(shape, theta, field), expected)
-    torch.testing.assert_close(normalised_grid(shape, None, upsample(field, size=shape)), u)
+    torch.testing.assert_close(normalised_grid(shape, None, resize(field, shape)), u)
     torch.testing.assert_close(normalised_grid(shape, theta), identity_grid(shape) @ theta[0, :, :3].T + theta[0, :, 3])
 
 

@@ -153,7 +153,7 @@ def random_elastic(gen: torch.Generator, n: int, shape: tuple[int, ...], cfg: Au
     coarse = [max(2, -(-s // cfg.elastic_spacing) + 1) for s in shape]
     magnitude = _rand(gen, n, 1, 1, 1, 1) * cfg.elastic_magnitude
     control = torch.randn((n, 3, *coarse), generator=gen, device=gen.device) * magnitude
-    return spatial.upsample(control, size=tuple(shape))
+    return spatial.resize(control, tuple(shape))
 
 
 def spatial_augment(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:

@@ -76,7 +76,7 @@ class Up(nn.Module):
         self.conv = DoubleConv(in_channels, out_channels, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat([skip, spatial.upsample(x, size=skip.shape[2:])], dim=1))
+        return self.conv(torch.cat([skip, spatial.resize(x, skip.shape[2:])], dim=1))
 
 
 class UNet(nn.Module):
