@@ -165,6 +165,26 @@ def test_no_overlap_is_an_error():
     register(fixed, far, options=RegistrationOptions(iterations=2, spacing=4.0))  # centring fixes it
 
 
+def test_cli_with_a_model_works_on_the_models_grid(tmp_path):
+    """register.py --model reads the checkpoint before preparing the pair (whose working grid takes the
+    model's spacing); without a model it prepares while torch loads: both paths end in the same files."""
+    torch.manual_seed(0)
+    model = tmp_path / "model.pt"
+    checkpoint.save(model, GVSL(width=4), "pretrain", {"width": 4, "normalize": "mr", "spacing": [5.0] * 3})
+    fixed, moving = tiny_pair()
+    for name, image in (("fixed", fixed), ("moving", moving)):
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+    for out, extra in (("with", ["--model", str(model)]), ("without", [])):
+        res = subprocess.run([sys.executable, str(SCRIPT), "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving",
+                              str(tmp_path / "moving.nii.gz"), "--output-dir", str(tmp_path / out), "--iterations",
+                              "4", "--no-progress", *extra], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+    metrics = {out: json.loads((tmp_path / out / "metrics.json").read_text()) for out in ("with", "without")}
+    assert metrics["with"]["model"] == str(model) and metrics["with"]["working_grid"]["spacing_mm"] == 5.0
+    assert metrics["without"]["model"] is None and metrics["without"]["working_grid"]["spacing_mm"] == 2.0
+    assert (tmp_path / "with" / "transform.h5").exists() and (tmp_path / "without" / "report.png").exists()
+
+
 @pytest.mark.parametrize("what", ["2d", "model"])
 def test_cli_errors_leave_no_output(tmp_path, bad_files, anatomical_path, what):
     out = tmp_path / "out"
