@@ -84,8 +84,8 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
 
     from gvsl import demo
     from gvsl.outputs import check_output_folder
-    from gvsl.registration import RegistrationError, RegistrationOptions, prepare
-    from gvsl.registration.inputs import read_inputs, read_model
+    from gvsl.registration import RegistrationOptions
+    from gvsl.registration.inputs import naming_the_files, read_and_prepare, read_model
     from gvsl.registration_io import FILES, save_registration, send_panels, summary
 
     if args.fixed is None:
@@ -104,29 +104,16 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
         opts.iterations = args.iterations
     opts.check()
 
-    @contextlib.contextmanager
-    def naming_the_files():  # the pipeline knows images, not files
-        try:
-            yield
-        except RegistrationError as e:
-            raise RegistrationError(f"{e} (fixed: {args.fixed}; moving: {args.moving})") from None
-
-    def read_and_prepare(model=None):
-        inputs = read_inputs(args)
-        labels = {k: inputs.pop(k) for k in ("fixed_labels", "moving_labels")}
-        with naming_the_files():
-            return prepare(**inputs, options=opts, model=model), labels
-
     # Reading and preparing need no torch: without a model (whose file needs torch) they run in a
     # thread while torch loads here (SimpleITK and NumPy release the interpreter's lock).
     with ThreadPoolExecutor(1) as pool:
-        ready = pool.submit(read_and_prepare) if args.model is None else None
+        ready = pool.submit(read_and_prepare, args, opts) if args.model is None else None
         from tqdm.auto import tqdm
 
         from gvsl.registration import register_prepared  # imports torch
 
         model = read_model(args.model) if args.model else None
-        prepared, labels = ready.result() if ready is not None else read_and_prepare(model)
+        prepared, labels = ready.result() if ready is not None else read_and_prepare(args, opts, model)
     with tqdm(total=100, desc="Registering", unit="%", disable=not args.progress,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
         def progress(stage: str, fraction: float) -> None:
@@ -134,7 +121,7 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
             bar.update(round(100 * fraction) - bar.n)
 
         on_images = None if drawer is None else partial(send_panels, drawer, prepared.fixed)
-        with naming_the_files():
+        with naming_the_files(args):
             result = register_prepared(prepared, model=model, progress=progress, on_images=on_images, **labels)
     files = save_registration(result, prepared.fixed, out, drawer)
     print(summary(result.metrics, Path(args.moving).name, Path(args.fixed).name))

@@ -1,6 +1,7 @@
 """Reading what register.py is given, each file checked and named in any error, before any work."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,8 @@ import SimpleITK as sitk
 
 from ..volumes import DataError, read_labels, read_volume
 from .landmarks import pair, read_landmarks
-from .preparation import linear_matrix, mask_problem
-from .options import RegistrationError
+from .options import RegistrationError, RegistrationOptions
+from .preparation import Prepared, linear_matrix, mask_problem, prepare
 
 
 def read_transform(path: str | Path) -> sitk.Transform:
@@ -79,3 +80,21 @@ def read_model(path: str | Path):
     model = load(path)
     build_gvsl(model)
     return model
+
+
+@contextlib.contextmanager
+def naming_the_files(args):
+    """The pipeline knows images, not files: its errors name register.py's two files."""
+    try:
+        yield
+    except RegistrationError as e:
+        raise RegistrationError(f"{e} (fixed: {args.fixed}; moving: {args.moving})") from None
+
+
+def read_and_prepare(args, options: RegistrationOptions, model=None) -> tuple[Prepared, dict]:
+    """``prepare`` on register.py's files, and the label maps ``register_prepared`` takes; no torch (but
+    for a ``model`` already read)."""
+    inputs = read_inputs(args)
+    labels = {k: inputs.pop(k) for k in ("fixed_labels", "moving_labels")}
+    with naming_the_files(args):
+        return prepare(**inputs, options=options, model=model), labels
