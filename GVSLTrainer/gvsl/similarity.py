@@ -44,6 +44,16 @@ def weighted_mean(x: torch.Tensor, weight: torch.Tensor | None, per_item: bool =
     return (x * weight).flatten(1).sum(1) / (weight.flatten(1).sum(1) * x.shape[1]).clamp_min(1e-8)
 
 
+def kept_per_fixed(owner, name: str, fixed: torch.Tensor, compute):
+    """``compute()`` for a fixed image that does not change, kept on ``owner`` per fixed tensor: an
+    optimiser compares hundreds of warps with one fixed image."""
+    cache = owner.__dict__.setdefault(name, {})
+    hit = cache.get(id(fixed))
+    if hit is None or hit[0] is not fixed:  # an id can be reused once its tensor is gone
+        hit = cache[id(fixed)] = (fixed, compute())
+    return hit[1]
+
+
 class _Sampled:
     """A per-voxel metric may be estimated on a fixed random subset of voxels: above ``max_samples``
     voxels only those are interpolated, as elastix and ITK sample their metrics."""
@@ -84,15 +94,10 @@ class LocalNCC:
         return weighted_mean(cc, weight, per_item)  # 1 - cc, per voxel
 
     def _moments(self, fixed: torch.Tensor):
-        """The fixed image's local moments, kept per fixed tensor: an optimiser compares hundreds of
-        warps with one fixed image."""
+        """The fixed image's local moments, computed once per fixed image (None for one being optimised)."""
         if fixed.requires_grad:
             return None
-        cache = self.__dict__.setdefault("_moments_of", {})
-        hit = cache.get(id(fixed))
-        if hit is None or hit[0] is not fixed:
-            hit = cache[id(fixed)] = (fixed, local_moments(fixed, self.window))
-        return hit[1]
+        return kept_per_fixed(self, "_moments_of", fixed, lambda: local_moments(fixed, self.window))
 
     def score(self, loss: float) -> float:
         return 1 - loss
@@ -179,19 +184,12 @@ class MutualInformation(_Sampled):
             -1, idx, weights)
 
     def _fixed_rows(self, fixed: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        """``_histogram_rows`` of the fixed image's samples, kept per fixed tensor: an optimiser compares
-        hundreds of warps with one fixed image."""
+        """``_histogram_rows`` of the fixed image's samples, computed once per fixed image."""
         def rows():
             b = fixed[:, 0].reshape(fixed.shape[0], -1).float()
             return self._histogram_rows(b if idx is None else b[:, idx])
 
-        if fixed.requires_grad:
-            return rows()
-        cache = self.__dict__.setdefault("_rows_of", {})
-        hit = cache.get(id(fixed))
-        if hit is None or hit[0] is not fixed:
-            hit = cache[id(fixed)] = (fixed, rows())
-        return hit[1]
+        return rows() if fixed.requires_grad else kept_per_fixed(self, "_rows_of", fixed, rows)
 
     def loss(self, warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None,
              per_item: bool = False) -> torch.Tensor:
