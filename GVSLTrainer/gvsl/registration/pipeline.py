@@ -188,9 +188,9 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
     metrics.update(mode=opts.mode, normalize={"fixed": presets[0], "moving": presets[1]},
                    start={"initial_transform": prepared.initial is not None, "centring": prepared.centring,
                           "rotation_search": search_info},
-                   masks={"fixed": "given" if prepared.fixed_mask_given else
+                   masks={"fixed": "given" if fm_img is not None else
                           "the fixed image's foreground (multi-modal)" if auto_mask else None,
-                          "moving": "given" if prepared.moving_mask_given else None},
+                          "moving": "given" if prepared.moving_mask_on_grid is not None else None},
                    runtime_s=round(time.perf_counter() - start, 2), device=str(device),
                    timing_s={**{k: round(v, 2) for k, v in timing.items()},
                              "transforms_and_figures": round(time.perf_counter() - mark, 2)},

@@ -157,10 +157,8 @@ class Prepared:
     grid: sitk.Image  # the working grid over the fixed image
     fixed_on_grid: sitk.Image
     moving_on_grid: sitk.Image  # through ``init``
-    fixed_mask_on_grid: sitk.Image | None
+    fixed_mask_on_grid: sitk.Image | None  # None: no mask given
     moving_mask_on_grid: sitk.Image | None  # through ``init``
-    fixed_mask_given: bool
-    moving_mask_given: bool
     landmarks: tuple | None  # (fixed (n, 3), moving (n, 3), labels), LPS mm
     before: sitk.Image  # the moving image on the fixed grid as the files place it
     before_on_grid: sitk.Image  # the same on the working grid
@@ -208,6 +206,5 @@ def prepare(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions 
     if fm_img is not None and mm_img is not None and not (sitk.GetArrayFromImage(fm_img * mm_img) > 0.25).any():
         raise RegistrationError("the fixed and moving masks do not overlap after the initial alignment")
     return Prepared(opts, fixed, moving, presets, initial, centring, init, grid, geometry.resample(fixed, grid),
-                    geometry.resample(moving, grid, init_tf), fm_img, mm_img, fixed_mask is not None,
-                    moving_mask is not None, landmark_pairs, geometry.resample(moving, fixed),
-                    geometry.resample(moving, grid), time.perf_counter() - start)
+                    geometry.resample(moving, grid, init_tf), fm_img, mm_img, landmark_pairs,
+                    geometry.resample(moving, fixed), geometry.resample(moving, grid), time.perf_counter() - start)
