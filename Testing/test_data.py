@@ -132,11 +132,14 @@ def test_store_with_only_bad_files_fails_clearly(tmp_path, bad_files):
             data.VolumeStore([bad_files["2d"], bad_files["constant"]], Preprocessing(), tmp_path / "c", progress=False)
 
 
-def test_random_crop_pads_small_volumes():
+def test_crop_pads_small_volumes():
     vol = torch.ones(10, 40, 20)
-    crop = data.random_crop(vol, (16, 16, 16), np.random.default_rng(0))
+    crop = data.crop_at(vol, (16, 16, 16), (0.3, 0.999, 0.0))
     assert crop.shape == (16, 16, 16)
     assert crop[:3].sum() == 0 and crop[13:].sum() == 0 and crop[3:13].min() == 1  # padded, centred
+    ramp = torch.arange(40.0)[None, :, None].expand(10, 40, 20)
+    assert data.crop_at(ramp, (16, 16, 16), (0, 0.999, 0))[5, :, 5].tolist() == list(range(24, 40))  # the last start
+    assert data.crop_at(ramp, (16, 16, 16), (0, 0.0, 0))[0, 0, 0] == 0
 
 
 def test_pairs_are_deterministic_per_index(tmp_path, small_folder):
@@ -146,6 +149,20 @@ def test_pairs_are_deterministic_per_index(tmp_path, small_folder):
     assert a[0].shape == (1, 16, 16, 16)
     torch.testing.assert_close(a, b)
     assert not torch.equal(pairs[8][0], a[0])
+
+
+def test_pair_crops_show_corresponding_anatomy():
+    """Two volumes of one region, the second with a larger field of view: both crops come from the same
+    relative position. Filled with the relative coordinate along one axis, the two crops' means (their
+    centres' relative places) agree; crops drawn independently differ by up to 0.62."""
+    for axis in range(3):
+        def ramp(shape):
+            return torch.linspace(0, 1, shape[axis]).reshape([-1 if d == axis else 1 for d in range(3)]).expand(shape)
+
+        pairs = data.PairCrops([ramp((40, 50, 60)), ramp((60, 50, 80))], (16, 16, 16), seed=axis, length=300)
+        gaps = [abs(float(f.mean() - m.mean())) for f, m in (pairs[i] for i in range(300))]
+        assert max(gaps) < 0.1, (axis, max(gaps))  # fields of view 40 and 60: 0.065 + a voxel's rounding
+        assert len({round(float(pairs[i][0].mean()), 3) for i in range(300)}) > 20  # positions do vary
 
 
 def test_step_sampler_partitions_steps_across_ranks():

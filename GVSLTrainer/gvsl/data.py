@@ -197,20 +197,24 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
-def random_crop(volume: torch.Tensor, size: Sequence[int], rng: np.random.Generator) -> torch.Tensor:
-    """A random ``size`` crop of a (D, H, W) volume, zero-padded (centred) where the volume is smaller."""
+def crop_at(volume: torch.Tensor, size: Sequence[int], position: Sequence[float]) -> torch.Tensor:
+    """The ``size`` crop of a (D, H, W) volume at a relative ``position`` in [0, 1) per axis (0: the first
+    start, towards 1: the last), zero-padded (centred) where the volume is smaller."""
     pad = [max(0, s - v) for s, v in zip(size, volume.shape)]
     if any(pad):
         volume = torch.nn.functional.pad(volume, [q for p in reversed(pad) for q in (p // 2, p - p // 2)])
-    start = [int(rng.integers(0, v - s + 1)) for v, s in zip(volume.shape, size)]
+    start = [min(v - s, int(p * (v - s + 1))) for v, s, p in zip(volume.shape, size, position)]
     return volume[tuple(slice(a, a + s) for a, s in zip(start, size))]
 
 
 class PairCrops(Dataset):
     """Sample ``index`` -> (fixed crop, moving crop) of two random volumes, (1, D, H, W) each.
 
-    Deterministic in (seed, index), so a resumed or distributed run draws the same pairs
-    whatever the number of DataLoader workers.
+    Both crops are taken at the same relative position, so that they show corresponding anatomy when
+    the volumes cover one body region (on the canonical grid their axes agree), as the reference's
+    whole-volume pairs do. Crops drawn independently show unrelated anatomy whenever the crop is much
+    smaller than the volume, and there is then nothing to register. Deterministic in (seed, index), so
+    a resumed or distributed run draws the same pairs whatever the number of DataLoader workers.
     """
 
     def __init__(self, store: VolumeStore, crop: Sequence[int], seed: int, length: int):
@@ -222,8 +226,9 @@ class PairCrops(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, index))
         a, b = rng.integers(0, len(self.store), size=2)
-        fixed = random_crop(self.store[int(a)], self.crop, rng)
-        moving = random_crop(self.store[int(b)], self.crop, rng)
+        position = rng.random(3)
+        fixed = crop_at(self.store[int(a)], self.crop, position)
+        moving = crop_at(self.store[int(b)], self.crop, position)
         return fixed.unsqueeze(0).float(), moving.unsqueeze(0).float()
 
 
