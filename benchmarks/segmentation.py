@@ -28,6 +28,7 @@ per-class and mean held-out Dice at every validation.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import resource
 import sys
@@ -183,21 +184,29 @@ def compare(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n = args.cases + args.held_out
-        dataset = monai_recipe.atlas_task(tmp / "task", n)
-        entries = json.loads(dataset.read_text())["training"]
+        dataset = monai_recipe.atlas_task(tmp / "task", n + args.unlabelled_cases)
+        spec = json.loads(dataset.read_text())
+        entries, extra = spec["training"][:n], spec["training"][n:]  # cases are fixed by their index
+        dataset.write_text(json.dumps({**spec, "training": entries}))  # the extra cases' labels go unused
         val_fraction = args.held_out / n
         common = dict(crop=tuple(args.crop), width=args.width, batch_size=args.batch_size, spacing=(1.5, 1.5, 1.5),
                       normalize="mr", workers=0, progress=args.progress, device=args.device, lr=args.lr,
                       norm=args.norm)
         train_idx, val_idx = finetune.split_cases(n, val_fraction, seed=0)  # one split for every run
-        (tmp / "unlabelled.txt").write_text("\n".join(entries[i]["image"] for i in train_idx))
+        unlabelled = [entries[i]["image"] for i in train_idx] + [e["image"] for e in extra]
+        (tmp / "unlabelled.txt").write_text("\n".join(unlabelled))
         if "gvsl_pretrained" in args.runs:
             t0 = time.perf_counter()
             pretrain.train(PretrainConfig(data=str(tmp / "unlabelled.txt"), output_dir=str(tmp / "pre"),
                                           steps=args.pretrain_steps, checkpoint_every=10 ** 9,
                                           cache_dir=str(tmp / "pc"), seed=0, **{**common, "lr": args.pretrain_lr}))
+            with open(tmp / "pre/log.csv", newline="") as f:
+                rows = list(csv.DictReader(f))
+            losses = {f"{k}_{when}": round(float(row[k]), 4) for when, row in (("first", rows[0]), ("last", rows[-1]))
+                      for k in ("ncc", "mse")}  # the pretext tasks, first and last logging window
             print(json.dumps({"benchmark": "segmentation_compare_pretrain", "steps": args.pretrain_steps,
-                              "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
+                              "images": len(unlabelled), **losses, "wall_s": round(time.perf_counter() - t0, 1)}),
+                  flush=True)
         # GVSL's training options under test; runs are labelled by those that differ from the defaults
         options = {"augment": args.augment, "intensity_augment": args.intensity_augment,
                    "augment_rate": args.augment_rate, "lr_schedule": args.lr_schedule,
@@ -266,6 +275,9 @@ def main() -> None:
     cmp.add_argument("--lr", type=float, default=1e-3)
     cmp.add_argument("--pretrain-steps", type=int, default=300)
     cmp.add_argument("--pretrain-lr", type=float, default=1e-3)
+    cmp.add_argument("--unlabelled-cases", type=int, default=0,
+                     help="more cases, made as the others, that only pre-training sees (without labels), as "
+                          "self-supervised learning has more unlabelled scans than labelled ones")
     cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     cmp.add_argument("--runs", nargs="+", default=["gvsl_scratch", "gvsl_pretrained", "monai_basicunet"],
                      choices=["gvsl_scratch", "gvsl_pretrained", "monai_basicunet"])
