@@ -86,7 +86,7 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
     device = resolve_device(opts.device)
     fixed, moving, presets, grid, init = prepared.fixed, prepared.moving, prepared.presets, prepared.grid, prepared.init
     fm_img = prepared.fixed_mask_on_grid
-    report("initial alignment", 0.0)
+    report("normalising the images", 0.0)  # the initial alignment was done by prepare()
     f_t = _to_tensor(prepared.fixed_on_grid, presets[0], device, fm_img)
     m_t = _to_tensor(prepared.moving_on_grid, presets[1], device, prepared.moving_mask_on_grid)
     masks = [None if m is None else torch.from_numpy(sitk.GetArrayFromImage(m))[None, None].to(device)
