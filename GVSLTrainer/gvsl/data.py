@@ -197,12 +197,18 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
+def pad_to(volume: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+    """(``volume`` zero-padded, centred, along its last three axes to at least ``size``, the padding per axis)."""
+    pad = [max(0, s - v) for s, v in zip(size, volume.shape[-3:])]
+    if any(pad):
+        volume = torch.nn.functional.pad(volume, [q for p in reversed(pad) for q in (p // 2, p - p // 2)])
+    return volume, pad
+
+
 def crop_at(volume: torch.Tensor, size: Sequence[int], position: Sequence[float]) -> torch.Tensor:
     """The ``size`` crop of a (D, H, W) volume at a relative ``position`` in [0, 1) per axis (0: the first
     start, towards 1: the last), zero-padded (centred) where the volume is smaller."""
-    pad = [max(0, s - v) for s, v in zip(size, volume.shape)]
-    if any(pad):
-        volume = torch.nn.functional.pad(volume, [q for p in reversed(pad) for q in (p // 2, p - p // 2)])
+    volume, _ = pad_to(volume, size)
     start = [min(v - s, int(p * (v - s + 1))) for v, s, p in zip(volume.shape, size, position)]
     return volume[tuple(slice(a, a + s) for a, s in zip(start, size))]
 
@@ -331,10 +337,7 @@ class LabelledCrops(Dataset):
         item = self.store[self.indices[int(rng.integers(len(self.indices)))]]
         image, label = item["image"], item["label"]
         centre = self._centre(item["class_voxels"], tuple(image.shape), rng)
-        both = torch.stack([image, label.float()])
-        pad = [max(0, s - v) for s, v in zip(self.crop, image.shape)]
-        if any(pad):
-            both = torch.nn.functional.pad(both, [q for p in reversed(pad) for q in (p // 2, p - p // 2)])
+        both, pad = pad_to(torch.stack([image, label.float()]), self.crop)
         shape = both.shape[1:]
         if centre is not None:
             centre = [c + p // 2 for c, p in zip(centre, pad)]
