@@ -130,8 +130,8 @@ def displacement_from_normalised(field: torch.Tensor, shape: tuple[int, ...] | N
 
 
 @functools.lru_cache(maxsize=64)
-def _interpolation_matrix(n: int, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(size, n): linear interpolation from n samples to ``size``, corner samples kept."""
+def _interpolation_matrix(n: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(size, n): linear interpolation from n samples to ``size``, corner samples kept (on the CPU)."""
     position = torch.linspace(0, n - 1, size, dtype=torch.float64)
     low = position.floor().long().clamp(0, max(n - 2, 0))
     frac = position - low
@@ -140,7 +140,7 @@ def _interpolation_matrix(n: int, size: int, device: torch.device, dtype: torch.
     matrix[rows, low] = 1 - frac
     if n > 1:
         matrix[rows, low + 1] += frac
-    return matrix.to(dtype).to(device)
+    return matrix.to(dtype)
 
 
 def resize(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -157,10 +157,10 @@ def resize(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return F.interpolate(image, size=tuple(shape[-3:]), mode="trilinear", align_corners=ALIGN_CORNERS)
     d, h, w = image.shape[2:]
     depth, height, width = shape[-3:]
-    x = image @ _interpolation_matrix(w, width, image.device, image.dtype).T
-    x = (x.transpose(-1, -2) @ _interpolation_matrix(h, height, image.device, image.dtype).T).transpose(-1, -2)
+    x = image @ _interpolation_matrix(w, width, image.dtype).T
+    x = (x.transpose(-1, -2) @ _interpolation_matrix(h, height, image.dtype).T).transpose(-1, -2)
     n, c = x.shape[:2]
-    x = _interpolation_matrix(d, depth, image.device, image.dtype) @ x.reshape(n * c, d, height * width)
+    x = _interpolation_matrix(d, depth, image.dtype) @ x.reshape(n * c, d, height * width)
     return x.reshape(n, c, depth, height, width)
 
 
