@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import monai_recipe  # noqa: E402
+import pretext_check  # noqa: E402
 
 from gvsl.networks import GVSLSegmenter  # noqa: E402
 
@@ -29,8 +30,8 @@ def test_basic_unet_matches_gvsl_parameter_count(width):
 
 def test_compare_prints_per_class_dice_for_every_run(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "segmentation.py"), "compare", "--cases", "2",
-                          "--held-out", "1", "--steps", "2", "--val-every", "2", "--pretrain-steps", "2",
-                          "--seeds", "0"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          "--held-out", "2", "--steps", "2", "--val-every", "2", "--pretrain-steps", "2",
+                          "--check-positions", "1", "--seeds", "0"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     curves = {r["run"]: r for r in rows if r["benchmark"] == "segmentation_compare"}
@@ -40,6 +41,12 @@ def test_compare_prints_per_class_dice_for_every_run(tmp_path):
         dice = [row[name] for name in monai_recipe.REGIONS.values()]
         assert all(0 <= d <= 1 for d in dice)
         assert row["mean_dice"] == pytest.approx(sum(dice) / len(dice), abs=1e-3)
+    # the pre-training is checked on held-out pairs: both directions of the one pair of held-out cases
+    check = next(r for r in rows if r["benchmark"] == "segmentation_pretext")
+    assert check["pairs"] == 2 and check["steps"] == 2
+    for stage in pretext_check.STAGES:
+        assert 0 <= check[f"ncc_{stage}"] <= 1
+        assert check[f"dice_{stage}"] is None or 0 <= check[f"dice_{stage}"] <= 1
     walls = {r["run"] for r in rows if r["benchmark"] == "segmentation_compare_wall"}
     assert walls == set(curves)
 

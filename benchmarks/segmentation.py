@@ -4,6 +4,7 @@
     python benchmarks/segmentation.py inference [--size 512 512 300] [--width 32] [--device cpu]
     python benchmarks/segmentation.py learning-curve [--pretrain-steps 400] [--finetune-steps 240]
     python benchmarks/segmentation.py compare [--steps 600] [--seeds 0 1]
+    python benchmarks/segmentation.py pretext [--pretrain-steps 300]
 
 ``inference`` segments a CT-sized volume (real anatomy, the MNI head resampled onto a
 0.7 x 0.7 x 1.0 mm grid of the given size, in Hounsfield-like units) with a width-32 model at the
@@ -23,7 +24,13 @@ validation Dice of both at every validation. One JSON line per measurement.
 on cases made from the MNI T1 by random deformations and intensity curves; GVSL from scratch, GVSL
 from a backbone pre-trained on the training images, and BasicUNet with RandCropByLabelClassesd,
 DiceCELoss and Adam, with the same cases, split, steps, crop, batch, learning rate and seed. Prints
-per-class and mean held-out Dice at every validation.
+per-class and mean held-out Dice at every validation. Its pre-training is followed by the check
+that ``pretext`` runs alone.
+
+``pretext`` pre-trains as ``compare`` does, then registers held-out pairs of crops with the
+pre-trained network (``pretext_check.py``): local NCC and label Dice unregistered, after its affine,
+and after affine and displacement. Where the Z-matching heads learned nothing the three agree, and
+pre-training was restoration alone.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -167,11 +175,84 @@ def learning_curve(args: argparse.Namespace) -> None:
                           "training_cases": args.cases, "seed": args.seed}), flush=True)
 
 
+class AtlasTask(NamedTuple):
+    dataset: Path  # dataset.json of the labelled cases
+    entries: list[dict]
+    train_idx: list[int]
+    val_idx: list[int]
+    val_fraction: float
+    unlabelled: list[str]  # the images pre-training sees: training cases and the extra unlabelled ones
+
+
+def atlas_split(tmp: Path, args: argparse.Namespace) -> AtlasTask:
+    """The atlas task of ``compare`` and ``pretext``: cases are fixed by their index, and one held-out
+    split serves every run."""
+    from gvsl import finetune
+
+    import monai_recipe
+
+    n = args.cases + args.held_out
+    dataset = monai_recipe.atlas_task(tmp / "task", n + args.unlabelled_cases)
+    spec = json.loads(dataset.read_text())
+    entries, extra = spec["training"][:n], spec["training"][n:]
+    dataset.write_text(json.dumps({**spec, "training": entries}))  # the extra cases' labels go unused
+    train_idx, val_idx = finetune.split_cases(n, args.held_out / n, seed=0)
+    unlabelled = [entries[i]["image"] for i in train_idx] + [e["image"] for e in extra]
+    return AtlasTask(dataset, entries, train_idx, val_idx, args.held_out / n, unlabelled)
+
+
+def pretrain_and_check(tmp: Path, args: argparse.Namespace, task: AtlasTask) -> Path:
+    """Pre-train on the task's unlabelled images, then register held-out pairs with the result
+    (``pretext_check``); prints a JSON line for each, returns the pre-trained checkpoint."""
+    from gvsl import data, pretrain
+    from gvsl.config import PretrainConfig
+    from gvsl.networks import GVSL
+
+    import pretext_check
+
+    (tmp / "unlabelled.txt").write_text("\n".join(task.unlabelled))
+    t0 = time.perf_counter()
+    pretrain.train(PretrainConfig(
+        data=str(tmp / "unlabelled.txt"), output_dir=str(tmp / "pre"), steps=args.pretrain_steps,
+        checkpoint_every=10 ** 9, cache_dir=str(tmp / "pc"), seed=0, crop=tuple(args.crop), width=args.width,
+        batch_size=args.batch_size, spacing=(1.5, 1.5, 1.5), normalize="mr", workers=0, progress=args.progress,
+        device=args.device, lr=args.pretrain_lr, norm=args.norm))
+    wall = time.perf_counter() - t0
+    with open(tmp / "pre/log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    losses = {f"{k}_{when}": round(float(row[k]), 4) for when, row in (("first", rows[0]), ("last", rows[-1]))
+              for k in ("ncc", "mse")}  # the pretext tasks, first and last logging window
+    print(json.dumps({"benchmark": "segmentation_compare_pretrain", "steps": args.pretrain_steps,
+                      "images": len(task.unlabelled), **losses, "wall_s": round(wall, 1)}), flush=True)
+
+    final = tmp / "pre" / pretrain.FINAL
+    held_out = [task.entries[i] for i in task.val_idx]
+    if len(held_out) < 2:
+        print("No registration check: it needs 2 or more held-out cases", file=sys.stderr)
+        return final
+    model = GVSL(width=args.width, norm=args.norm).to(resolve_device(args.device))
+    model.load_state_dict(checkpoint.load(final, map_location="cpu").state_dict)
+    store = data.VolumeStore([Path(e["image"]) for e in held_out], data.Preprocessing((1.5, 1.5, 1.5), "mr"),
+                             tmp / "hc", progress=False, labels=[Path(e["label"]) for e in held_out],
+                             spec=LabelSpec.from_mapping(json.loads(task.dataset.read_text())["labels"]))
+    quality = pretext_check.registration_quality(model, [store[i] for i in range(len(store))], args.crop,
+                                                 args.check_positions)
+    pairs = args.check_positions * len(held_out) * (len(held_out) - 1)
+    print(json.dumps({"benchmark": "segmentation_pretext", "steps": args.pretrain_steps,
+                      "images": len(task.unlabelled), "pairs": pairs, **quality}), flush=True)
+    return final
+
+
+def pretext(args: argparse.Namespace) -> None:
+    """Pre-train on the atlas task's unlabelled images and check that the result registers held-out pairs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pretrain_and_check(Path(tmp), args, atlas_split(Path(tmp), args))
+
+
 def compare(args: argparse.Namespace) -> None:
     """GVSL fine-tuning from scratch and from a GVSL backbone against MONAI's recipe on the atlas task:
     the same cases, held-out split, steps, crop, batch, learning rate and seed."""
-    from gvsl import finetune, pretrain
-    from gvsl.config import PretrainConfig
+    from gvsl import finetune
 
     import monai_recipe
 
@@ -183,30 +264,13 @@ def compare(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        n = args.cases + args.held_out
-        dataset = monai_recipe.atlas_task(tmp / "task", n + args.unlabelled_cases)
-        spec = json.loads(dataset.read_text())
-        entries, extra = spec["training"][:n], spec["training"][n:]  # cases are fixed by their index
-        dataset.write_text(json.dumps({**spec, "training": entries}))  # the extra cases' labels go unused
-        val_fraction = args.held_out / n
+        task = atlas_split(tmp, args)
+        entries, train_idx, val_idx = task.entries, task.train_idx, task.val_idx
         common = dict(crop=tuple(args.crop), width=args.width, batch_size=args.batch_size, spacing=(1.5, 1.5, 1.5),
                       normalize="mr", workers=0, progress=args.progress, device=args.device, lr=args.lr,
                       norm=args.norm)
-        train_idx, val_idx = finetune.split_cases(n, val_fraction, seed=0)  # one split for every run
-        unlabelled = [entries[i]["image"] for i in train_idx] + [e["image"] for e in extra]
-        (tmp / "unlabelled.txt").write_text("\n".join(unlabelled))
         if "gvsl_pretrained" in args.runs:
-            t0 = time.perf_counter()
-            pretrain.train(PretrainConfig(data=str(tmp / "unlabelled.txt"), output_dir=str(tmp / "pre"),
-                                          steps=args.pretrain_steps, checkpoint_every=10 ** 9,
-                                          cache_dir=str(tmp / "pc"), seed=0, **{**common, "lr": args.pretrain_lr}))
-            with open(tmp / "pre/log.csv", newline="") as f:
-                rows = list(csv.DictReader(f))
-            losses = {f"{k}_{when}": round(float(row[k]), 4) for when, row in (("first", rows[0]), ("last", rows[-1]))
-                      for k in ("ncc", "mse")}  # the pretext tasks, first and last logging window
-            print(json.dumps({"benchmark": "segmentation_compare_pretrain", "steps": args.pretrain_steps,
-                              "images": len(unlabelled), **losses, "wall_s": round(time.perf_counter() - t0, 1)}),
-                  flush=True)
+            pretrain_and_check(tmp, args, task)
         # GVSL's training options under test; runs are labelled by those that differ from the defaults
         options = {"augment": args.augment, "intensity_augment": args.intensity_augment,
                    "augment_rate": args.augment_rate, "lr_schedule": args.lr_schedule,
@@ -222,8 +286,8 @@ def compare(args: argparse.Namespace) -> None:
                 out = tmp / f"{run}_{seed}"
                 t0 = time.perf_counter()
                 finetune.train(finetune.FinetuneConfig(
-                    data=str(dataset), output_dir=str(out), steps=args.steps, val_every=args.val_every,
-                    val_fraction=val_fraction, pretrained=pre, checkpoint_every=10 ** 9, seed=seed,
+                    data=str(task.dataset), output_dir=str(out), steps=args.steps, val_every=args.val_every,
+                    val_fraction=task.val_fraction, pretrained=pre, checkpoint_every=10 ** 9, seed=seed,
                     cache_dir=str(tmp / "fc"), **options, **common))
                 label = run + changed
                 for step, per_class in monai_recipe.gvsl_curve(out / "log.csv").items():
@@ -262,31 +326,39 @@ def main() -> None:
     lc.add_argument("--val-every", type=int, default=40)
     lc.add_argument("--lr", type=float, default=1e-3)
     lc.add_argument("--seed", type=int, default=0, help="weights, crops, augmentation and the validation split")
-    cmp = sub.add_parser("compare", help="GVSL fine-tuning (scratch, pre-trained) vs MONAI's recipe, small "
-                                         "structures of an atlas")
-    cmp.add_argument("--cases", type=int, default=6, help="training cases")
-    cmp.add_argument("--held-out", type=int, default=2, help="held-out cases")
-    cmp.add_argument("--width", type=int, default=8, choices=sorted(BASIC_UNET_FEATURES),
-                     help="GVSL's width; MONAI's BasicUNet gets a similar parameter count (8: 1.4 M, 16: 5.8 M)")
-    cmp.add_argument("--crop", type=int, nargs=3, default=[32, 32, 32])
-    cmp.add_argument("--batch-size", type=int, default=2)
-    cmp.add_argument("--steps", type=int, default=600)
-    cmp.add_argument("--val-every", type=int, default=150)
-    cmp.add_argument("--lr", type=float, default=1e-3)
-    cmp.add_argument("--pretrain-steps", type=int, default=300)
-    cmp.add_argument("--pretrain-lr", type=float, default=1e-3)
-    cmp.add_argument("--unlabelled-cases", type=int, default=0,
-                     help="more cases, made as the others, that only pre-training sees (without labels), as "
-                          "self-supervised learning has more unlabelled scans than labelled ones")
-    cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    cmp.add_argument("--runs", nargs="+", default=["gvsl_scratch", "gvsl_pretrained", "monai_basicunet"],
-                     choices=["gvsl_scratch", "gvsl_pretrained", "monai_basicunet"])
     from gvsl.augment import SPATIAL_LEVELS
     from gvsl.choices import NORMS
     from gvsl.finetune import FinetuneConfig
     from gvsl.schedule import SCHEDULES
 
     gvsl = FinetuneConfig()  # GVSL's options default to fine-tuning's own defaults
+    cmp = sub.add_parser("compare", help="GVSL fine-tuning (scratch, pre-trained) vs MONAI's recipe, small "
+                                         "structures of an atlas")
+    pre = sub.add_parser("pretext", help="pre-train on the atlas task, then register held-out pairs with the "
+                                         "result: whether the Z-matching heads learned")
+    for p in (cmp, pre):
+        p.add_argument("--cases", type=int, default=6, help="training cases")
+        p.add_argument("--held-out", type=int, default=2, help="held-out cases")
+        p.add_argument("--width", type=int, default=8, choices=sorted(BASIC_UNET_FEATURES),
+                       help="GVSL's width; MONAI's BasicUNet gets a similar parameter count (8: 1.4 M, 16: 5.8 M)")
+        p.add_argument("--crop", type=int, nargs=3, default=[32, 32, 32])
+        p.add_argument("--batch-size", type=int, default=2)
+        p.add_argument("--pretrain-steps", type=int, default=300)
+        p.add_argument("--pretrain-lr", type=float, default=1e-3)
+        p.add_argument("--unlabelled-cases", type=int, default=0,
+                       help="more cases, made as the others, that only pre-training sees (without labels), as "
+                            "self-supervised learning has more unlabelled scans than labelled ones")
+        p.add_argument("--check-positions", type=int, default=30,
+                       help="crop places of the held-out registration check (each registers every ordered pair "
+                            "of held-out cases)")
+        p.add_argument("--norm", default=gvsl.norm, choices=NORMS,
+                       help="GVSL's normalisation, in pre-training and fine-tuning alike")
+    cmp.add_argument("--steps", type=int, default=600)
+    cmp.add_argument("--val-every", type=int, default=150)
+    cmp.add_argument("--lr", type=float, default=1e-3)
+    cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    cmp.add_argument("--runs", nargs="+", default=["gvsl_scratch", "gvsl_pretrained", "monai_basicunet"],
+                     choices=["gvsl_scratch", "gvsl_pretrained", "monai_basicunet"])
     cmp.add_argument("--augment", default=gvsl.augment, choices=SPATIAL_LEVELS,
                      help="GVSL's spatial augmentation (MONAI's recipe here has none)")
     cmp.add_argument("--intensity-augment", action=argparse.BooleanOptionalAction, default=gvsl.intensity_augment)
@@ -297,13 +369,12 @@ def main() -> None:
                      help="GVSL's share of class-centred crops (default: n/(n+1) for n classes)")
     cmp.add_argument("--lr-schedule", default=gvsl.lr_schedule, choices=SCHEDULES,
                      help="GVSL's schedule (MONAI's recipe here keeps the rate constant)")
-    cmp.add_argument("--norm", default=gvsl.norm, choices=NORMS,
-                     help="GVSL's normalisation, in pre-training and fine-tuning alike")
-    for p in (inf, lc, cmp):
+    for p in (inf, lc, cmp, pre):
         p.add_argument("--device", default="cpu")
         p.add_argument("--progress", action="store_true")
     args = parser.parse_args()
-    {"inference": inference, "learning-curve": learning_curve, "compare": compare}[args.what](args)
+    jobs = {"inference": inference, "learning-curve": learning_curve, "compare": compare, "pretext": pretext}
+    jobs[args.what](args)
 
 
 if __name__ == "__main__":
