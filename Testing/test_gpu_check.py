@@ -31,5 +31,7 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert by_check["segmentation_fp32"][0]["windows"] >= 1
     assert all(r["steps_per_s_with_validation"] > 0 for r in by_check["finetune"]
                if r.get("benchmark") == "segmentation_finetune")
+    pretext = [r for r in by_check["pretext"] if r.get("benchmark") == "segmentation_pretext"]
+    assert pretext and 0 <= pretext[0]["ncc_deformable"] <= 1
     assert not any(r.get("failed") for r in rows)
     assert all(any("wall_s" in r and len(r) == 2 for r in by_check[c]) for c in by_check)  # each step timed
