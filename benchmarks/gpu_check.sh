@@ -92,7 +92,7 @@ if [ "$QUICK" = 1 ]; then
 else
     CROP="128 128 128"; WIDTH=32; STEPS=10; SIZE="512 512 300"; WINDOW=128; SEG_WIDTH=32
     CASES="same multimodal"; FT="--cases 4 --width 16 --crop 64 64 64 --pretrain-steps 50 --finetune-steps 300 --val-every 100"
-    PRETEXT="--pretrain-steps 3000"
+    PRETEXT="--pretrain-steps 3000 --unlabelled-cases 24"
 fi
 
 # 1. the CUDA-parametrised tests (on a GPU only: elsewhere none exist)
