@@ -31,7 +31,8 @@ def test_basic_unet_matches_gvsl_parameter_count(width):
 def test_compare_prints_per_class_dice_for_every_run(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "segmentation.py"), "compare", "--cases", "2",
                           "--held-out", "2", "--steps", "2", "--val-every", "2", "--pretrain-steps", "2",
-                          "--check-positions", "1", "--seeds", "0"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          "--check-positions", "1", "--seeds", "0"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     curves = {r["run"]: r for r in rows if r["benchmark"] == "segmentation_compare"}
