@@ -42,19 +42,20 @@ def registration_quality(model: GVSL, cases: Sequence[dict], crop: Sequence[int]
         crops = [(data.crop_at(c["image"], crop, position)[None, None].float().to(device),
                   data.crop_at(c["label"], crop, position)[None, None].float().to(device)) for c in cases]
         for i, (fixed, fixed_labels) in enumerate(crops):
+            truth = fixed_labels.cpu().numpy().astype(int)
+            truth_present = set(np.unique(truth))
             for j, (moving, moving_labels) in enumerate(crops):
                 if i == j:
                     continue
                 out = model(fixed, moving)
                 transforms = {"unregistered": (None, None), "affine": (out.affine, None),
                               "deformable": (out.affine, out.displacement)}
-                truth = fixed_labels.cpu().numpy().astype(int)
                 for stage, (matrix, displacement) in transforms.items():
                     warped = spatial.warp(moving, matrix, displacement)
                     warped_labels = spatial.warp(moving_labels, matrix, displacement, mode="nearest")
                     rows.setdefault(f"ncc_{stage}", []).append(local_ncc(warped, fixed, ncc_window).item())
                     labels = warped_labels.cpu().numpy().astype(int)
-                    present = sorted((set(np.unique(truth)) | set(np.unique(labels))) - {0})
+                    present = sorted((truth_present | set(np.unique(labels))) - {0})
                     scores = [d for d in dice(labels, truth, present).values() if d is not None]
                     if scores:
                         rows.setdefault(f"dice_{stage}", []).append(float(np.mean(scores)))

@@ -180,8 +180,17 @@ class AtlasTask(NamedTuple):
     entries: list[dict]
     train_idx: list[int]
     val_idx: list[int]
-    val_fraction: float
     unlabelled: list[str]  # the images pre-training sees: training cases and the extra unlabelled ones
+
+    @property
+    def val_fraction(self) -> float:
+        return len(self.val_idx) / len(self.entries)
+
+
+def atlas_options(args: argparse.Namespace) -> dict:
+    """The settings that pre-training and fine-tuning share on the atlas task."""
+    return dict(crop=tuple(args.crop), width=args.width, batch_size=args.batch_size, spacing=(1.5, 1.5, 1.5),
+                normalize="mr", workers=0, progress=args.progress, device=args.device, norm=args.norm)
 
 
 def atlas_split(tmp: Path, args: argparse.Namespace) -> AtlasTask:
@@ -198,7 +207,7 @@ def atlas_split(tmp: Path, args: argparse.Namespace) -> AtlasTask:
     dataset.write_text(json.dumps({**spec, "training": entries}))  # the extra cases' labels go unused
     train_idx, val_idx = finetune.split_cases(n, args.held_out / n, seed=0)
     unlabelled = [entries[i]["image"] for i in train_idx] + [e["image"] for e in extra]
-    return AtlasTask(dataset, entries, train_idx, val_idx, args.held_out / n, unlabelled)
+    return AtlasTask(dataset, entries, train_idx, val_idx, unlabelled)
 
 
 def pretrain_and_check(tmp: Path, args: argparse.Namespace, task: AtlasTask) -> Path:
@@ -206,17 +215,15 @@ def pretrain_and_check(tmp: Path, args: argparse.Namespace, task: AtlasTask) -> 
     (``pretext_check``); prints a JSON line for each, returns the pre-trained checkpoint."""
     from gvsl import data, pretrain
     from gvsl.config import PretrainConfig
-    from gvsl.networks import GVSL
 
     import pretext_check
 
     (tmp / "unlabelled.txt").write_text("\n".join(task.unlabelled))
     t0 = time.perf_counter()
-    pretrain.train(PretrainConfig(
-        data=str(tmp / "unlabelled.txt"), output_dir=str(tmp / "pre"), steps=args.pretrain_steps,
-        checkpoint_every=10 ** 9, cache_dir=str(tmp / "pc"), seed=0, crop=tuple(args.crop), width=args.width,
-        batch_size=args.batch_size, spacing=(1.5, 1.5, 1.5), normalize="mr", workers=0, progress=args.progress,
-        device=args.device, lr=args.pretrain_lr, norm=args.norm))
+    options = atlas_options(args)
+    pretrain.train(PretrainConfig(data=str(tmp / "unlabelled.txt"), output_dir=str(tmp / "pre"),
+                                  steps=args.pretrain_steps, checkpoint_every=10 ** 9, cache_dir=str(tmp / "pc"),
+                                  seed=0, lr=args.pretrain_lr, **options))
     wall = time.perf_counter() - t0
     with open(tmp / "pre/log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -230,10 +237,10 @@ def pretrain_and_check(tmp: Path, args: argparse.Namespace, task: AtlasTask) -> 
     if len(held_out) < 2:
         print("No registration check: it needs 2 or more held-out cases", file=sys.stderr)
         return final
-    model = GVSL(width=args.width, norm=args.norm).to(resolve_device(args.device))
-    model.load_state_dict(checkpoint.load(final, map_location="cpu").state_dict)
-    store = data.VolumeStore([Path(e["image"]) for e in held_out], data.Preprocessing((1.5, 1.5, 1.5), "mr"),
-                             tmp / "hc", progress=False, labels=[Path(e["label"]) for e in held_out],
+    model = checkpoint.build_gvsl(checkpoint.load(final)).to(resolve_device(args.device))
+    preprocessing = data.Preprocessing(options["spacing"], options["normalize"])
+    store = data.VolumeStore([Path(e["image"]) for e in held_out], preprocessing, tmp / "hc", progress=False,
+                             labels=[Path(e["label"]) for e in held_out],
                              spec=LabelSpec.from_mapping(json.loads(task.dataset.read_text())["labels"]))
     quality = pretext_check.registration_quality(model, [store[i] for i in range(len(store))], args.crop,
                                                  args.check_positions)
@@ -266,9 +273,7 @@ def compare(args: argparse.Namespace) -> None:
         tmp = Path(tmp)
         task = atlas_split(tmp, args)
         entries, train_idx, val_idx = task.entries, task.train_idx, task.val_idx
-        common = dict(crop=tuple(args.crop), width=args.width, batch_size=args.batch_size, spacing=(1.5, 1.5, 1.5),
-                      normalize="mr", workers=0, progress=args.progress, device=args.device, lr=args.lr,
-                      norm=args.norm)
+        common = {**atlas_options(args), "lr": args.lr}
         if "gvsl_pretrained" in args.runs:
             pretrain_and_check(tmp, args, task)
         # GVSL's training options under test; runs are labelled by those that differ from the defaults
