@@ -13,6 +13,8 @@ from vtk.util import numpy_support
 
 import slicer
 
+from .sceneguard import scratchNodes
+
 FLIP = np.diag([-1.0, -1.0, 1.0])  # LPS <-> RAS, its own inverse
 FLIP4 = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -96,11 +98,12 @@ def linearTransformToNode(transform: sitk.AffineTransform, node):
 
 
 def linearTransformFromNode(node) -> sitk.AffineTransform:
-    """A linear transform node's "from parent" matrix (RAS) as an ITK affine (LPS): the same mapping."""
-    if not node.IsTransformToWorldLinear() or not node.IsLinear():
+    """What a linear transform node does to a node placed under it (world -> the node's space, RAS,
+    through the node's own parents) as an ITK affine (LPS): the same mapping."""
+    if not node.IsTransformToWorldLinear():
         raise ConversionError(f"{node.GetName()}: is not a linear transform; harden it or pick a linear one")
     m = vtk.vtkMatrix4x4()
-    node.GetMatrixTransformFromParent(m)
+    node.GetMatrixTransformFromWorld(m)
     lps = FLIP4 @ slicer.util.arrayFromVTKMatrix(m) @ FLIP4
     return sitk.AffineTransform(lps[:3, :3].flatten().tolist(), lps[:3, 3].tolist())
 
@@ -175,14 +178,12 @@ def labelsFromSegmentation(segmentation, reference=None) -> tuple[sitk.Image, li
     if not ids:
         raise ConversionError(f"{segmentation.GetName()}: the segmentation has no segments")
     scene = segmentation.GetScene()
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-    try:
+    with scratchNodes(scene):  # the label map, and the colour table and display node the export adds
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
         if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
                 segmentation, ids, labelmap, reference):
             raise ConversionError(f"{segmentation.GetName()}: could not export the segments to a label map")
         image = imageFromVolumeNode(labelmap)
-    finally:
-        scene.RemoveNode(labelmap)
     segments = [segmentation.GetSegmentation().GetSegment(i) for i in ids]
     return image, [(s.GetName(), tuple(s.GetColor())) for s in segments]
 
@@ -192,13 +193,11 @@ def segmentationFromLabels(labels: sitk.Image, segments: dict[int, tuple[str, tu
     {value: (name, colour)}."""
     scene = node.GetScene()
     node.GetSegmentation().RemoveAllSegments()
-    labelmap = volumeNodeFromImage(sitk.Cast(labels, sitk.sitkInt16),
-                                   scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode"))
-    try:
+    with scratchNodes(scene, keep=(node,)):  # the label map and its display node
+        labelmap = volumeNodeFromImage(sitk.Cast(labels, sitk.sitkInt16),
+                                       scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode"))
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node):
             raise ConversionError(f"{node.GetName()}: could not import the label map")
-    finally:
-        scene.RemoveNode(labelmap)
     for segmentId in node.GetSegmentation().GetSegmentIDs():
         segment = node.GetSegmentation().GetSegment(segmentId)
         label = segments.get(int(segment.GetLabelValue()))
