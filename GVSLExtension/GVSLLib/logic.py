@@ -19,8 +19,9 @@ import SimpleITK as sitk
 
 import slicer
 
-from . import conversion, paths
+from . import conversion, paths, placement
 from .process import BackgroundProcess, pythonExecutable
+from .sceneguard import NewNodes
 
 paths.ensureGvslImportable()
 from gvsl.choices import DEVICES, MODES, SIMILARITIES  # noqa: E402  (torch-free: the GUI needs no torch)
@@ -31,8 +32,6 @@ except ImportError:
     ScriptedLoadableModuleLogic = object
 
 Progress = Callable[[str, float], None]  # (stage, fraction done)
-GRID_PART = "GVSL.gridPart"  # marks the grid node of a split result, so that a later split run reuses it
-METRICS = "GVSL.metrics"  # a result transform's metrics (JSON); it also marks the node as a GVSL result
 
 
 def temporaryFolder(prefix: str) -> Path:
@@ -48,7 +47,7 @@ def temporaryFolder(prefix: str) -> Path:
 @dataclass
 class RegistrationNodes:
     outputVolume: object  # the moving volume resampled onto the fixed grid; None when none was asked
-    #                       for, and the moving volume was placed under ``transform`` instead
+    #                       for, and the moving volume was placed under ``transform`` instead (placement)
     transform: object  # maps the moving volume onto the fixed one (Slicer's "from parent" = fixed -> moving)
     affineTransform: object = None  # linear part, when the transforms are split; its parent is the grid part
     deformableTransform: object = None  # grid (displacement field) part, applied first
@@ -77,6 +76,15 @@ class _RegistrationOutputs:
                    json.loads((folder / FILES["metrics"]).read_text()))
 
 
+@dataclass
+class _RegistrationInputs:
+    fixed: sitk.Image
+    moving: sitk.Image
+    movingLabels: sitk.Image | None
+    segments: dict  # {label value: (name, colour)} of movingLabels
+    extra: dict  # register()'s optional keywords, landmarks as (points, labels, name)
+
+
 class BackgroundJob:
     """A headless script running in a child process; ``finish()`` turns its files into nodes."""
 
@@ -96,8 +104,8 @@ class BackgroundJob:
             self.cleanup()
 
     def cancel(self) -> None:
-        self.process.cancel()
-        self.cleanup()
+        """Stop at once; the temporary files go once the process has gone (it may hold them open)."""
+        self.process.cancel(then=self.cleanup)
 
     def cleanup(self) -> None:
         if self.keep:
@@ -117,13 +125,19 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def registrationInputsProblem(fixedVolume, movingVolume, model=None, mode: str = "deformable",
                                   outputTransform=None, splitTransforms: bool = False, fixedLandmarks=None,
-                                  movingLandmarks=None) -> str:
+                                  movingLandmarks=None, outputVolume=None, initialTransform=None) -> str:
         """Why registration cannot run with these inputs ("" when it can); the GUI shows it as a tooltip,
         so a run is refused before it starts, not after."""
         if fixedVolume is None or movingVolume is None:
             return "Select a fixed and a moving volume."
         if fixedVolume is movingVolume:
             return "The fixed and the moving volume are the same node."
+        if outputVolume is not None and outputVolume in (fixedVolume, movingVolume):
+            return (f"{outputVolume.GetName()}: the output volume would overwrite an input; pick another volume or "
+                    "create a new one.")
+        placed = placement.placementProblem(fixedVolume, movingVolume, initialTransform)
+        if placed:
+            return placed
         if model and not Path(model).is_file():
             return f"Model file not found: {model}"
         if mode not in MODES:
@@ -173,16 +187,16 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         ``outputVolume`` no resampled copy is made: the moving volume is placed under the result.
 
         ``fixedMask`` / ``movingMask``: segmentation or labelmap nodes; ``initialTransform``: a linear
-        transform node (fixed -> moving, as it would sit on the moving volume); ``fixedLandmarks`` /
+        transform node (fixed -> moving, as it would sit on the moving volume; by default the linear
+        transform the moving volume already sits under, see ``placement``); ``fixedLandmarks`` /
         ``movingLandmarks``: markups point lists (their TRE goes into the metrics)."""
         from gvsl import checkpoint
         from gvsl.registration import Landmarks, RegistrationOptions, register
 
-        self._require(self.registrationInputsProblem(fixedVolume, movingVolume, model, mode, outputTransform,
-                                                     splitTransforms, fixedLandmarks, movingLandmarks))
-        fixed, moving = conversion.imageFromVolumeNode(fixedVolume), movingImage(movingVolume)
-        movingLabels, segments = self._movingLabels(movingSegmentation)
-        extra = self._registrationExtras(fixedMask, movingMask, initialTransform, fixedLandmarks, movingLandmarks)
+        inputs = self._registrationInputs(fixedVolume, movingVolume, model, mode, outputVolume, outputTransform,
+                                          splitTransforms, movingSegmentation, fixedMask, movingMask,
+                                          initialTransform, fixedLandmarks, movingLandmarks)
+        extra = dict(inputs.extra)
         for key in ("fixed_landmarks", "moving_landmarks"):
             if key in extra:
                 points, labels, name = extra[key]
@@ -190,12 +204,12 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         options = RegistrationOptions(device=device, similarity=similarity, mode=mode)
         if iterations:
             options.iterations = int(iterations)
-        result = register(fixed, moving, None, movingLabels, checkpoint.load(model) if model else None, options,
-                          progress, **extra)
+        result = register(inputs.fixed, inputs.moving, None, inputs.movingLabels,
+                          checkpoint.load(model) if model else None, options, progress, **extra)
         outputs = _RegistrationOutputs(result.warped, result.affine, result.displacement, result.warped_labels,
                                        result.metrics)
         return self._registrationNodes(outputs, fixedVolume, movingVolume, outputVolume, outputTransform,
-                                       splitTransforms, segments)
+                                       splitTransforms, inputs.segments, movingSegmentation)
 
     def startRegistration(self, fixedVolume, movingVolume, model=None, outputVolume=None, outputTransform=None,
                           splitTransforms: bool = False, iterations: int | None = None, device: str = "auto",
@@ -204,20 +218,18 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
                           movingLandmarks=None, keepTemporaryFiles: bool = False) -> BackgroundJob:
         """The same registration in a child process running ``register.py`` on temporary files (kept
         with ``keepTemporaryFiles``, for debugging)."""
-        self._require(self.registrationInputsProblem(fixedVolume, movingVolume, model, mode, outputTransform,
-                                                     splitTransforms, fixedLandmarks, movingLandmarks))
-        movingLabels, segments = self._movingLabels(movingSegmentation)
-        extra = self._registrationExtras(fixedMask, movingMask, initialTransform, fixedLandmarks, movingLandmarks)
+        inputs = self._registrationInputs(fixedVolume, movingVolume, model, mode, outputVolume, outputTransform,
+                                          splitTransforms, movingSegmentation, fixedMask, movingMask,
+                                          initialTransform, fixedLandmarks, movingLandmarks)
 
         def arguments(workdir: Path) -> list:
             argv = ["--output-dir", workdir / "out",
-                    "--fixed", self._write(conversion.imageFromVolumeNode(fixedVolume), workdir / "fixed.nrrd"),
-                    "--moving", self._write(movingImage(movingVolume), workdir / "moving.nrrd"), "--device", device,
+                    "--fixed", self._write(inputs.fixed, workdir / "fixed.nrrd"),
+                    "--moving", self._write(inputs.moving, workdir / "moving.nrrd"), "--device", device,
                     "--similarity", similarity, "--mode", mode]
-            argv += _extraFiles(extra, workdir)
-            if movingLabels is not None:
-                sitk.WriteImage(movingLabels, str(workdir / "moving_labels.nrrd"))
-                argv += ["--moving-labels", workdir / "moving_labels.nrrd"]
+            argv += _extraFiles(inputs.extra, workdir)
+            if inputs.movingLabels is not None:
+                argv += ["--moving-labels", self._write(inputs.movingLabels, workdir / "moving_labels.nrrd")]
             if model:
                 argv += ["--model", model]
             if iterations:
@@ -225,8 +237,9 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
             return argv
 
         def finish(folder: Path) -> RegistrationNodes:
-            return self.loadRegistration(folder, fixedVolume, movingVolume, outputVolume, outputTransform,
-                                         splitTransforms, segments)
+            return self._registrationNodes(_RegistrationOutputs.fromFolder(folder), fixedVolume, movingVolume,
+                                           outputVolume, outputTransform, splitTransforms, inputs.segments,
+                                           movingSegmentation)
 
         return self._startBackground("gvsl_register_", "register.py", arguments, finish, keepTemporaryFiles)
 
@@ -238,69 +251,76 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         return self._registrationNodes(_RegistrationOutputs.fromFolder(Path(folder)), fixedVolume, movingVolume,
                                        outputVolume, outputTransform, splitTransforms, segments or {})
 
-    @staticmethod
-    def _registrationExtras(fixedMask, movingMask, initialTransform, fixedLandmarks, movingLandmarks) -> dict:
-        """The optional inputs as SimpleITK objects and LPS points, keyed like ``register``'s keywords."""
+    def _registrationInputs(self, fixedVolume, movingVolume, model, mode, outputVolume, outputTransform,
+                            splitTransforms, movingSegmentation, fixedMask, movingMask, initialTransform,
+                            fixedLandmarks, movingLandmarks) -> "_RegistrationInputs":
+        """The checked inputs as SimpleITK images, transforms and LPS points, read where ``placement``
+        says: the fixed volume where Slicer shows it, the moving one as stored, from its starting transform."""
+        self._require(self.registrationInputsProblem(
+            fixedVolume, movingVolume, model, mode, outputTransform, splitTransforms, fixedLandmarks,
+            movingLandmarks, outputVolume, initialTransform))
+        movingLabels, segments = None, {}
+        if movingSegmentation is not None:
+            movingLabels, names = conversion.labelsFromSegmentation(movingSegmentation)  # its own resolution
+            segments = {i + 1: s for i, s in enumerate(names)}
         extra = {}
         if fixedMask is not None:
             extra["fixed_mask"] = conversion.maskFromNode(fixedMask)
         if movingMask is not None:
             extra["moving_mask"] = conversion.maskFromNode(movingMask)
-        if initialTransform is not None:
-            extra["initial_transform"] = conversion.linearTransformFromNode(initialTransform)
+        start = placement.startingTransform(movingVolume, initialTransform)
+        if start is not None:
+            extra["initial_transform"] = conversion.linearTransformFromNode(start)
         for key, node in (("fixed_landmarks", fixedLandmarks), ("moving_landmarks", movingLandmarks)):
             if node is not None:
                 extra[key] = (*conversion.pointsFromMarkups(node), node.GetName())
-        return extra
-
-    def _movingLabels(self, segmentation):
-        if segmentation is None:
-            return None, {}
-        labels, segments = conversion.labelsFromSegmentation(segmentation)  # its own resolution
-        return labels, {i + 1: s for i, s in enumerate(segments)}
+        return _RegistrationInputs(conversion.imageFromVolumeNode(fixedVolume),
+                                   conversion.imageFromVolumeNode(movingVolume, throughParent=False),
+                                   movingLabels, segments, extra)
 
     def _registrationNodes(self, outputs: _RegistrationOutputs, fixedVolume, movingVolume, outputVolume,
-                           outputTransform, splitTransforms: bool, segments: dict) -> RegistrationNodes:
+                           outputTransform, splitTransforms: bool, segments: dict,
+                           movingSegmentation=None) -> RegistrationNodes:
         linear = outputs.displacement is None
         if (not linear and not splitTransforms and outputTransform is not None
                 and outputTransform.IsA("vtkMRMLLinearTransformNode")):
             raise ValueError(f"{outputTransform.GetName()}: a linear transform node cannot hold the deformable "
                              "registration; pick another transform node, create a new one, or split the transforms")
         name = movingVolume.GetName()
-        with _NewNodes(self.scene) as new:
-            volume = None if outputVolume is None else conversion.volumeNodeFromImage(outputs.warped, outputVolume)
+        with NewNodes(self.scene) as new:
+            volume = None
+            if outputVolume is not None:
+                volume = conversion.volumeNodeFromImage(outputs.warped, outputVolume)
+                volume.SetAndObserveTransformNodeID(None)  # it lies on the fixed grid, in world coordinates
+            affine = deformable = None
             if linear:  # rigid or affine: one linear node, which Slicer can harden
-                affine, deformable = None, None
-                transform = conversion.linearTransformToNode(
-                    outputs.affine, outputTransform or new.add("vtkMRMLLinearTransformNode",
-                                                               f"{name} to {fixedVolume.GetName()}"))
-                transform.SetAndObserveTransformNodeID(None)
+                transform = outputTransform or new.add("vtkMRMLLinearTransformNode", f"{name} to {fixedVolume.GetName()}")
+                placement.releaseGridPart(transform)
+                conversion.linearTransformToNode(outputs.affine, transform)
             elif splitTransforms:
                 # a reused linear node keeps the grid node an earlier split run put above it: no orphans
-                earlier = outputTransform.GetParentTransformNode() if outputTransform is not None else None
-                if earlier is None or earlier.GetAttribute(GRID_PART) != "1":
-                    earlier = new.add("vtkMRMLGridTransformNode", f"{name} deformable")
-                deformable = conversion.gridTransformToNode(outputs.displacement, earlier)
-                deformable.SetAttribute(GRID_PART, "1")
+                deformable = placement.earlierGridPart(outputTransform) or new.add("vtkMRMLGridTransformNode",
+                                                                                   f"{name} deformable")
+                conversion.gridTransformToNode(outputs.displacement, deformable)
+                deformable.SetAttribute(placement.GRID_PART, "1")
                 affine = conversion.linearTransformToNode(
                     outputs.affine, outputTransform or new.add("vtkMRMLLinearTransformNode", f"{name} affine"))
                 affine.SetAndObserveTransformNodeID(deformable.GetID())  # the field applies first
                 transform = affine
             else:
-                affine = deformable = None
-                transform = conversion.compositeTransformToNode(
-                    outputs.affine, outputs.displacement,
-                    outputTransform or new.add("vtkMRMLTransformNode", f"{name} to {fixedVolume.GetName()}"))
-                transform.SetAndObserveTransformNodeID(None)  # a reused node may sit under an old grid part
+                transform = outputTransform or new.add("vtkMRMLTransformNode", f"{name} to {fixedVolume.GetName()}")
+                placement.releaseGridPart(transform)
+                conversion.compositeTransformToNode(outputs.affine, outputs.displacement, transform)
             segmentation = None
             if outputs.warped_labels is not None:
-                segmentation = conversion.segmentationFromLabels(
-                    outputs.warped_labels, segments,
-                    new.add("vtkMRMLSegmentationNode", f"{name} segmentation registered"))
-                segmentation.SetReferenceImageGeometryParameterFromVolumeNode(fixedVolume)
-        transform.SetAttribute(METRICS, json.dumps(outputs.metrics))
-        if volume is None:  # no resampled copy: the moving volume itself is shown through the result, as
-            movingVolume.SetAndObserveTransformNodeID(transform.GetID())  # SlicerElastix does
+                segmentation = (placement.propagatedSegmentation(self.scene, movingSegmentation, fixedVolume)
+                                if movingSegmentation is not None else None) \
+                    or new.add("vtkMRMLSegmentationNode", f"{name} segmentation registered")
+                conversion.segmentationFromLabels(outputs.warped_labels, segments, segmentation)
+                placement.referenceSourceVolume(segmentation, fixedVolume, movingSegmentation)
+        transform.SetAttribute(placement.METRICS, json.dumps(outputs.metrics))
+        placement.referenceVolumes(transform, fixedVolume, movingVolume)
+        placement.showThroughResult(movingVolume, transform, volume)
         return RegistrationNodes(volume, transform, affine, deformable, segmentation, outputs.metrics)
 
     # ---------------------------------------------------------------- segmentation
@@ -339,10 +359,11 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         """``classes``: {"values", "names", "colours"} of the model (``LabelSpec.as_dict()``)."""
         segments = {v: (n, tuple(c)) for v, n, c in zip(classes["values"], classes["names"], classes["colours"])
                     if v != 0}
-        with _NewNodes(self.scene) as new:
+        with NewNodes(self.scene) as new:
             node = outputSegmentation or new.add("vtkMRMLSegmentationNode", f"{inputVolume.GetName()} segmentation")
             conversion.segmentationFromLabels(labels, segments, node)
-            node.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+            placement.referenceSourceVolume(node, inputVolume)
+            node.CreateClosedSurfaceRepresentation()  # shown in 3D too, as TotalSegmentator does
         return node
 
     @staticmethod
@@ -350,15 +371,6 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         path.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(image, str(path))
         return path
-
-
-def movingImage(movingVolume) -> sitk.Image:
-    """The moving volume where Slicer shows it, except through an earlier GVSL result it was placed
-    under (a run without an output volume does that): a new run starts again from the volume itself,
-    and its result takes that one's place."""
-    parent = movingVolume.GetParentTransformNode()
-    earlierResult = parent is not None and parent.GetAttribute(METRICS) is not None
-    return conversion.imageFromVolumeNode(movingVolume, throughParent=not earlierResult)
 
 
 def _extraFiles(extra: dict, workdir: Path) -> list:
@@ -403,25 +415,3 @@ def formatMetrics(metrics: dict) -> str:
     for label, after in (metrics.get("dice_after") or {}).items():
         rows.append((f"Dice {label}", f"{metrics['dice_before'][label]} → {after}"))
     return "<br>".join(f"<b>{name}:</b> {value}" for name, value in rows)
-
-
-class _NewNodes:
-    """Nodes created while building results; all removed again if building fails half-way."""
-
-    def __init__(self, scene):
-        self.scene = scene
-        self.created: list = []
-
-    def add(self, className: str, name: str):
-        node = self.scene.AddNewNodeByClass(className, self.scene.GenerateUniqueName(name))
-        self.created.append(node)
-        return node
-
-    def __enter__(self) -> "_NewNodes":
-        return self
-
-    def __exit__(self, kind, *_):
-        if kind is not None:
-            for node in self.created:
-                self.scene.RemoveNode(node)
-        return False

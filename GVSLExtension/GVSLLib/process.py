@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 PERCENT = re.compile(r"(?:^|\s)(\d{1,3})%\|")
 STAGE = re.compile(r"^\s*([A-Za-z][^:%|]*?)\s*:\s*\d{1,3}%\|")
@@ -80,25 +81,36 @@ class BackgroundProcess:
         self._reader.join()
         return code
 
-    def cancel(self, grace_s: float = 5.0) -> None:
-        """Stop the process and every process it started: a polite signal, then a kill.
+    def cancel(self, then: Callable[[], None] | None = None) -> None:
+        """Kill the process and every process it started, and return at once, as MONAIAuto3DSeg and
+        SlicerElastix do: the GUI thread never waits for the tree to go. ``then`` (removing the
+        temporary files, which a dying process may still hold open on Windows) runs once it has gone.
 
         On Windows ``PythonSlicer.exe`` is a launcher whose child is the real interpreter, so the whole
-        tree must go (psutil, which Slicer's Python ships; else the process group or ``taskkill /T``).
-        The caller (Slicer's GUI thread) never waits on the output pipe for longer than a moment,
-        even if something outside the tree still holds it open."""
-        if self._proc.poll() is not None:
-            return
-        self.cancelled = True
-        self._signalTree(kill=False, grace_s=grace_s)
-        try:
-            self._proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            self._signalTree(kill=True, grace_s=grace_s)
-            self._proc.wait()
-        self._reader.join(1.0)
+        tree must go: with psutil where it is installed (Slicer does not ship it), else ``taskkill /T``
+        in a hidden window; on POSIX the child leads its own process group."""
+        if self._proc.poll() is None:
+            self.cancelled = True
+            self._killTree()
 
-    def _signalTree(self, kill: bool, grace_s: float) -> None:
+        def reap() -> None:
+            self._proc.wait()
+            self._reader.join(5.0)  # a grandchild outside the tree may still hold the pipe
+            if then is not None:
+                then()
+
+        self._reaper = threading.Thread(target=reap, daemon=True)
+        self._reaper.start()
+
+    def waitUntilGone(self, timeout: float | None = None) -> bool:
+        """After ``cancel``: whether the process has gone and ``then`` has run (for tests and scripts)."""
+        reaper = getattr(self, "_reaper", None)
+        if reaper is not None:
+            reaper.join(timeout)
+            return not reaper.is_alive()
+        return self._proc.poll() is not None
+
+    def _killTree(self) -> None:
         try:
             import psutil
         except ImportError:
@@ -111,17 +123,18 @@ class BackgroundProcess:
                 return
             for p in tree:
                 try:
-                    p.kill() if kill else p.terminate()
+                    p.kill()
                 except psutil.NoSuchProcess:
                     pass
-            psutil.wait_procs(tree, timeout=grace_s)
         elif os.name == "posix":
             try:
-                os.killpg(self._proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+                os.killpg(self._proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         else:
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(self._proc.pid)], capture_output=True)
+            subprocess.Popen(["taskkill", "/T", "/F", "/PID", str(self._proc.pid)], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000))
 
     def newLines(self) -> list[str]:
         """Output lines not returned by an earlier call: what a live log appends at each poll."""
