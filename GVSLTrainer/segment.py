@@ -68,7 +68,8 @@ def job(args: argparse.Namespace) -> None:
                 sitk.WriteImage(p, str(stage / f"probability_{name}.nii.gz"))
     present = [n for v, n in zip(result.spec.values, result.spec.names)
                if v and (sitk.GetArrayViewFromImage(result.labels) == v).any()]
-    print(f"Segmented {Path(args.input).name}: {', '.join(present) or 'no structure found'}; wrote {output.resolve()}")
+    print(f"Segmented {Path(args.input).name} on {result.device}: {', '.join(present) or 'no structure found'}; "
+          f"wrote {output.resolve()}")
 
 
 def main(argv=None) -> int:

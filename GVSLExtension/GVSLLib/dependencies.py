@@ -1,12 +1,15 @@
-"""Python packages the GVSL module needs inside Slicer, installed only with the user's consent.
+"""Python packages the GVSL module needs inside Slicer, installed only with the user's consent,
+asked once for all of them.
 
 PyTorch comes through the PyTorch extension (``PyTorchUtils``), which picks the build for the
 machine's GPU; the rest comes from pip. Packages Slicer ships are never installed or upgraded.
+Nothing here imports torch: the module's work runs in a child process.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -24,6 +27,7 @@ PIP_PACKAGES = {"monai": "monai>=1.3", "tqdm": "tqdm", "yaml": "pyyaml", "matplo
 def missingPackages() -> list[str]:
     """Import names of what is not importable yet (torch first)."""
     names = ["torch", *PIP_PACKAGES]
+    importlib.invalidate_caches()  # see what an install just now added
     return [n for n in names if importlib.util.find_spec(n) is None]
 
 
@@ -63,26 +67,51 @@ def torchTooOld(version: str | None = None) -> bool:
     return tuple(numbers) < MIN_TORCH
 
 
-def ensureDependencies(confirm: Callable[[str], bool]) -> bool:
-    """Install what is missing after asking; False when the user declined or an install failed."""
+def installPlan() -> tuple[str | None, list[str]]:
+    """What is missing: the PyTorch action ("install", "upgrade" or None) and the pip requirements."""
     missing = missingPackages()
-    if "torch" in missing or torchTooOld():
+    torch = "install" if "torch" in missing else "upgrade" if torchTooOld() else None
+    return torch, pipRequirements(missing)
+
+
+def confirmationText(torch: str | None, requirements: list[str]) -> str:
+    """One question for everything an install needs, as the user will answer it once."""
+    lines = ["GVSL needs Python packages that are not installed yet:", ""]
+    if torch:
+        lines.append(f"- PyTorch {'>=' + '.'.join(map(str, MIN_TORCH))} ({torch}, through the PyTorch extension, "
+                     "which picks the build for this computer's GPU)")
+    lines += [f"- {r}" for r in requirements]
+    return "\n".join(lines + ["", "Install them now? This can take several minutes."])
+
+
+def ensureDependencies(confirm: Callable[[str], bool], restart: Callable[[str], None]) -> bool:
+    """Install what is missing after one confirmation; False when the user declined, an install failed
+    or Slicer must restart first (``restart`` is told why: a PyTorch already loaded in this process
+    cannot be replaced, its files are in use)."""
+    torch, requirements = installPlan()
+    if not torch and not requirements:
+        return True
+    if torch == "upgrade" and "torch" in sys.modules:
+        restart(f"GVSL needs PyTorch >= {'.'.join(map(str, MIN_TORCH))}, and PyTorch "
+                f"{importlib.metadata.version('torch')} is already loaded in Slicer, so it cannot be replaced now. "
+                "Restart Slicer, then click again to upgrade it.")
+        return False
+    if torch:
         try:
             import PyTorchUtils  # the PyTorch extension, declared in the extension's DEPENDS
         except ImportError:
             raise RuntimeError("PyTorch is not installed and the PyTorch extension is missing: install "
                                "'PyTorch' from the Extensions Manager, restart Slicer and try again") from None
-        requirement = ">=" + ".".join(map(str, MIN_TORCH))  # PyTorchUtils offers the install or the upgrade
-        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,
+    if not confirm(confirmationText(torch, requirements)):
+        return False
+    if torch:
+        requirement = ">=" + ".".join(map(str, MIN_TORCH))
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
                                                          torchVersionRequirement=requirement) is None:
             return False
-    requirements = pipRequirements(missing)
     if requirements:
-        if not confirm("GVSL needs these Python packages, which are not installed yet:\n\n"
-                       + "\n".join(requirements) + "\n\nInstall them now? (This can take a few minutes.)"):
-            return False
         import slicer
 
         with tempfile.TemporaryDirectory() as tmp:
             slicer.util.pip_install(pipArguments(requirements, Path(tmp) / "slicer-pins.txt"))
-    return not missingPackages()
+    return installPlan() == (None, [])

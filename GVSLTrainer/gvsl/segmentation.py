@@ -34,6 +34,7 @@ class SegmentationResult:
     labels: sitk.Image  # the input's geometry, the dataset's original label values
     spec: LabelSpec
     probabilities: list[sitk.Image] | None = None
+    device: str = "cpu"  # where the network ran
 
 
 def build_segmenter(ckpt: Checkpoint) -> tuple[GVSLSegmenter, LabelSpec]:
@@ -107,7 +108,7 @@ def segment(image: sitk.Image, ckpt: Checkpoint, options: SegmentationOptions | 
     grid, volume = prep.prepare(image)
     window = tuple(int(c) for c in ckpt.meta["crop"])
     probs = sliding_window_probabilities(model, volume[None, None], window, options, device, progress)[0]
-    return SegmentationResult(*_to_input_grid(probs.numpy(), grid, image, spec, options.probabilities))
+    return SegmentationResult(*_to_input_grid(probs.numpy(), grid, image, spec, options.probabilities), str(device))
 
 
 def _to_input_grid(probs: np.ndarray, grid: sitk.Image, reference: sitk.Image, spec: LabelSpec,
