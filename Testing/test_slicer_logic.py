@@ -19,9 +19,11 @@ import vtk  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GVSLExtension"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GVSLTrainer"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import register as register_cli  # noqa: E402
 import synthetic  # noqa: E402
+from slicer_scene import close_scene, load_volume, new_scene, node_ids  # noqa: E402
 from GVSLLib import conversion, dependencies  # noqa: E402
 from GVSLLib.logic import GVSLLogic, formatMetrics  # noqa: E402
 from gvsl import checkpoint  # noqa: E402
@@ -35,23 +37,9 @@ FLIP = np.array([-1.0, -1.0, 1.0])
 
 @pytest.fixture
 def scene():
-    """A scene with the logics the application attaches (colours, volumes, segmentations, transforms)."""
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    app.GetColorLogic().SetMRMLScene(scene)
-    app.GetColorLogic().AddDefaultColorNodes()
-    logics = (("Colors", slicer.vtkMRMLColorLogic()), ("Volumes", slicer.vtkSlicerVolumesLogic()),
-              ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic()),
-              ("Transforms", slicer.vtkSlicerTransformLogic()))
-    for name, logic in logics:
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(app)
-        app.SetModuleLogic(name, logic)
-    slicer.mrmlScene = scene
+    scene = new_scene()
     yield scene
-    del slicer.mrmlScene
-    scene.Clear(True)
+    close_scene(scene)
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +63,6 @@ def headless(pair_files, tmp_path_factory) -> Path:
                               "--moving-labels", str(pair_files["moving_labels"]), "--iterations", str(ITERATIONS),
                               "--output-dir", str(out), "--no-progress"]) == 0
     return out
-
-
-def load_volume(scene, path: Path, name: str, labelmap: bool = False):
-    """What File > Add Data does: a storage node reads the file into a new volume node."""
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node)
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    return node
 
 
 @pytest.fixture
@@ -267,11 +245,13 @@ def test_without_an_output_volume_the_moving_volume_is_shown_through_the_result(
         assert scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == volumes
         assert moving.GetParentTransformNode() is nodes.transform
         np.testing.assert_allclose(map_with_node(moving.GetParentTransformNode(), points), expected, atol=1e-3)
-    # a next run reads the moving volume as stored, not through the earlier result it now sits under
-    from GVSLLib.logic import movingImage
+    # a next run reads the moving volume as stored, and the deformable result above it is no start
+    inputs = logic._registrationInputs(fixed, moving, None, "deformable", None, None, False, None, None, None, None,
+                                       None, None)
     stored = sitk.ReadImage(str(pair_files["moving"]))
-    np.testing.assert_allclose(movingImage(moving).GetOrigin(), stored.GetOrigin(), atol=1e-6)
-    np.testing.assert_allclose(movingImage(moving).GetDirection(), stored.GetDirection(), atol=1e-9)
+    np.testing.assert_allclose(inputs.moving.GetOrigin(), stored.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(inputs.moving.GetDirection(), stored.GetDirection(), atol=1e-9)
+    assert "initial_transform" not in inputs.extra
 
 
 def test_split_transforms_compose_to_the_same_mapping(loaded, headless):
@@ -442,6 +422,9 @@ def test_segment_gives_named_coloured_segments_in_the_input_geometry(scene, pair
     calls = []
     node = GVSLLogic(scene).segment(volume, str(segmentation_model), progress=lambda stage, f: calls.append(f))
     assert calls[-1] == 1.0 and np.all(np.diff(calls) > 0)  # one call per window batch, none missed
+    # the source volume is named (DICOM SEG export needs it) and the segments are shown in 3D
+    assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is volume
+    assert node.GetSegmentation().ContainsRepresentation("Closed surface")
     headless = headless_segment(sitk.ReadImage(str(pair_files["fixed"])), checkpoint.load(segmentation_model))
     truth = sitk.GetArrayFromImage(headless.labels)
     present = [v for v in (205, 420) if (truth == v).any()]
@@ -481,13 +464,18 @@ def test_segment_refuses_a_registration_model(scene, pair_files, tmp_path):
 def test_background_registration_equals_the_in_process_one(scene, pair_files, headless, pair_nodes):
     fixed, moving = pair_nodes
     seg = load_segmentation(scene, pair_files["moving_labels"])
+    before = node_ids(scene)
     job = GVSLLogic(scene).startRegistration(fixed, moving, iterations=ITERATIONS, movingSegmentation=seg)
-    before = scene.GetNumberOfNodes()
+    assert node_ids(scene) == before  # exporting the segments left no label map, colour table or display node
     assert job.process.wait(300) == 0, job.process.output
     assert job.process.fraction == 1.0 and "Registering" in job.process.stage
     nodes = job.finish()
     assert not job.workdir.exists()
-    assert scene.GetNumberOfNodes() > before
+    # only the documented results: the transform, the propagated segmentation and its display node
+    added = {scene.GetNodeByID(i).GetClassName(): scene.GetNodeByID(i) for i in node_ids(scene) - before}
+    assert set(added) == {"vtkMRMLTransformNode", "vtkMRMLSegmentationNode", "vtkMRMLSegmentationDisplayNode"}
+    assert added["vtkMRMLTransformNode"] is nodes.transform and added["vtkMRMLSegmentationNode"] is nodes.segmentation
+    assert nodes.segmentation.GetDisplayNode() is added["vtkMRMLSegmentationDisplayNode"]
     points = sample_points_ras(sitk.ReadImage(str(headless / "warped.nii.gz")), seed=4)
     np.testing.assert_allclose(map_with_node(nodes.transform, points),
                                map_with_itk(sitk.ReadTransform(str(headless / "transform.h5")), points), atol=0.05)
@@ -495,18 +483,21 @@ def test_background_registration_equals_the_in_process_one(scene, pair_files, he
     assert (labels_on(nodes.segmentation, fixed) == theirs).mean() > 0.99
 
 
-def test_cancel_stops_the_process_and_leaves_the_scene_as_it_was(scene, pair_nodes):
+def test_cancel_stops_the_process_and_leaves_the_scene_as_it_was(scene, pair_nodes, pair_files):
     fixed, moving = pair_nodes
-    job = GVSLLogic(scene).startRegistration(fixed, moving, iterations=5000)
-    before = scene.GetNumberOfNodes()
+    seg = load_segmentation(scene, pair_files["moving_labels"])
+    before = node_ids(scene)
+    job = GVSLLogic(scene).startRegistration(fixed, moving, iterations=5000, movingSegmentation=seg, movingMask=seg)
     deadline = time.time() + 120
     while job.process.fraction == 0 and time.time() < deadline and job.process.poll() is None:
         time.sleep(0.2)
     assert job.process.poll() is None, job.process.output  # still working when cancelled
+    start = time.time()
     job.cancel()
-    assert job.process.poll() is not None and job.process.cancelled
+    assert time.time() - start < 1.0  # Slicer's GUI thread does not wait for the process tree to go
+    assert job.process.waitUntilGone(30) and job.process.poll() is not None and job.process.cancelled
     assert not job.workdir.exists()
-    assert scene.GetNumberOfNodes() == before
+    assert node_ids(scene) == before
 
 
 CHILD_WITH_GRANDCHILDREN = """
@@ -560,22 +551,23 @@ def test_cancel_kills_the_whole_process_tree_without_waiting_on_the_pipe():
     pids = [int(p) for p in next(line for line in proc.lines if line.startswith("pids")).split()[1:]]
     assert all(alive(p) for p in pids)
     start = time.time()
-    proc.cancel(grace_s=2.0)
-    assert time.time() - start < 6.0  # never stuck on the pipe the escaped grandchild held
-    assert proc.poll() is not None and proc.cancelled
+    proc.cancel()
+    assert time.time() - start < 1.0  # never stuck on the tree or on the pipe the escaped grandchild held
+    assert proc.waitUntilGone(30) and proc._proc.poll() is not None and proc.cancelled
     assert not any(alive(p) for p in pids)
 
 
-def test_failed_background_run_reports_the_error_and_creates_no_nodes(scene, tmp_path, pair_nodes):
+def test_failed_background_run_reports_the_error_and_creates_no_nodes(scene, tmp_path, pair_nodes, pair_files):
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a checkpoint")
     fixed, moving = pair_nodes
-    job = GVSLLogic(scene).startRegistration(fixed, moving, model=str(bad))
-    before = scene.GetNumberOfNodes()
+    seg = load_segmentation(scene, pair_files["moving_labels"])
+    before = node_ids(scene)
+    job = GVSLLogic(scene).startRegistration(fixed, moving, model=str(bad), movingSegmentation=seg, fixedMask=seg)
     assert job.process.wait(120) != 0
     with pytest.raises(RuntimeError, match="broken.pt"):
         job.finish()
-    assert scene.GetNumberOfNodes() == before and not job.workdir.exists()
+    assert node_ids(scene) == before and not job.workdir.exists()
 
 
 def test_background_segmentation(scene, pair_files, segmentation_model, monkeypatch):
@@ -647,7 +639,7 @@ def test_module_logic_loads_without_torch():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['monai'] = None; "
             f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'GVSLExtension')!r}); "
             "import slicer; slicer.mrmlScene = slicer.vtkMRMLScene(); "
-            "from GVSLLib.logic import GVSLLogic; from GVSLLib import dependencies, selftest; "
+            "from GVSLLib.logic import GVSLLogic; from GVSLLib import dependencies, panel, placement, selftest; "
             "logic = GVSLLogic(); print(logic.registrationInputsProblem(None, None)); "
             "from gvsl.registration_io import FILES")  # what loading a child process's results reads
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
