@@ -75,6 +75,15 @@ def resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | No
     return sitk.Resample(image, grid, transform or sitk.Transform(), interpolator, default, pixel)
 
 
+def field_of_view(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None,
+                  soft: bool = False) -> sitk.Image:
+    """Where ``image`` has data, on ``grid`` (``transform``: grid points to image points): 1 inside its
+    extent, 0 outside; nearest neighbour (uint8), or with ``soft`` linearly interpolated (float32)."""
+    ones = sitk.Image(image.GetSize(), sitk.sitkFloat32 if soft else sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    return resample(ones, grid, transform, sitk.sitkLinear if soft else sitk.sitkNearestNeighbor, 0)
+
+
 def affine_transform(matrix: np.ndarray) -> sitk.AffineTransform:
     """A 4x4 physical (LPS, mm) matrix as an ITK affine transform."""
     t = sitk.AffineTransform(3)
@@ -91,6 +100,15 @@ def voxel_matrix_to_physical(voxel_matrix: np.ndarray, grid: sitk.Image) -> np.n
     a[:3, 3] = voxel_matrix[:, 3] + centre - voxel_matrix[:, :3] @ centre
     phi = index_to_physical(grid)
     return phi @ a @ np.linalg.inv(phi)
+
+
+def physical_to_voxel_matrix(physical: np.ndarray, grid: sitk.Image) -> np.ndarray:
+    """The inverse of ``voxel_matrix_to_physical``: a 4x4 physical matrix as the 3x4 centred voxel
+    matrix on ``grid``."""
+    phi = index_to_physical(grid)
+    a = np.linalg.inv(phi) @ physical @ phi
+    centre = (np.array(grid.GetSize()) - 1) / 2
+    return np.concatenate([a[:3, :3], (a[:3, 3] - centre + a[:3, :3] @ centre)[:, None]], axis=1)
 
 
 def displacement_image(displacement_zyx: np.ndarray, grid: sitk.Image) -> sitk.Image:

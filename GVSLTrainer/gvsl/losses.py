@@ -100,6 +100,30 @@ def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e
     return 1 - (cc.mean() if reduce else cc)
 
 
+def masked_local_ncc(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor, window: int = 9, eps: float = 1e-5,
+                     min_valid: float = 0.1) -> torch.Tensor:
+    """Per-voxel 1 - squared local NCC where only ``valid`` voxels (N or 1, 1, ...; weights in [0, 1])
+    count: each window's means and variances are taken over its valid part (normalised convolution,
+    as Padfield's masked correlation), so the edge of a field of view, where an image stops, is no
+    structure to match. A window with less than ``min_valid`` of it valid scores 0 (1 - cc = 1).
+    ``eps`` as ``local_ncc``'s."""
+    a, b = a.float(), b.float()
+    eps = eps / float(window ** 3) ** 2
+    c = a.shape[1]
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        valid = valid.float().expand(a.shape[0], 1, *a.shape[2:])
+        wa, wb = valid * a, valid * b
+        m = box_mean(torch.cat([valid, wa, wb, wa * a, wb * b, wa * b], dim=1), window)
+        n, sa, sb, saa, sbb, sab = m.split([1, c, c, c, c, c], dim=1)
+        inv = 1 / n.clamp_min(1e-6)
+        ma, mb = sa * inv, sb * inv
+        cov = sab * inv - ma * mb
+        var_a = (saa * inv - ma * ma).clamp_min(0)
+        var_b = (sbb * inv - mb * mb).clamp_min(0)
+        cc = cov * cov / (var_a * var_b + eps) * (n >= min_valid)
+    return 1 - cc
+
+
 def smoothness(displacement: torch.Tensor) -> torch.Tensor:
     """Mean squared forward difference of a displacement field (N, 3, D, H, W).
 

@@ -24,13 +24,15 @@ def shrunk_shape(shape: tuple[int, ...], shrink: float, minimum: int = 8) -> tup
 
 @dataclass
 class Level:
-    """One resolution: the fixed features, the moving features (with the moving mask as a last channel
-    when there are masks, so that one interpolation warps both) and the fixed mask."""
+    """One resolution: the fixed features, the moving features (with the moving mask, then the moving
+    image's domain, as last channels where there are, so that one interpolation warps them all) and
+    the fixed mask."""
     shape: tuple[int, ...]
     fixed: torch.Tensor
     moving: torch.Tensor
     fixed_mask: torch.Tensor | None
     masked: bool
+    with_domain: bool = False
     _sampled: dict = field(default_factory=dict)
 
     def _points(self, similarity):
@@ -66,21 +68,36 @@ class Level:
             _, fixed, fixed_mask = sampled
         warped = spatial.sample(self.moving.expand(grid.shape[0], *self.moving.shape[1:]), grid,
                                 padding_mode=similarity.padding)
-        weight = None
+        weight = domain = None
+        if self.with_domain:  # outside the moving image's field of view nothing is compared
+            warped, domain = warped[:, :-1], warped[:, -1:]
         if self.masked:
             warped, weight = warped[:, :-1], warped[:, -1:] * fixed_mask
-        return similarity.loss(warped, fixed, weight, per_item)
+        return similarity.loss(warped, fixed, weight, per_item, domain=domain)
+
+    def overlap(self, similarity, grid: torch.Tensor) -> torch.Tensor:
+        """(N,) the warped moving domain's sum over the fixed mask, per grid: how much the images share."""
+        if not self.with_domain:
+            return torch.full((grid.shape[0],), float(math.prod(self.shape)), device=grid.device)
+        sampled = self._points(similarity)
+        fixed_mask = self.fixed_mask if sampled is None else sampled[2]
+        domain = spatial.sample(self.moving[:, -1:].expand(grid.shape[0], 1, *self.moving.shape[2:]), grid)
+        weighted = domain if fixed_mask is None else domain * fixed_mask
+        return weighted.flatten(1).sum(1)
 
 
 class Pyramid:
     """Levels made on demand and kept: the linear and deformable stages share them."""
 
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, fixed_mask: torch.Tensor | None = None,
-                 moving_mask: torch.Tensor | None = None):
+                 moving_mask: torch.Tensor | None = None, moving_domain: torch.Tensor | None = None):
+        """``moving_domain``: where the moving image has data on the working grid (1 inside its field
+        of view), for a pair whose fields of view differ; None: it covers the fixed image."""
         self.fixed, self.moving = fixed, moving
         self.masked = fixed_mask is not None or moving_mask is not None
         self.fixed_mask = fixed_mask if fixed_mask is not None else torch.ones_like(fixed)
         self.moving_mask = moving_mask if moving_mask is not None else torch.ones_like(moving)
+        self.moving_domain = moving_domain
         self.shape = tuple(fixed.shape[2:])
         self._levels: dict = {}
         self._full: dict = {}
@@ -105,7 +122,9 @@ class Pyramid:
             if self.masked:
                 moving = torch.cat([moving, at(self.moving_mask)], dim=1)
                 fixed_mask = at(self.fixed_mask)
+            if self.moving_domain is not None:
+                moving = torch.cat([moving, at(similarity.valid(self.moving_domain))], dim=1)
             if moving.shape[1] > 1:  # interpolating many channels gathers each voxel's channels together:
                 moving = moving.contiguous(memory_format=torch.channels_last_3d)  # 3x faster on a CPU
-            self._levels[key] = Level(shape, fixed, moving, fixed_mask, self.masked)
+            self._levels[key] = Level(shape, fixed, moving, fixed_mask, self.masked, self.moving_domain is not None)
         return self._levels[key]
