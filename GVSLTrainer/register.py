@@ -25,7 +25,7 @@ from gvsl.report_process import ReportProcess  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
-    from gvsl.choices import DEVICES, MODES, SIMILARITIES
+    from gvsl.choices import DEVICES, INITIALISATIONS, MODES, SIMILARITIES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fixed", help="fixed image (NIfTI, NRRD, MHA...); omitted: the built-in demo pair")
@@ -61,9 +61,11 @@ def parse(argv=None) -> argparse.Namespace:
                    help="intensity preset, one for both images or one each (fixed moving): ct (Hounsfield units "
                         "[-1024, 1024]), mr (0.5-99.5 percentiles), auto (default: ct for an image that holds "
                         "Hounsfield units, each image its own)")
-    p.add_argument("--initialisation", choices=("moments", "geometry", "none"), default=None,
-                   help="initial alignment: centres of intensity mass (default), geometric centres, or none (trust "
-                        "the images' physical positions; the default with --initial-transform)")
+    p.add_argument("--initialisation", choices=INITIALISATIONS, default=None,
+                   help="initial alignment: auto (default: where the headers place the images when they overlap "
+                        "well, else the centres of intensity mass, and the search compares the two and, for a "
+                        "partial field of view, shifts along its short axis), moments, geometry (geometric "
+                        "centres), or none (trust the headers; the default with --initial-transform)")
     p.add_argument("--no-rotation-search", dest="rotation_search", action="store_false",
                    help="skip the search over large rotations (125 orientations up to 60 degrees per axis, "
                         "kept only when one matches better than the start)")

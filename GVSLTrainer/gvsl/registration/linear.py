@@ -22,6 +22,8 @@ SEARCH_ANGLES_DEG = (-60, -30, 0, 30, 60)  # per axis: 125 orientations, any sta
 SEARCH_KEEP = 3  # the best few orientations (besides the start) are refined before one is chosen
 SEARCH_MARGIN = 0.01  # a coarse orientation is refined only if it matches at least 1 % better than the start
 SEARCH_BATCH_VOXELS = 1 << 20  # candidates scored at once: about 100 MB of intermediate tensors
+START_OVERLAP = 0.8  # a start or orientation must keep this share of the overlap of the images' fields of view
+SHIFTS_KEPT = 2  # of the shifts along a short axis (a partial field of view), the best few are refined
 
 
 def centre_of_mass(image: torch.Tensor) -> torch.Tensor:
@@ -159,73 +161,116 @@ def candidate_rotations() -> list[tuple[float, float, float]]:
     return [(0.0, 0.0, 0.0)] + grid
 
 
-@torch.no_grad()
-def score(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearParameters, shrink: float) -> float:
+def _batched(pyramid: Pyramid, similarity, base: torch.Tensor, template: LinearParameters, shrink: float,
+             **values: torch.Tensor) -> tuple[list[float], list[float]]:
+    """(losses, overlaps) of ``template`` with one parameter replaced by each row of ``values`` (one
+    name), at one coarse level. The candidates are warped as batches (up to SEARCH_BATCH_VOXELS voxels
+    at once): one interpolation and one similarity per batch instead of a hundred small ones, which
+    left a CPU's cores idle."""
     level = pyramid.level(shrink, similarity)
-    return level.loss(similarity, level.grid(similarity, _theta(base, params, pyramid.shape))).item()
+    (name, rows), = values.items()
+    losses, overlaps = [], []
+    for batch in rows.split(max(1, SEARCH_BATCH_VOXELS // math.prod(level.shape))):
+        grid = level.grid(similarity, _theta(base, template, pyramid.shape, **{name: batch}))
+        losses.append(level.loss(similarity, grid, per_item=True))
+        overlaps.append(level.overlap(similarity, grid))
+    return torch.cat(losses).tolist(), torch.cat(overlaps).tolist()
 
 
 @torch.no_grad()
 def score_rotations(pyramid: Pyramid, similarity, base: torch.Tensor, template: LinearParameters,
-                    shrink: float) -> list[tuple[float, tuple]]:
-    """(loss, angles) of every candidate orientation (absolute: about the initial alignment's axes) with
-    ``template``'s translation, at one coarse level, best first.
-
-    The candidates are warped as batches (up to SEARCH_BATCH_VOXELS voxels at once): one interpolation
-    and one similarity per batch instead of a hundred small ones, which left a CPU's cores idle."""
-    level = pyramid.level(shrink, similarity)
+                    shrink: float) -> list[tuple[float, float, tuple]]:
+    """(loss, overlap, angles) of every candidate orientation (absolute: about the initial alignment's
+    axes) with ``template``'s translation, at one coarse level, best first."""
     angles = candidate_rotations()
     rotations = torch.tensor(angles, device=template.rotation.device, dtype=template.rotation.dtype)
-    losses = []
-    for batch in rotations.split(max(1, SEARCH_BATCH_VOXELS // math.prod(level.shape))):
-        theta = _theta(base, template, pyramid.shape, rotation=batch)
-        losses.append(level.loss(similarity, level.grid(similarity, theta), per_item=True))
-    return sorted(zip(torch.cat(losses).tolist(), angles), key=lambda s: s[0])
+    losses, overlaps = _batched(pyramid, similarity, base, template, shrink, rotation=rotations)
+    return sorted(zip(losses, overlaps, angles), key=lambda s: s[0])
+
+
+@torch.no_grad()
+def _score_and_overlap(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearParameters,
+                       shrink: float) -> tuple[float, float]:
+    losses, overlaps = _batched(pyramid, similarity, base, params, shrink, rotation=params.rotation)
+    return losses[0], overlaps[0]
+
+
+def choose_start(pyramid: Pyramid, similarity, base: torch.Tensor, start: LinearParameters, shrink: float,
+                 iterations: int, starts: list, **args) -> tuple[LinearParameters, str, list]:
+    """Refine each start rigidly at one coarse level and keep the best, among those that keep at least
+    START_OVERLAP of the largest overlap (a similarity averaged over the overlap must not win by
+    shrinking it). ``starts``: [(name, translation (1, 3) in ``start``'s units)], the first being
+    ``start``'s own; translations whose name begins with "shift" are scored first and only the best
+    SHIFTS_KEPT of them refined."""
+    named = [s for s in starts if not s[0].startswith("shift")]
+    shifts = [s for s in starts if s[0].startswith("shift")]
+    if shifts:
+        with torch.no_grad():
+            rows = torch.cat([t for _, t in shifts]).to(start.translation)
+            losses, overlaps = _batched(pyramid, similarity, base, start, shrink, translation=rows)
+        most = max(overlaps)
+        ranked = sorted((loss, i) for i, (loss, overlap) in enumerate(zip(losses, overlaps))
+                        if overlap >= START_OVERLAP * most)
+        named += [shifts[i] for _, i in ranked[:SHIFTS_KEPT]]
+    refined = []
+    for name, translation in named:
+        params = start.copy()
+        params.translation.copy_(translation.to(params.translation))
+        optimise(pyramid, similarity, base, params, (shrink,), iterations, **args)
+        refined.append((*_score_and_overlap(pyramid, similarity, base, params, shrink), name, params))
+    most = max(r[1] for r in refined)
+    eligible = [r for r in refined if r[1] >= START_OVERLAP * most]
+    loss, _, name, params = min(eligible, key=lambda r: r[0])
+    first = refined[0]  # the prepared start stays unless another matches clearly better: each switch costs precision
+    if first in eligible and loss > first[0] - SEARCH_MARGIN * abs(first[0]):
+        loss, _, name, params = first
+    compared = [{"start": n, "loss": round(l_, 5), "overlap": round(o / most, 3)} for l_, o, n, _ in refined]
+    return params, name, compared
 
 
 def search(pyramid: Pyramid, similarity, base: torch.Tensor, start: LinearParameters, shrink: float,
-           iterations: int, lr: float, tolerance: float, patience: int) -> tuple[LinearParameters, dict]:
-    """Refine the start rigidly, then score a grid of large rotations at one coarse level; refine the
-    few that match better than the refined start, and keep whichever matches best after refinement.
+           iterations: int, lr: float, tolerance: float, patience: int, starts: list | None = None,
+           rotations: bool = True) -> tuple[LinearParameters, dict]:
+    """Refine the start (and each other start, keeping the best: ``choose_start``) rigidly, then score a
+    grid of large rotations at one coarse level; refine the few that match better than the refined
+    start, and keep whichever matches best after refinement.
 
     The start is always a contender, so the search can only improve the similarity, and images that
-    are already roughly aligned pay for one coarse scoring pass, not for extra refinements."""
+    are already roughly aligned pay for one coarse scoring pass, not for extra refinements. A rotation
+    that shrinks the overlap below START_OVERLAP of the start's is not a contender."""
     args = dict(lr=lr, tolerance=tolerance, patience=patience)
-    params = start.copy()
-    optimise(pyramid, similarity, base, params, (shrink,), iterations, **args)
-    start_score = score(pyramid, similarity, base, params, shrink)
+    params, name, compared = choose_start(pyramid, similarity, base, start, shrink, iterations,
+                                          starts or [("the start", start.translation)], **args)
+    start_score, start_overlap = _score_and_overlap(pyramid, similarity, base, params, shrink)
     results = [(start_score, None, params)]
-    ranked = score_rotations(pyramid, similarity, base, params, shrink)
+    ranked = score_rotations(pyramid, similarity, base, params, shrink) if rotations else []
     margin = SEARCH_MARGIN * abs(start_score)
-    better = [angles for loss, angles in ranked if loss < start_score - margin][:SEARCH_KEEP]
+    better = [angles for loss, overlap, angles in ranked
+              if loss < start_score - margin and overlap >= START_OVERLAP * start_overlap][:SEARCH_KEEP]
     for angles in better:  # half the iterations: a candidate must win clearly, or the start stays
         candidate = params.copy()
         candidate.rotation.copy_(torch.tensor([angles], device=candidate.rotation.device))
         optimise(pyramid, similarity, base, candidate, (shrink,), max(1, iterations // 2), **args)
-        results.append((score(pyramid, similarity, base, candidate, shrink), angles, candidate))
+        loss, overlap = _score_and_overlap(pyramid, similarity, base, candidate, shrink)
+        if overlap >= START_OVERLAP * start_overlap:
+            results.append((loss, angles, candidate))
     loss, angles, params = min(results, key=lambda r: r[0])
-    info = {"candidates": len(ranked), "refined": len(better),
+    info = {"start": name, "starts": compared, "candidates": len(ranked), "refined": len(better),
             "taken_deg": [round(math.degrees(a), 1) for a in params.rotation[0].tolist()],
             "taken": "the start" if angles is None else "a searched orientation",
             "loss_start": round(start_score, 5), "loss_taken": round(loss, 5)}
     return params, info
 
 
-def run(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearParameters, mode: str, shrinks: tuple,
-        iterations: int, rotation_search: bool, report: Callable[[str, float], None],
-        **args) -> tuple[LinearParameters, dict | None]:
-    """The whole linear stage from ``params``: the rotation search (which refines rigidly at the
-    coarsest level), rigid refinement, then affine unless ``mode`` is rigid. Returns the result and
-    the search's summary (None without a search)."""
+def refine(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearParameters, mode: str, shrinks: tuple,
+           iterations: int, report: Callable[[str, float], None], searched: bool, **args) -> LinearParameters:
+    """Rigid refinement, then affine unless ``mode`` is rigid, from ``params``. ``searched``: the start
+    came from ``search``, which already refined it rigidly at the coarsest level."""
     coarsest, finer = shrinks[:1], shrinks[1:]
-    info = None
-    if rotation_search:
-        report("rotation search", 0.0)
-        params, info = search(pyramid, similarity, base, params, coarsest[0], iterations, **args)
     if mode == "rigid":
-        rigid_shrinks = shrinks if info is None else finer
+        rigid_shrinks = finer if searched else shrinks
     else:
-        rigid_shrinks = coarsest if info is None else ()
+        rigid_shrinks = () if searched else coarsest
     if rigid_shrinks:
         optimise(pyramid, similarity, base, params, rigid_shrinks, iterations,
                  report=lambda x: report("rigid", 0.1 + (0.9 if mode == "rigid" else 0.3) * x), **args)
@@ -233,7 +278,7 @@ def run(pyramid: Pyramid, similarity, base: torch.Tensor, params: LinearParamete
         params.free_affine()
         optimise(pyramid, similarity, base, params, shrinks, iterations,
                  report=lambda x: report("affine", 0.4 + 0.6 * x), **args)
-    return params, info
+    return params
 
 
 def orthonormalise(matrix: np.ndarray) -> np.ndarray:

@@ -5,8 +5,7 @@ from dataclasses import dataclass, field
 
 import SimpleITK as sitk
 
-from ..choices import MODES, SIMILARITIES
-INITIALISATIONS = ("moments", "geometry", "none")
+from ..choices import INITIALISATIONS, MODES, SIMILARITIES
 DEFAULT_SPACING = 2.0  # mm: finer working grids cost much more time for little accuracy
 
 
@@ -22,7 +21,7 @@ class RegistrationOptions:
     #                                spacing but no finer than DEFAULT_SPACING
     max_size: int = 160  # voxels per axis of the working grid at most
     iterations: int = 100  # the budget: each linear level takes half, the deformable levels their shares
-    initialisation: str | None = None  # see INITIALISATIONS; None: moments, or none with an initial transform
+    initialisation: str | None = None  # see INITIALISATIONS; None: auto, or none with an initial transform
     rotation_search: bool = True  # try large rotations at the coarsest level; keep one only if it matches better
     normalize: str | tuple[str, str] = "auto"  # ct | mr | auto (each image its own), or (fixed, moving)
     ncc_window: int = 7

@@ -10,6 +10,7 @@ into physical transforms.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -23,9 +24,11 @@ from ..volumes import normalise
 from . import deformable, linear
 from .landmarks import target_registration_error
 from .options import RegistrationError, RegistrationOptions, RegistrationResult
-from .preparation import Prepared, prepare
+from .preparation import (Prepared, fixed_content, focused, initial_alignment, partial_levels, partial_shrinks,
+                          prepare, thinnest)
 from .pyramid import Pyramid
-from .quality import jacobian_determinant, quality, similarity_figures
+from .quality import domain_overlap, jacobian_determinant, moving_inside, quality, similarity_figures
+from .quality import warnings as quality_warnings
 
 Progress = Callable[[str, float], None]  # (stage, fraction of the whole job done)
 # The linear stage's similarity for each deformable one: mutual information has the wider capture
@@ -54,6 +57,54 @@ def _network_prediction(ckpt, fixed: torch.Tensor, moving: torch.Tensor) -> tupl
     return out.affine, spatial.displacement_to_normalised(out.displacement)
 
 
+CENTRINGS = {"none": "the headers' placement", "moments": "the centres of intensity mass",
+             "geometry": "the centres of the images' extents"}
+SAME_START_MM = 5.0  # starts closer than this are one start
+SEARCH_ACROSS = 8  # voxels across a partial field of view's thinnest side below which orientations are not searched:
+#                    a 20 mm slab at a quarter of a 2 mm grid (2.5 voxels) matched best turned by 56 degrees
+SHIFT_AXIS = 0.7  # a partial field of view shorter than this share of the fixed extent along an axis is searched along it
+
+
+def start_candidates(prepared: Prepared, unit: float) -> list[tuple[str, torch.Tensor]]:
+    """[(name, translation (1, 3) in the linear parameters' units)] of the starts the search compares:
+    the prepared start first, the other centring (``prepare``'s alternatives), and for a partial field
+    of view shorter than the fixed image along an axis, shifts along that axis over the fixed extent
+    (``linear.choose_start``)."""
+    out = [(CENTRINGS.get(prepared.centring, prepared.centring), torch.zeros(1, 3))]
+    for centring, matrix in prepared.alternatives:
+        relative = np.linalg.inv(prepared.init) @ matrix
+        if np.linalg.norm(relative[:3, 3]) >= SAME_START_MM:
+            voxels = geometry.physical_to_voxel_matrix(relative, prepared.grid)[:, 3]
+            out.append((CENTRINGS.get(centring, centring), torch.tensor(voxels / unit, dtype=torch.float32)[None]))
+    if prepared.moving_domain_on_grid is not None and prepared.compare_starts:
+        out += _shifts(sitk.GetArrayViewFromImage(prepared.moving_domain_on_grid) > 0.5, prepared.grid.GetSpacing()[0],
+                       unit)
+    return out
+
+
+def _shifts(domain: np.ndarray, spacing: float, unit: float) -> list[tuple[str, torch.Tensor]]:
+    """Translations that slide a field of view (``domain``, on the working grid, z y x) along each axis
+    where it is much shorter than the grid, from one end to the other, about a third of its length apart."""
+    out = []
+    for axis in range(3):
+        covered = np.flatnonzero(domain.any(axis=tuple(a for a in range(3) if a != axis)))
+        if covered.size == 0:
+            continue
+        low, high, n = covered[0], covered[-1], domain.shape[axis]
+        length = high - low + 1
+        if length >= SHIFT_AXIS * n:
+            continue
+        step = max(2.0, length / 3, 8.0 / spacing)
+        centre = (low + high) / 2
+        for target in np.arange((length - 1) / 2, n - (length - 1) / 2 + 1e-6, step):
+            t = np.zeros(3)
+            t[2 - axis] = centre - target  # x, y, z voxels: the grid samples the moving image this far away
+            if abs(t[2 - axis]) * spacing >= SAME_START_MM:
+                out.append((f"shift of {-t[2 - axis] * spacing:+.0f} mm along {'zyx'[axis]}",
+                            torch.tensor(t / unit, dtype=torch.float32)[None]))
+    return out
+
+
 def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | None = None,
              moving_labels: sitk.Image | None = None, model=None, options: RegistrationOptions | None = None,
              progress: Progress | None = None, *, fixed_mask: sitk.Image | None = None,
@@ -75,6 +126,56 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
     return register_prepared(prepared, fixed_labels, moving_labels, model, progress, on_images)
 
 
+def moved_from_header(prepared: Prepared, affine: np.ndarray, search: dict | None, content: np.ndarray) -> dict | None:
+    """How far the result lies from where the headers place the images, when the search (another start,
+    or a searched orientation) took it there: {"mm" at the fixed image's content centre, "deg", "why"}."""
+    if search is None:
+        return None
+    reasons = []
+    if search["start"] != CENTRINGS.get(prepared.centring, prepared.centring):
+        reasons.append(f"it preferred {search['start']}")
+    if search["taken"] != "the start":
+        reasons.append(f"it took an orientation of {search['taken_deg']} degrees")
+    if not reasons:
+        return None
+    header = initial_alignment(prepared.fixed, prepared.moving, "none", prepared.initial)
+    relative = np.linalg.inv(header) @ affine
+    index = np.argwhere(content).mean(axis=0)[::-1] if content.any() else (np.array(prepared.grid.GetSize()) - 1) / 2
+    centre = np.append(prepared.grid.TransformContinuousIndexToPhysicalPoint(index.tolist()), 1.0)
+    u, _, vt = np.linalg.svd(relative[:3, :3])
+    angle = np.degrees(np.arccos(np.clip((np.trace(u @ vt) - 1) / 2, -1, 1)))
+    return {"mm": round(float(np.linalg.norm((relative @ centre - centre)[:3])), 1), "deg": round(float(angle), 1),
+            "why": " and ".join(reasons)}
+
+
+def _normalised(prepared: Prepared, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The pair on its working grid as [0, 1] tensors, and the masks (None where none was given)."""
+    presets, fm_img, mm_img = prepared.presets, prepared.fixed_mask_on_grid, prepared.moving_mask_on_grid
+    f_t = _to_tensor(prepared.fixed_on_grid, presets[0], device, fm_img)
+    m_t = _to_tensor(prepared.moving_on_grid, presets[1], device, mm_img)
+    masks = [None if m is None else torch.from_numpy(sitk.GetArrayFromImage(m))[None, None].to(device)
+             for m in (fm_img, mm_img)]
+    return f_t, m_t, masks
+
+
+def _pyramid(name: str, prepared: Prepared, f_t: torch.Tensor, m_t: torch.Tensor, masks: list,
+             device: torch.device) -> tuple[Pyramid, torch.Tensor, bool]:
+    """The pyramid the stages share, as similarity ``name`` compares the pair; also the fixed image's
+    weight (for the pivot) and whether that is the automatic foreground."""
+    f_t, m_t, fixed_weight, auto_mask = similarities.prepare(name, f_t, m_t, masks[0])
+    domain = None if prepared.moving_domain_on_grid is None else \
+        torch.from_numpy(sitk.GetArrayFromImage(prepared.moving_domain_on_grid))[None, None].to(device)
+    pyramid = Pyramid(f_t, m_t, fixed_weight, masks[1], moving_domain=domain)
+    return pyramid, f_t if fixed_weight is None else f_t * fixed_weight, auto_mask
+
+
+def _parameters(weight: torch.Tensor) -> linear.LinearParameters:
+    """Linear parameters at the identity, turning about the fixed image's centre of (weighted) mass."""
+    shape = tuple(weight.shape[2:])
+    centre = (torch.tensor(shape[::-1], device=weight.device, dtype=torch.float32) - 1) / 2
+    return linear.LinearParameters(linear.centre_of_mass(weight), centre, float(centre.max()))
+
+
 def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None,
                       moving_labels: sitk.Image | None = None, model=None, progress: Progress | None = None,
                       on_images: Callable[[sitk.Image, sitk.Image, sitk.Image, dict | None], None] | None = None
@@ -84,13 +185,11 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
     report = progress or (lambda stage, fraction: None)
     start = time.perf_counter() - prepared.seconds
     device = resolve_device(opts.device)
-    fixed, moving, presets, grid, init = prepared.fixed, prepared.moving, prepared.presets, prepared.grid, prepared.init
+    original = prepared  # the whole working grid, which the quality figures compare on
+    fixed, moving, presets = prepared.fixed, prepared.moving, prepared.presets
     fm_img = prepared.fixed_mask_on_grid
     report("normalising the images", 0.0)  # the initial alignment was done by prepare()
-    f_t = _to_tensor(prepared.fixed_on_grid, presets[0], device, fm_img)
-    m_t = _to_tensor(prepared.moving_on_grid, presets[1], device, prepared.moving_mask_on_grid)
-    masks = [None if m is None else torch.from_numpy(sitk.GetArrayFromImage(m))[None, None].to(device)
-             for m in (fm_img, prepared.moving_mask_on_grid)]
+    f_t, m_t, masks = _normalised(prepared, device)
     shape = tuple(f_t.shape[2:])
 
     timing = {"preparation": time.perf_counter() - start}
@@ -112,20 +211,49 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
         if opts.mode != "rigid":
             base = net_affine
         velocity = spatial.resize(disp, control)
-    f_t, m_t, masks[0], auto_mask = similarities.prepare(name, f_t, m_t, masks[0])
-    pyramid = Pyramid(f_t, m_t, *masks)
+    pyramid, weight, auto_mask = _pyramid(name, prepared, f_t, m_t, masks, device)
 
-    # 3. the linear stage: rotation search, rigid, affine
+    # 3. the linear stage: the search over starts and rotations, rigid, affine
     mark = time.perf_counter()
-    weight = f_t if masks[0] is None else f_t * masks[0]
-    centre = (torch.tensor(shape[::-1], device=device, dtype=torch.float32) - 1) / 2
-    params = linear.LinearParameters(linear.centre_of_mass(weight), centre, float(centre.max()))
+    params = _parameters(weight)
     deformable_share = 0.5 if opts.mode == "deformable" else 0.0
     span = 0.8 - deformable_share
-    params, search_info = linear.run(pyramid, linear_sim, base, params, opts.mode, opts.linear_levels(name),
-                                     max(1, opts.iterations // 2), opts.rotation_search,
-                                     lambda stage, x: report(stage, 0.05 + span * x),
-                                     lr=opts.affine_lr, tolerance=opts.tolerance, patience=opts.patience)
+    args = dict(lr=opts.affine_lr, tolerance=opts.tolerance, patience=opts.patience)
+    iterations = max(1, opts.iterations // 2)
+    starts = None if model is not None else start_candidates(prepared, params.unit)  # a network's start is its own
+    shrinks = opts.linear_levels(name)
+    partial = prepared.moving_domain_on_grid is not None and model is None
+    search_info = None
+    if opts.rotation_search or (starts and len(starts) > 1):
+        report("searching the start", 0.05)
+        across = thinnest(prepared) / shrinks[0] if partial else math.inf  # at the search's resolution
+        rotations = opts.rotation_search and across >= SEARCH_ACROSS
+        params, search_info = linear.search(pyramid, linear_sim, base, params, shrinks[0], iterations,
+                                            starts=starts, rotations=rotations, **args)
+        if opts.rotation_search and not rotations:
+            search_info["rotations"] = (f"not searched: the field of view is {across:.1f} voxels thin at the search's "
+                                        "resolution, too thin to tell orientations apart")
+        if partial or (starts and search_info["start"] != starts[0][0]):
+            # resample the moving image through the start found: a partial field of view where it lies, on a
+            # working grid cut to it; another start than the prepared one as if it had been prepared (each
+            # interpolation of the pre-resampled image pulls the result towards its own grid, 0.07 -> 0.18 mm)
+            registered = geometry.voxel_matrix_to_physical(
+                linear.compose(base, params.matrix())[0].double().cpu().numpy(), prepared.grid)
+            prepared = focused(prepared, registered, crop=partial)
+            f_t, m_t, masks = _normalised(prepared, device)
+            shape = tuple(f_t.shape[2:])
+            control = tuple(max(4, round(s / opts.levels[0][1])) for s in shape)
+            velocity = torch.zeros(1, 3, *control, device=device)
+            pyramid, weight, auto_mask = _pyramid(name, prepared, f_t, m_t, masks, device)
+            params = _parameters(weight)
+        if partial:  # on the cut grid, at resolutions that keep the field of view
+            shrinks = partial_shrinks(prepared)
+            if opts.mode == "deformable":  # the field absorbs what a full-resolution affine level would add
+                shrinks = shrinks[:1]
+    params = linear.refine(pyramid, linear_sim, base, params, opts.mode, shrinks, iterations,
+                           lambda stage, x: report(stage, 0.05 + span * x), searched=search_info is not None and
+                           not partial, **args)
+    grid, init = prepared.grid, prepared.init
     matrix = linear.compose(base, params.matrix())
     timing["linear"] = time.perf_counter() - mark
     mark = time.perf_counter()
@@ -134,8 +262,9 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
     optimised = None  # the velocity field
     if opts.mode == "deformable":
         theta = spatial.to_normalised(matrix, shape)
+        levels = opts.levels if prepared.moving_domain_on_grid is None else partial_levels(prepared, opts.levels)
         optimised = deformable.optimise(
-            pyramid, sim, theta, velocity, opts.levels, opts.iterations, opts.deform_lr,
+            pyramid, sim, theta, velocity, levels, opts.iterations, opts.deform_lr,
             opts.smooth_weight * sim.smooth_scale, opts.tolerance, opts.patience,
             lambda x: report("deformable", 0.05 + span + deformable_share * x))
 
@@ -177,9 +306,20 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
                      "moving": np.array([inverse.TransformPoint(p.tolist()) for p in moving_pts])}
     if on_images is not None:
         on_images(prepared.before, warped, jacobian, landmarks)
-    metrics = similarity_figures(prepared.fixed_on_grid, prepared.before_on_grid,
-                                 geometry.resample(moving, grid, forward),
-                                 presets, name, opts.ncc_window, fm_img)
+    full = original.grid  # the quality figures compare on the whole working grid
+    content = fixed_content(original.fixed_on_grid, presets[0], fm_img)
+    domains = None
+    if original.moving_domain_on_grid is not None:  # a partial field of view: each inside its own
+        domains = tuple(geometry.field_of_view(moving, full, t, soft=True) for t in (None, forward))
+    metrics = similarity_figures(original.fixed_on_grid, original.before_on_grid,
+                                 geometry.resample(moving, full, forward), presets, name, opts.ncc_window, fm_img,
+                                 domains)
+    coarse = geometry.working_grid(moving, 4.0, max_size=48)
+    moving_content = normalise(sitk.GetArrayFromImage(geometry.resample(moving, coarse)), presets[1]) > 0.05
+    metrics["overlap"] = {"before": domain_overlap(content, moving, full, None),
+                          "start": round(original.coverage, 4),
+                          "after": domain_overlap(content, moving, full, forward),
+                          "moving_inside": moving_inside(fixed, moving, moving_content, coarse, inverse)}
     metrics["similarity"]["reason"] = reason
     metrics.update(quality(grid, jacobian_w, forward, inverse, fixed_labels, moving_labels, warped_labels))
     if prepared.landmarks is not None:
@@ -187,7 +327,8 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
         metrics["tre_after"] = target_registration_error(forward, fixed_pts, moving_pts, labels)
     metrics.update(mode=opts.mode, normalize={"fixed": presets[0], "moving": presets[1]},
                    start={"initial_transform": prepared.initial is not None, "centring": prepared.centring,
-                          "rotation_search": search_info},
+                          "rotation_search": search_info,
+                          "moved_from_header": moved_from_header(original, affine_m, search_info, content)},
                    masks={"fixed": "given" if fm_img is not None else
                           "the fixed image's foreground (multi-modal)" if auto_mask else None,
                           "moving": "given" if prepared.moving_mask_on_grid is not None else None},
@@ -196,6 +337,7 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
                              "transforms_and_figures": round(time.perf_counter() - mark, 2)},
                    working_grid={"size": list(grid.GetSize()), "spacing_mm": grid.GetSpacing()[0]},
                    model=str(model.path) if model is not None else None)
+    metrics["warnings"] = quality_warnings(metrics)
     report("done", 1.0)
     return RegistrationResult(affine, field, forward, inverse, warped, prepared.before, jacobian, warped_labels,
                               metrics, grid, landmarks)
