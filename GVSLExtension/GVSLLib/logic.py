@@ -7,6 +7,7 @@ and nodes are created only after the computation succeeded.
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
 import shutil
@@ -400,11 +401,13 @@ def _extraFiles(extra: dict, workdir: Path) -> list:
 def formatMetrics(metrics: dict) -> str:
     """The quality figures of a registration (the headless metrics.json) as rich text for the GUI."""
     inverse = metrics.get("inverse_consistency_mm") or {}
-    rows = [("Local NCC", f"{metrics['ncc_before']} → {metrics['ncc_after']} (before → after)"),
+    similarity = metrics.get("similarity") or {}
+    share = f"; {similarity['share_of_self']:.0%} of the fixed image's own" \
+        if similarity.get("name") == "ncc" and "share_of_self" in similarity else ""
+    rows = [("Local NCC", f"{metrics['ncc_before']} → {metrics['ncc_after']} (before → after{share})"),
             ("Folding", f"{metrics['folding_percent']} % of voxels (Jacobian min {metrics.get('jacobian_min')})"),
             ("Inverse consistency", f"{inverse.get('mean')} mm mean, {inverse.get('p95')} mm 95th percentile"),
             ("Run time", f"{metrics['runtime_s']} s on {metrics['device']}")]
-    similarity = metrics.get("similarity")
     if similarity and similarity.get("name") != "ncc":
         better = "higher" if similarity.get("higher_is_better") else "lower"
         rows.insert(0, (f"Similarity ({similarity['name']})",
@@ -414,4 +417,6 @@ def formatMetrics(metrics: dict) -> str:
                                           f"mean (max {metrics['tre_after']['max_mm']} mm)"))
     for label, after in (metrics.get("dice_after") or {}).items():
         rows.append((f"Dice {label}", f"{metrics['dice_before'][label]} → {after}"))
-    return "<br>".join(f"<b>{name}:</b> {value}" for name, value in rows)
+    warnings = [f'<b style="color:#c00000">Warning ({html.escape(w["code"])}):</b> {html.escape(w["message"])}'
+                for w in metrics.get("warnings", [])]
+    return "<br>".join(warnings + [f"<b>{name}:</b> {value}" for name, value in rows])

@@ -76,16 +76,23 @@ def summary(metrics: dict, moving_name: str, fixed_name: str) -> str:
     """What a person reads after a run: what was done, from which start, and how well it matched."""
     sim = metrics["similarity"]
     arrow = "higher is better" if sim["higher_is_better"] else "lower is better"
+    yardstick = f"; {sim['share_of_self']:.0%} of the fixed image's own {sim['self']}" if "share_of_self" in sim else \
+        f"; the fixed image with itself: {sim['self']}"
     lines = [f"Registered {moving_name} to {fixed_name} ({metrics['mode']}) in {metrics['runtime_s']} s on "
              f"{metrics['device']}",
-             f"  similarity: {sim['name']} ({sim['reason']}); {sim['before']} -> {sim['after']} ({arrow}); "
+             f"  similarity: {sim['name']} ({sim['reason']}); {sim['before']} -> {sim['after']} ({arrow}{yardstick}); "
              f"local NCC {metrics['ncc_before']} -> {metrics['ncc_after']}",
              f"  normalisation: fixed {metrics['normalize']['fixed']}, moving {metrics['normalize']['moving']}"]
     start = metrics["start"]
     search = start.get("rotation_search")
-    taken = f"; rotation search kept {search['taken']} ({search['taken_deg']} degrees)" if search else ""
+    taken = f"; the search kept {search['start']} and {search['taken']} ({search['taken_deg']} degrees)" \
+        if search else ""
     first = "the initial transform, then " if start["initial_transform"] else ""
     lines.append(f"  start: {first}centring by {start['centring']}{taken}")
+    overlap = metrics.get("overlap")
+    if overlap and overlap["after"] < 0.98:
+        lines.append(f"  field of view: the moving image covers {overlap['after']:.0%} of the fixed image's content "
+                     f"(a partial field of view: similarities count only where both images have data)")
     if "tre_after" in metrics:
         lines.append(f"  landmarks: TRE {metrics['tre_before']['mean_mm']} -> {metrics['tre_after']['mean_mm']} mm "
                      f"(max {metrics['tre_after']['max_mm']} mm)")
@@ -103,4 +110,6 @@ def summary(metrics: dict, moving_name: str, fixed_name: str) -> str:
                      "transform alone (Slicer can harden it)")
     else:
         lines.append(f"  folding {metrics['folding_percent']}% of voxels")
+    for warning in metrics.get("warnings", []):
+        lines.append(f"  WARNING [{warning['code']}]: {warning['message']}")
     return "\n".join(lines)

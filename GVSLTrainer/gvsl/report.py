@@ -147,7 +147,9 @@ def _aspects(image: sitk.Image) -> list[float]:
 
 
 def _summary(m: dict) -> str:
-    parts = [f"local NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}",
+    share = m.get("similarity", {}).get("share_of_self") if m.get("similarity", {}).get("name") == "ncc" else None
+    parts = [f"local NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}"
+             + (f" ({share:.0%} of the fixed image's own)" if share is not None else ""),
              f"folding {m['folding_percent']:.3f}%",
              f"inverse consistency {m['inverse_consistency_mm']['mean']:.2f} mm",
              f"{m.get('runtime_s', 0):.1f} s on {m.get('device', '?')}"]
@@ -160,4 +162,7 @@ def _summary(m: dict) -> str:
             parts.insert(1, f"mean Dice {np.mean(before):.3f} -> {np.mean(after):.3f}")
     if "tre_after" in m:
         parts.insert(1, f"TRE {m['tre_before']['mean_mm']:.2f} -> {m['tre_after']['mean_mm']:.2f} mm")
-    return "   ".join(parts)
+    text = "   ".join(parts)
+    if m.get("warnings"):
+        text += "\nWARNING: " + "; ".join(w["code"].replace("_", " ") for w in m["warnings"]) + " (see metrics.json)"
+    return text
