@@ -78,9 +78,7 @@ def synthetic_pair(seed: int = 0, moving_spacing: float = 1.5):
 
 def inside(image: sitk.Image, transform: sitk.Transform) -> np.ndarray:
     """Voxels of ``image``'s grid whose transformed point falls inside ``image`` (SimpleITK's own rule)."""
-    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(image)
-    return sitk.GetArrayFromImage(sitk.Resample(ones, image, transform, sitk.sitkNearestNeighbor, 0)) > 0
+    return sitk.GetArrayFromImage(sitk.Resample(_ones(image), image, transform, sitk.sitkNearestNeighbor, 0)) > 0
 
 
 def pseudo_ct(seed: int = 0) -> sitk.Image:
@@ -190,3 +188,64 @@ def labelled_cases(folder, image: sitk.Image, labels: sitk.Image, names: dict, n
     spec = {"labels": {"0": "background", **{str(v): n for v, n in names.items()}}, "training": entries}
     (folder / "dataset.json").write_text(json.dumps(spec, indent=1))
     return entries
+
+
+def slab_case(thickness_mm: float | None = 40.0, seed: int | None = None, centre_offset_mm: float = 10.0,
+              moving_image: sitk.Image | None = None):
+    """(fixed, moving, truth): a slab of a head onto the whole head, as a partial field of view.
+
+    The fixed image is the whole MNI T1 head at 2 mm. The moving image is ``moving_image`` (default the
+    same T1) cropped to an axial slab ``thickness_mm`` thick (None: the upper half of the head) whose
+    centre lies ``centre_offset_mm`` above the head's centre, on its own 1 x 1 x 2 mm grid. Without a
+    seed the slab sits where its header puts it (truth: the identity); with one, it is moved by a known
+    rigid transform (rotations up to 10 degrees, shifts up to 10 mm), its header changed, no resampling
+    of the anatomy. fixed(x) shows what moving shows at truth(x)."""
+    t1 = mni("t1")
+    source = t1 if moving_image is None else moving_image
+    fixed = sitk.Resample(t1, [int(round(n / 2)) for n in t1.GetSize()], sitk.Transform(), sitk.sitkLinear,
+                          t1.GetOrigin(), [2.0] * 3, t1.GetDirection(), 0.0)
+    size = np.array(source.GetSize())
+    centre = np.array(source.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist()))
+    z_centre = centre[2] + centre_offset_mm
+    if thickness_mm is None:  # the upper half
+        bottom, top = centre[2], centre[2] + size[2] * source.GetSpacing()[2] / 2
+    else:
+        bottom, top = z_centre - thickness_mm / 2, z_centre + thickness_mm / 2
+    spacing = np.array([1.0, 1.0, 2.0])
+    extent_xy = (size[:2] - 1) * np.array(source.GetSpacing()[:2])
+    n_z = max(2, int(round((top - bottom) / spacing[2])))
+    grid = sitk.Image([int(extent_xy[0] // spacing[0]) + 1, int(extent_xy[1] // spacing[1]) + 1, n_z], sitk.sitkFloat32)
+    grid.SetSpacing(spacing.tolist())
+    grid.SetDirection(source.GetDirection())
+    corner = np.array(source.TransformContinuousIndexToPhysicalPoint([0.0, 0.0, 0.0]))
+    direction = np.array(source.GetDirection()).reshape(3, 3)
+    # the slab's first slice at height ``bottom`` (physical z; the template's z axis is physical z)
+    origin = corner.copy()
+    origin[2] = bottom + spacing[2] / 2
+    grid.SetOrigin(origin.tolist())
+    moving = sitk.Resample(source, grid, sitk.Transform(), sitk.sitkLinear, float(np.min(sitk.GetArrayViewFromImage(source))))
+    assert np.allclose(np.abs(direction), np.eye(3))
+    if seed is None:
+        return fixed, moving, sitk.Euler3DTransform()
+    rng = np.random.default_rng(seed)
+    slab_centre = np.array(moving.TransformContinuousIndexToPhysicalPoint(((np.array(moving.GetSize()) - 1) / 2).tolist()))
+    motion = sitk.Euler3DTransform(slab_centre.tolist(), *np.radians(rng.uniform(-10, 10, 3)),
+                                   rng.uniform(-10, 10, 3).tolist())
+    moved = moved_in_space(moving, motion)  # moved(x) = moving(motion(x)): fixed(y) = moved(motion^-1(y))
+    return fixed, moved, motion.GetInverse()
+
+
+def slab_error(transform: sitk.Transform, truth: sitk.Transform, fixed: sitk.Image, moving: sitk.Image) -> np.ndarray:
+    """Distances (mm) between where ``transform`` and ``truth`` send the fixed grid's head voxels that
+    the truth maps into the moving image's field of view: the error inside the slab."""
+    inside_moving = sitk.Resample(_ones(moving), fixed, truth, sitk.sitkNearestNeighbor, 0)
+    arr = sitk.GetArrayViewFromImage(fixed)
+    region = (sitk.GetArrayViewFromImage(inside_moving) > 0) & (arr > 0.15 * arr.max())
+    est, ref = transform_field(transform, fixed), transform_field(truth, fixed)
+    return np.linalg.norm(est - ref, axis=-1)[region]
+
+
+def _ones(image: sitk.Image) -> sitk.Image:
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    return ones

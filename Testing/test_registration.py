@@ -97,6 +97,8 @@ def test_recovers_a_known_affine_and_field_point_by_point(recovered):
 
 def test_tissue_dice_and_folding(recovered):
     m = json.loads((recovered["out"] / "metrics.json").read_text())
+    assert m["warnings"] == []  # a good same-modality result raises no doubt
+    assert m["similarity"]["share_of_self"] > 0.9 and m["overlap"]["after"] == 1.0
     assert m["dice_after"]["2"] >= 0.9  # white matter
     assert m["dice_after"]["1"] >= 0.8  # grey matter: a 2-3 mm thin ribbon on a 2.4-3.2 mm grid
     assert m["dice_after"]["1"] > m["dice_before"]["1"] + 0.5 and m["dice_after"]["2"] > m["dice_before"]["2"] + 0.15

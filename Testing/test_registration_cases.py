@@ -39,6 +39,7 @@ def test_ct_to_mr_pair_is_recognised_and_registered():
     assert epe.mean() < 1.5, epe.mean()
     assert m["dice_after"]["2"] > 0.94 and m["dice_after"]["1"] > 0.65, m["dice_after"]
     assert m["folding_percent"] < 0.1
+    assert m["warnings"] == []  # a good CT<->MR result raises no doubt
 
 
 def test_auto_keeps_local_ncc_for_the_same_modality():
@@ -102,6 +103,7 @@ def test_rigid_mode_recovers_a_rigid_motion_on_landmarks(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["mode"] == "rigid" and m["tre_before"]["mean_mm"] > 5
     assert m["tre_after"]["mean_mm"] < 0.5 and m["tre_after"]["max_mm"] < 1.0, m["tre_after"]
+    assert m["warnings"] == [] and "WARNING" not in res.stdout
     assert set(m["tre_after"]["points"]) == {f"F-{i}" for i in range(1, 7)}
     assert not (out / "displacement.nii.gz").exists() and "no displacement field" in res.stdout
     transform = sitk.ReadTransform(str(out / "transform.h5")).Downcast()
