@@ -75,6 +75,16 @@ def resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | No
     return sitk.Resample(image, grid, transform or sitk.Transform(), interpolator, default, pixel)
 
 
+def finer_grid(grid: sitk.Image) -> sitk.Image:
+    """A grid of half the spacing with the same first and last voxel centres (2n - 1 voxels per axis), so
+    that ``gvsl.spatial``'s normalised coordinates mean the same point on both."""
+    fine = sitk.Image([2 * n - 1 for n in grid.GetSize()], sitk.sitkFloat32)
+    fine.SetOrigin(grid.GetOrigin())
+    fine.SetSpacing([s / 2 for s in grid.GetSpacing()])
+    fine.SetDirection(grid.GetDirection())
+    return fine
+
+
 def field_of_view(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None,
                   soft: bool = False) -> sitk.Image:
     """Where ``image`` has data, on ``grid`` (``transform``: grid points to image points): 1 inside its

@@ -35,6 +35,7 @@ class RegistrationOptions:
     # the linear stage runs on images shrunk by these factors, in turn; None: (4, 2), or only 4 before a
     # same-modality deformable stage, which absorbs what the finer affine level would add
     linear_shrinks: tuple | None = None
+    finer_moving: bool = True  # the stages interpolate the moving image from a copy at half the working spacing
     tolerance: float = 1e-5  # early stopping: relative loss change over `patience` iterations
     patience: int = 20
     device: str = "auto"

@@ -60,6 +60,7 @@ def _network_prediction(ckpt, fixed: torch.Tensor, moving: torch.Tensor) -> tupl
 CENTRINGS = {"none": "the headers' placement", "moments": "the centres of intensity mass",
              "geometry": "the centres of the images' extents"}
 SAME_START_MM = 5.0  # starts closer than this are one start
+FINER_SIMILARITIES = ("ncc", "mi")  # MIND's descriptors are made at the working grid's scale: not on a finer copy
 SEARCH_ACROSS = 8  # voxels across a partial field of view's thinnest side below which orientations are not searched:
 #                    a 20 mm slab at a quarter of a 2 mm grid (2.5 voxels) matched best turned by 56 degrees
 SHIFT_AXIS = 0.7  # a partial field of view shorter than this share of the fixed extent along an axis is searched along it
@@ -158,14 +159,33 @@ def _normalised(prepared: Prepared, device: torch.device) -> tuple[torch.Tensor,
     return f_t, m_t, masks
 
 
+def _array(image: sitk.Image, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(sitk.GetArrayFromImage(image))[None, None].to(device)
+
+
 def _pyramid(name: str, prepared: Prepared, f_t: torch.Tensor, m_t: torch.Tensor, masks: list,
-             device: torch.device) -> tuple[Pyramid, torch.Tensor, bool]:
+             device: torch.device, finer: bool) -> tuple[Pyramid, torch.Tensor, bool]:
     """The pyramid the stages share, as similarity ``name`` compares the pair; also the fixed image's
-    weight (for the pivot) and whether that is the automatic foreground."""
+    weight (for the pivot) and whether that is the automatic foreground.
+
+    With ``finer``, the moving image (its mask and domain) is also resampled, from the original, onto a
+    grid of half the working spacing (``geometry.finer_grid``), which the full-resolution level
+    interpolates: each interpolation of a pre-resampled copy pulls the optimum towards its grid by
+    about a tenth of its voxel (slabs registered rigidly: 0.14-0.31 mm -> 0.05-0.10 mm)."""
+    domain = None if prepared.moving_domain_on_grid is None else _array(prepared.moving_domain_on_grid, device)
+    copy = None
+    if finer:
+        grid, tf = geometry.finer_grid(prepared.grid), geometry.affine_transform(prepared.init)
+        mask = None
+        if masks[1] is not None:
+            mask = geometry.resample(sitk.Cast(prepared.masks[1] != 0, sitk.sitkFloat32), grid, tf, sitk.sitkLinear, 0.0)
+        fine_domain = None if domain is None else _array(geometry.field_of_view(prepared.moving, grid, tf, soft=True),
+                                                         device)
+        fine = _to_tensor(geometry.resample(prepared.moving, grid, tf), prepared.presets[1], device, mask)
+        copy = (similarities.prepare(name, f_t, fine, None)[1], None if mask is None else _array(mask, device),
+                fine_domain)
     f_t, m_t, fixed_weight, auto_mask = similarities.prepare(name, f_t, m_t, masks[0])
-    domain = None if prepared.moving_domain_on_grid is None else \
-        torch.from_numpy(sitk.GetArrayFromImage(prepared.moving_domain_on_grid))[None, None].to(device)
-    pyramid = Pyramid(f_t, m_t, fixed_weight, masks[1], moving_domain=domain)
+    pyramid = Pyramid(f_t, m_t, fixed_weight, masks[1], moving_domain=domain, finer=copy)
     return pyramid, f_t if fixed_weight is None else f_t * fixed_weight, auto_mask
 
 
@@ -211,7 +231,8 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
         if opts.mode != "rigid":
             base = net_affine
         velocity = spatial.resize(disp, control)
-    pyramid, weight, auto_mask = _pyramid(name, prepared, f_t, m_t, masks, device)
+    finer = opts.finer_moving and model is None and name in FINER_SIMILARITIES
+    pyramid, weight, auto_mask = _pyramid(name, prepared, f_t, m_t, masks, device, finer)
 
     # 3. the linear stage: the search over starts and rotations, rigid, affine
     mark = time.perf_counter()
@@ -244,7 +265,7 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
             shape = tuple(f_t.shape[2:])
             control = tuple(max(4, round(s / opts.levels[0][1])) for s in shape)
             velocity = torch.zeros(1, 3, *control, device=device)
-            pyramid, weight, auto_mask = _pyramid(name, prepared, f_t, m_t, masks, device)
+            pyramid, weight, auto_mask = _pyramid(name, prepared, f_t, m_t, masks, device, finer)
             params = _parameters(weight)
         if partial:  # on the cut grid, at resolutions that keep the field of view
             shrinks = partial_shrinks(prepared)

@@ -90,14 +90,18 @@ class Pyramid:
     """Levels made on demand and kept: the linear and deformable stages share them."""
 
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, fixed_mask: torch.Tensor | None = None,
-                 moving_mask: torch.Tensor | None = None, moving_domain: torch.Tensor | None = None):
+                 moving_mask: torch.Tensor | None = None, moving_domain: torch.Tensor | None = None,
+                 finer: tuple | None = None):
         """``moving_domain``: where the moving image has data on the working grid (1 inside its field
-        of view), for a pair whose fields of view differ; None: it covers the fixed image."""
+        of view), for a pair whose fields of view differ; None: it covers the fixed image. ``finer``:
+        (moving, its mask or None, its domain or None) on a grid of half the spacing with the same
+        corner voxel centres (``geometry.finer_grid``), interpolated instead at full resolution."""
         self.fixed, self.moving = fixed, moving
         self.masked = fixed_mask is not None or moving_mask is not None
         self.fixed_mask = fixed_mask if fixed_mask is not None else torch.ones_like(fixed)
         self.moving_mask = moving_mask if moving_mask is not None else torch.ones_like(moving)
         self.moving_domain = moving_domain
+        self.finer = finer
         self.shape = tuple(fixed.shape[2:])
         self._levels: dict = {}
         self._full: dict = {}
@@ -117,14 +121,21 @@ class Pyramid:
             def at(x):
                 return x if shape == self.shape else smooth_resize(x, shape)
 
-            fixed, moving = (at(x) for x in self._features(similarity))
+            fixed_features, moving_features = self._features(similarity)
+            fixed, moving = at(fixed_features), at(moving_features)
+            moving_mask, domain = at(self.moving_mask), self.moving_domain
+            domain = None if domain is None else at(similarity.valid(domain))
+            if shape == self.shape and self.finer is not None:  # the finer copy, as it is: no blur to match
+                moving = similarity.features(self.finer[0])
+                moving_mask = self.finer[1] if self.finer[1] is not None else torch.ones_like(moving[:, :1])
+                domain = None if domain is None else similarity.valid(self.finer[2])
             fixed_mask = None
             if self.masked:
-                moving = torch.cat([moving, at(self.moving_mask)], dim=1)
+                moving = torch.cat([moving, moving_mask], dim=1)
                 fixed_mask = at(self.fixed_mask)
-            if self.moving_domain is not None:
-                moving = torch.cat([moving, at(similarity.valid(self.moving_domain))], dim=1)
+            if domain is not None:
+                moving = torch.cat([moving, domain], dim=1)
             if moving.shape[1] > 1:  # interpolating many channels gathers each voxel's channels together:
                 moving = moving.contiguous(memory_format=torch.channels_last_3d)  # 3x faster on a CPU
-            self._levels[key] = Level(shape, fixed, moving, fixed_mask, self.masked, self.moving_domain is not None)
+            self._levels[key] = Level(shape, fixed, moving, fixed_mask, self.masked, domain is not None)
         return self._levels[key]
