@@ -44,7 +44,7 @@ def job(args: argparse.Namespace) -> None:
 
     from gvsl import checkpoint, data
     from gvsl.outputs import (check_image_output, check_not_an_input, check_output_folder, staged_files,
-                              write_image, write_text)
+                              write_image, write_text, writing)
     from gvsl.segmentation import SegmentationOptions, build_segmenter, segment
 
     check_image_output(args.output, (args.input, args.model))  # before any work, not after it
@@ -65,7 +65,9 @@ def job(args: argparse.Namespace) -> None:
     if args.probabilities:
         with staged_files(Path(args.probabilities)) as stage:
             for name, p in zip(result.spec.names, result.probabilities):
-                sitk.WriteImage(p, str(stage / f"probability_{name}.nii.gz"))
+                file = f"probability_{name}.nii.gz"
+                with writing(stage / file, Path(args.probabilities) / file) as path:
+                    sitk.WriteImage(p, str(path))
     present = [n for v, n in zip(result.spec.values, result.spec.names)
                if v and (sitk.GetArrayViewFromImage(result.labels) == v).any()]
     print(f"Segmented {Path(args.input).name} on {result.device}: {', '.join(present) or 'no structure found'}; "

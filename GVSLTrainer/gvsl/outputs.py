@@ -78,14 +78,64 @@ def replacing(path: Path, suffix: str = "") -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+class OutputError(RuntimeError):
+    """An output that could not be written whole, naming the file and the cause."""
+
+
+def write_cause(path: Path, error: BaseException | None = None) -> str:
+    """Why writing ``path`` failed, in a user's terms: a full disk, a file size limit, or the error."""
+    import errno
+
+    code = getattr(error, "errno", None)
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), path.parent)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if code == errno.ENOSPC or (free is not None and free < (1 << 20)):
+        return f"the disk is full ({(free or 0) >> 20} MB free in {folder})"
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        limit = -1
+    size = path.stat().st_size if path.exists() else 0
+    if code == errno.EFBIG or (limit not in (-1, getattr(resource, "RLIM_INFINITY", -1)) and size >= limit):
+        return f"the file size limit was reached (ulimit -f: {limit // 1024} KB)"
+    if error is None:
+        return "the writer stopped early without saying why"
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def writing(path: Path, shown: Path | None = None) -> Iterator[Path]:
+    """Write one output file at ``path``: the C libraries' messages are held back, a failure names the
+    file (``shown``: its final name, when ``path`` is a temporary one) and the cause, and a file left cut
+    short by a writer that reports nothing (SimpleITK's NIfTI writer on a full disk) is caught."""
+    from . import stderr
+    from .volumes import nifti_size_problem
+
+    shown = shown or path
+    try:
+        with stderr.held():
+            yield path
+    except (RuntimeError, OSError) as e:
+        raise OutputError(f"{shown}: could not be written: {write_cause(path, e)}") from None
+    problem = nifti_size_problem(path)
+    if problem:
+        raise OutputError(f"{shown}: could not be written whole ({problem.split(':')[0]}): {write_cause(path)}")
+
+
 def write_image(image, path: str | Path) -> Path:
-    """sitk.WriteImage to a temporary name with the same extension, then rename into place."""
+    """sitk.WriteImage to a temporary name with the same extension, checked, then renamed into place."""
     import SimpleITK as sitk
 
     path = Path(path)
     suffix = "".join(s for s in path.suffixes if s.lower() in (".nii", ".gz", ".nrrd", ".mha", ".mhd", ".seg")) \
         or path.suffix
-    with replacing(path, suffix) as tmp:
+    with replacing(path, suffix) as tmp, writing(tmp, path):
         sitk.WriteImage(image, str(tmp))
     return path
 
@@ -93,7 +143,7 @@ def write_image(image, path: str | Path) -> Path:
 def write_text(text: str, path: str | Path) -> Path:
     """A small text file written whole or not at all (temporary name, then rename)."""
     path = Path(path)
-    with replacing(path) as tmp:
+    with replacing(path) as tmp, writing(tmp, path):
         tmp.write_text(text)
     return path
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import SimpleITK as sitk
 
-from .outputs import staged_files
+from .outputs import staged_files, writing
 from .report import registration_panels, registration_report
 
 if TYPE_CHECKING:  # only for the annotation: reading the file names must not import torch (Slicer's GUI does)
@@ -27,25 +27,33 @@ def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir:
     during the registration, if it did), else this process draws it."""
     output_dir = Path(output_dir)
     with staged_files(output_dir) as stage:
+        def file(key: str):  # one output, checked (a full disk, a cut-off file), named by its final place
+            return writing(stage / FILES[key], output_dir / FILES[key])
+
         if drawer is not None:
             if not drawer.has_panels:
                 send_panels(drawer, fixed, result.before, result.warped, result.jacobian, result.landmarks)
             drawer.save(stage / FILES["report"], result.metrics)
-        sitk.WriteImage(result.warped, str(stage / FILES["warped"]))
-        sitk.WriteTransform(result.transform, str(stage / FILES["transform"]))
-        sitk.WriteTransform(result.inverse, str(stage / FILES["inverse"]))
-        sitk.WriteTransform(result.affine, str(stage / FILES["affine"]))
+        with file("warped") as path:
+            sitk.WriteImage(result.warped, str(path))
+        for key, transform in (("transform", result.transform), ("inverse", result.inverse),
+                               ("affine", result.affine)):
+            with file(key) as path:
+                sitk.WriteTransform(transform, str(path))
         if result.displacement is not None:  # none in the linear modes
-            # float32: half the bytes to gzip (the slowest output to write), 1e-6 mm of rounding
-            sitk.WriteImage(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), str(stage / FILES["displacement"]))
+            with file("displacement") as path:  # float32: half the bytes to gzip (the slowest output), 1e-6 mm
+                sitk.WriteImage(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), str(path))
         if result.warped_labels is not None:
-            sitk.WriteImage(result.warped_labels, str(stage / FILES["warped_labels"]))
-        (stage / FILES["metrics"]).write_text(json.dumps(finite(result.metrics), indent=2, allow_nan=False))
-        if drawer is not None:
-            drawer.wait()
-        else:
-            registration_report(fixed, result.before, result.warped, result.jacobian, stage / FILES["report"],
-                                result.metrics, result.landmarks)
+            with file("warped_labels") as path:
+                sitk.WriteImage(result.warped_labels, str(path))
+        with file("metrics") as path:
+            path.write_text(json.dumps(finite(result.metrics), indent=2, allow_nan=False))
+        with file("report") as path:
+            if drawer is not None:
+                drawer.wait()
+            else:
+                registration_report(fixed, result.before, result.warped, result.jacobian, path, result.metrics,
+                                    result.landmarks)
         written = {k: output_dir / v for k, v in FILES.items() if (stage / v).exists()}
         for name in set(FILES.values()) - {p.name for p in written.values()}:  # an earlier run's, say its
             (output_dir / name).unlink(missing_ok=True)  # warped_labels: the folder holds one whole set
