@@ -5,8 +5,10 @@ Kept free of MONAI and of the training machinery so that registration imports on
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +27,10 @@ class DataError(ValueError):
 NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of the float voxel types a scalar volume uses
 
 
-def nifti_problem(path: Path) -> str:
-    """Why a NIfTI file cannot be trusted ("" when it can, or is no NIfTI), for two things SimpleITK
-    reads without complaint: a truncated .nii or .nii.gz (missing voxels become zeros), and NaN or
-    infinite voxels (become zeros too). The header says how many bytes the data take; a .nii must
-    hold them, and a .nii.gz's gzip trailer (the uncompressed size, modulo 2^32) must match them.
-    Float data are then read as stored and counted for non-finite values."""
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")) or not path.is_file():
-        return ""
-    compressed = name.endswith(".gz")
-    opener = gzip.open if compressed else open
+def _nifti_layout(path: Path) -> tuple | str | None:
+    """(byte order, datatype, data offset, voxels, expected bytes) from a NIfTI header; a problem as a
+    string; None for a file this check does not understand (left to the reader)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
             header = f.read(540)
@@ -48,7 +43,10 @@ def nifti_problem(path: Path) -> str:
         if size == 348:  # NIfTI-1
             dims = struct.unpack(order + "8h", header[40:56])
             datatype, bitpix = struct.unpack(order + "2h", header[70:74])
-            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            raw_offset = struct.unpack(order + "f", header[108:112])[0]
+            if not math.isfinite(raw_offset) or raw_offset < 0:
+                return f"has a broken header: its data offset (vox_offset) is {raw_offset}"
+            offset = int(raw_offset)
             break
         if size == 540 and len(header) >= 540:  # NIfTI-2
             dims = struct.unpack(order + "8q", header[16:80])
@@ -56,12 +54,24 @@ def nifti_problem(path: Path) -> str:
             offset = struct.unpack(order + "q", header[168:176])[0]
             break
     else:
-        return ""  # not a NIfTI header this check understands: leave it to the reader
+        return None
     ndim = max(0, min(int(dims[0]), 7))
     voxels = int(np.prod([max(1, d) for d in dims[1:ndim + 1]]))
     offset = max(offset, 352 if size == 348 else 544)
-    expected = offset + voxels * bitpix // 8
-    if compressed:
+    return order, datatype, offset, voxels, offset + voxels * max(bitpix, 0) // 8
+
+
+def nifti_size_problem(path: Path) -> str:
+    """Why a NIfTI file is cut short ("" when it is whole, or no NIfTI): a .nii must hold the bytes its
+    header promises, a .nii.gz's gzip trailer (the uncompressed size, modulo 2^32) must match them.
+    Cheap: the header and the last four bytes. What a writer that does not report a full disk leaves."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")) or not path.is_file():
+        return ""
+    layout = _nifti_layout(path)
+    if layout is None or isinstance(layout, str):
+        return layout or ""
+    expected = layout[4]
+    if path.name.lower().endswith(".gz"):
         with open(path, "rb") as f:
             f.seek(-4, os.SEEK_END)
             stored = struct.unpack("<I", f.read(4))[0]
@@ -70,18 +80,44 @@ def nifti_problem(path: Path) -> str:
                     "does not end with that size")
     elif path.stat().st_size < expected:
         return f"is truncated: its header promises {expected} bytes, the file has {path.stat().st_size}"
-    if datatype not in NIFTI_FLOATS:
+    return ""
+
+
+def nifti_problem(path: Path) -> str:
+    """Why a NIfTI file cannot be trusted ("" when it can, or is no NIfTI), for what SimpleITK reads
+    without complaint: a truncated file or a broken data offset, a .nii.gz whose gzip checksum fails
+    (ITK ignores it: a corrupt middle became garbage voxels), and NaN or infinite voxels (read as
+    zeros). A .nii.gz is decompressed once to its end, which checks the CRC; float data are counted
+    for non-finite values in the same pass."""
+    problem = nifti_size_problem(path)
+    if problem or not path.name.lower().endswith((".nii", ".nii.gz")) or not path.is_file():
+        return problem
+    layout = _nifti_layout(path)
+    if layout is None or isinstance(layout, str):
+        return layout or ""
+    order, datatype, offset, voxels, _ = layout
+    compressed = path.name.lower().endswith(".gz")
+    floats = datatype in NIFTI_FLOATS
+    if not compressed and not floats:
         return ""
-    dtype = np.dtype(order + NIFTI_FLOATS[datatype])
+    dtype = np.dtype(order + NIFTI_FLOATS[datatype]) if floats else None
     bad, chunk = 0, 1 << 22
     try:
-        with opener(path, "rb") as f:
-            f.seek(offset)
-            for start in range(0, voxels, chunk):
-                values = np.frombuffer(f.read(min(chunk, voxels - start) * dtype.itemsize), dtype)
-                bad += values.size - int(np.count_nonzero(np.isfinite(values)))
-    except (OSError, EOFError, ValueError) as e:
-        return f"cannot be read: its data are damaged ({e})"
+        with (gzip.open if compressed else open)(path, "rb") as f:
+            f.seek(offset) if not compressed else f.read(offset)
+            done = 0
+            while True:
+                block = f.read(chunk * (dtype.itemsize if floats else 1))
+                if not block:
+                    break
+                if floats and done < voxels:
+                    values = np.frombuffer(block[:(min(len(block) // dtype.itemsize, voxels - done)) * dtype.itemsize],
+                                           dtype)
+                    done += values.size
+                    bad += values.size - int(np.count_nonzero(np.isfinite(values)))
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        reason = "its gzip checksum does not match its data" if "CRC" in str(e) else f"its data are damaged ({e})"
+        return f"cannot be trusted: {reason}"
     if bad:
         what = "every voxel is" if bad == voxels else f"{bad} of its {voxels} voxels {'is' if bad == 1 else 'are'}"
         return f"{what} NaN or infinite (as stored; SimpleITK would read them as 0)"
