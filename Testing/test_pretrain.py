@@ -153,21 +153,28 @@ def test_demo_run_from_the_command_line(tmp_path):
     assert checkpoint.load(out).meta["num_volumes"] == 2
 
 
-def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path, small_folder):
-    """What a cluster scheduler or `kill` sends: the run checkpoints its last step and says how to resume."""
+@pytest.mark.parametrize("workers, to_group", [(0, False), (2, True)])
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path, small_folder, workers, to_group):
+    """What a cluster scheduler or `kill` sends: the run checkpoints its last step and says how to resume.
+    Slurm (and `kill -- -PGID`) signal the whole process group, the DataLoader workers included: they
+    must not die first and take the run down before it saves."""
+    import os
     import signal
     import time
 
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--data", str(small_folder), "--output-dir", str(out),
-                             "--steps", "100000", "--crop", "16", "16", "16", "--width", "4", "--workers", "0",
+                             "--steps", "100000", "--crop", "16", "16", "16", "--width", "4", "--workers", str(workers),
                              "--spacing", "2", "--normalize", "mr", "--log-every", "1", "--checkpoint-every", "100000",
                              "--no-progress", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and not ((out / "log.csv").is_file() and len((out / "log.csv").read_text().split()) > 3):
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     step = checkpoint.load(out / "checkpoint_last.pt").training_state["step"]

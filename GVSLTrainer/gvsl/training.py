@@ -22,6 +22,14 @@ from .config import TrainConfig, to_dict
 LAST = "checkpoint_last.pt"
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM and SIGINT: a scheduler (Slurm, ``kill -- -PGID``) or Ctrl-C
+    signals the whole process group, and a worker that died first took the run down ("DataLoader
+    worker is killed by signal") before it could save. The main process saves, then stops them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TrainingError(RuntimeError):
     pass
 
@@ -140,7 +148,8 @@ class TrainingRun:
         return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
                           sampler=data.StepSampler(self.start, cfg.steps, cfg.batch_size, self.dist.rank,
                                                    self.dist.world_size),
-                          pin_memory=self.device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
+                          pin_memory=self.device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
+                          worker_init_fn=ignore_stop_signals if cfg.workers else None)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
