@@ -203,7 +203,7 @@ def test_two_process_gloo_ddp_fine_tuning_keeps_replicas_identical(tmp_path, lab
     assert sum(not torch.equal(fresh[k], r0[k]) for k in r0 if r0[k].is_floating_point()) > len(r0) // 2
 
 
-def test_resume_refuses_options_that_change_the_run(tmp_path, labelled_case):
+def test_resume_refuses_options_that_change_the_run(tmp_path, labelled_case, capsys):
     from gvsl.training import TrainingError
 
     root, _, _ = labelled_case
@@ -215,7 +215,13 @@ def test_resume_refuses_options_that_change_the_run(tmp_path, labelled_case):
                                                 r"instance now, crop: .16, 16, 16. then, .24, 24, 24. now\)"):
             train(cfg(root, tmp_path / "r", **{**settings, "steps": 4, "norm": "instance", "crop": (24, 24, 24),
                                                "resume": True}))
+        for option, value in (("lr_schedule", "cosine"), ("warmup_steps", 7), ("foreground_rate", 0.9),
+                              ("augment_rate", 0.5), ("intensity_augment", False)):
+            with pytest.raises(TrainingError, match=rf"cannot resume with different options \({option}: "):
+                train(cfg(root, tmp_path / "r", **{**settings, "steps": 4, option: value, "resume": True}))
+        capsys.readouterr()
         train(cfg(root, tmp_path / "r", **{**settings, "steps": 3, "resume": True}))  # the same run goes on
+        assert "--steps 2 then, 3 now" in capsys.readouterr().out  # allowed, and said
 
 
 def test_balanced_crops_find_a_small_class_that_foreground_crops_miss(tmp_path, anatomical_path):

@@ -32,7 +32,8 @@ VALIDATION_BYTES_PER_CLASS = 10
 
 # Options a resumed run must share with the run it continues (the validation split included).
 RESUME_FIXED = ("width", "norm", "crop", "batch_size", "seed", "normalize", "spacing", "lr", "val_fraction",
-                "freeze_backbone", "sampling", "augment")
+                "freeze_backbone", "sampling", "augment", "lr_schedule", "warmup_steps", "foreground_rate",
+                "augment_rate", "intensity_augment")
 
 
 @dataclass

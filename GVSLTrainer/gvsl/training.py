@@ -121,6 +121,10 @@ class TrainingRun:
                 if ckpt.training_state is None:
                     raise TrainingError(f"{self.last}: holds no training state to resume from")
                 _check_same_options(ckpt, self.cfg, fixed)
+                before = ckpt.meta.get("config", {}).get("steps")
+                if before is not None and before != self.cfg.steps and self.dist.is_main:  # allowed: said, not refused
+                    print(f"--resume: --steps {before} then, {self.cfg.steps} now; the learning-rate schedule follows "
+                          f"the new length from step {ckpt.training_state.get('step')}")
                 self.model.load_state_dict(ckpt.state_dict)
                 state = ckpt.training_state
                 self.optimizer.load_state_dict(state["optimizer"])
