@@ -59,7 +59,8 @@ def test_wrong_width_or_kind_is_reported(tmp_path):
     path = checkpoint.save(tmp_path / "m.pt", GVSL(width=4), "pretrain", {"width": 8})
     with pytest.raises(CheckpointError, match="do not fit a width-8 GVSL network"):
         checkpoint.build_gvsl(checkpoint.load(path))
-    seg = checkpoint.save(tmp_path / "s.pt", GVSL(width=4), "segmentation", {"width": 4})
+    labels = {"values": [0, 1], "names": ["background", "a"], "colours": [[0, 0, 0], [1, 0, 0]]}
+    seg = checkpoint.save(tmp_path / "s.pt", GVSL(width=4), "segmentation", {"width": 4, "labels": labels})
     with pytest.raises(CheckpointError, match="is a segmentation model"):
         checkpoint.build_gvsl(checkpoint.load(seg))
 

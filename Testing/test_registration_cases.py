@@ -226,6 +226,29 @@ def bad_inputs(tmp_path_factory, anatomical_path):
     sitk.WriteImage(half, str(tmp / "half.nii.gz"))
     sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Image([8, 8, 8], sitk.sitkVectorFloat64, 3)),
                         str(tmp / "field.h5"))
+    cut = (tmp / "field.h5").read_bytes()
+    (tmp / "cut.h5").write_bytes(cut[:len(cut) // 2])  # an HDF5 file cut short
+    sitk.WriteTransform(sitk.AffineTransform((-1.0, 0, 0, 0, 1, 0, 0, 0, 1), (0.0, 0, 0)), str(tmp / "mirror.tfm"))
+    (tmp / "flat.mrk.json").write_text(json.dumps({"markups": [{"type": "Fiducial", "coordinateSystem": "LPS",
+                                                                "controlPoints": [{"label": "1", "position": [1, 2]}]}]}))
+    for value, name in ((0.7, "soft_mask.nii.gz"), (-1.0, "negative_mask.nii.gz")):  # non-zero means use
+        mask = sitk.Cast(head > float(np.percentile(sitk.GetArrayViewFromImage(head), 60)), sitk.sitkFloat32) * value
+        sitk.WriteImage(mask, str(tmp / name))
+    corner, other = (sitk.Image(head.GetSize(), sitk.sitkUInt8) for _ in range(2))
+    for image, box in ((corner, (slice(0, 6),) * 3), (other, (slice(-6, None),) * 3)):
+        array = sitk.GetArrayFromImage(image)
+        array[box] = 1
+        written = sitk.GetImageFromArray(array)
+        written.CopyInformation(head)
+        sitk.WriteImage(written, str(tmp / ("corner.nrrd" if image is corner else "far_corner.nrrd")))
+    sitk.WriteImage(sitk.Cast(head, sitk.sitkFloat32), str(tmp / "whole.mha"))
+    whole = (tmp / "whole.mha").read_bytes()
+    (tmp / "cut.mha").write_bytes(whole[:len(whole) // 2])
+    skewed = sitk.Image(head)
+    direction = np.array(head.GetDirection()).reshape(3, 3)
+    direction[0, 1] = 0.05  # axes 3 degrees from perpendicular
+    skewed.SetDirection(direction.flatten().tolist())
+    sitk.WriteImage(skewed, str(tmp / "skewed.nrrd"))
     return tmp, anatomical_path
 
 
@@ -254,8 +277,18 @@ def markups(path, system):
     (["--fixed-labels", "elsewhere.nrrd"], "elsewhere.nrrd: its labels lie outside its image"),
     (["--fixed-mask", "cut.nii"], "cut.nii: is truncated: its header promises"),
     (["--moving", "nan.nii.gz"], "nan.nii.gz: 1 of its 33825 voxels is NaN or infinite"),
+    (["--initial-transform", "mirror.tfm", "--mode", "rigid"], "mirror.tfm: it reflects space (a mirror image"),
+    (["--initial-transform", "cut.h5"], "cut.h5: cannot be read as an ITK transform (its HDF5 file is damaged or "
+                                        "truncated"),
+    (["--fixed-landmarks", "flat.mrk.json", "--moving-landmarks", "two.csv"],
+     "flat.mrk.json: control point '1' has position [1, 2]; a point needs 3 coordinates"),
+    (["--fixed-mask", "corner.nrrd", "--moving-mask", "far_corner.nrrd"],
+     "fixed mask: {folder}/corner.nrrd; moving mask: {folder}/far_corner.nrrd"),
+    (["--moving", "cut.mha"], "cut.mha: is truncated: its header promises 135300 bytes of data"),
+    (["--fixed", "skewed.nrrd"], "skewed.nrrd: has axes that are not perpendicular (its direction matrix is off by "
+                                 "about 2.9 degrees)"),
 ])
-def test_bad_registration_inputs_get_one_clear_error_and_no_output(bad_inputs, capsys, extra, expected):
+def test_bad_registration_inputs_get_one_clear_error_and_no_output(bad_inputs, capfd, extra, expected):
     folder, head = bad_inputs
     out = folder / "out"
     argv = ["--fixed", str(head), "--moving", str(head), "--output-dir", str(out), "--no-progress",
@@ -265,9 +298,10 @@ def test_bad_registration_inputs_get_one_clear_error_and_no_output(bad_inputs, c
         code = script.main(argv)
     except SystemExit as e:  # argparse refuses unknown names itself
         code = e.code
-    err = capsys.readouterr().err
-    assert code == 2 and expected in err, err
+    err = capfd.readouterr().err  # the file descriptor: ITK's, HDF5's and MetaImage's own lines count too
+    assert code == 2 and expected.format(folder=folder) in err, err
     assert "Traceback" not in err
+    assert err.startswith("usage:") or len(err.strip().splitlines()) == 1, err  # argparse's usage, or one line
     assert not out.exists() and not list(folder.glob(".out.partial-*"))
 
 
@@ -437,3 +471,15 @@ def test_inputs_are_read_and_prepared_without_torch(bad_inputs):
                           cwd=SCRIPT.parent, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "(4.0, 4.0, 4.0) ('mr', 'mr') moments" in done.stdout and "no pipeline" in done.stdout, done.stdout
+
+
+def test_masks_of_any_non_zero_value_are_used(bad_inputs, capsys):
+    """Non-zero means use, whatever the value: a probability map's 0.7, or -1."""
+    folder, head = bad_inputs
+    out = folder / "masked"
+    code = load_register_script().main(["--fixed", str(head), "--moving", str(head), "--mode", "rigid",
+                                        "--iterations", "10", "--fixed-mask", str(folder / "soft_mask.nii.gz"),
+                                        "--moving-mask", str(folder / "negative_mask.nii.gz"), "--output-dir",
+                                        str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["masks"] == {"fixed": "given", "moving": "given"}

@@ -109,8 +109,15 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
         if obj.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{path}: written by a newer version (format {obj['format_version']}); "
                                   f"this gvsl {__version__} reads format {FORMAT_VERSION}")
-        return Checkpoint(path, obj["kind"], "project", obj["state_dict"], obj.get("meta", {}),
-                          obj.get("training_state"))
+        missing = [k for k in ("kind", "state_dict") if k not in obj]
+        if missing or obj["kind"] not in KINDS:
+            what = f"has no {' and no '.join(repr(k) for k in missing)}" if missing else f"has kind {obj['kind']!r}"
+            raise CheckpointError(f"{path}: a damaged GVSL checkpoint: it {what} (a checkpoint holds one of "
+                                  f"{', '.join(KINDS)} and its weights)")
+        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        if obj["kind"] == "segmentation" and not isinstance(meta.get("labels"), dict):
+            raise CheckpointError(f"{path}: a damaged segmentation model: it names no classes (meta 'labels')")
+        return Checkpoint(path, obj["kind"], "project", obj["state_dict"], meta, obj.get("training_state"))
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state = _strip_prefix(obj)
         if OFFICIAL_MARKER in state:

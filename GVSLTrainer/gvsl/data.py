@@ -57,6 +57,9 @@ def _from_dataset_json(path: Path) -> list[Path]:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{path}: a dataset.json must be an object with a 'training' list, not a "
+                        f"{type(spec).__name__}")
     entries = []
     for key in ("training", "validation", "test", "images"):
         for item in spec.get(key, []) if isinstance(spec, dict) else []:
@@ -272,6 +275,9 @@ def discover_labelled(source: str | Path) -> tuple[list[tuple[Path, Path]], dict
             spec = json.loads(source.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{source}: not valid JSON ({e})") from None
+        if not isinstance(spec, dict) or not isinstance(spec.get("training", []), list):
+            raise DataError(f"{source}: a dataset.json must be an object with a 'training' list of "
+                            "{\"image\": ..., \"label\": ...} entries and a 'labels' mapping")
         entries = [e for e in spec.get("training", []) if isinstance(e, dict) and "label" in e]
         pairs = [(_resolve(source.parent, e["image"]), _resolve(source.parent, e["label"])) for e in entries]
         mapping = spec.get("labels")

@@ -87,9 +87,12 @@ def split_cases(n: int, fraction: float, seed: int) -> tuple[list[int], list[int
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def label_spec(pairs: list[tuple[Path, Path]], mapping: dict | None) -> LabelSpec:
-    if mapping:
-        return LabelSpec.from_mapping(mapping)
+def label_spec(pairs: list[tuple[Path, Path]], mapping: dict | None, source: str = "") -> LabelSpec:
+    if mapping is not None:
+        try:
+            return LabelSpec.from_mapping(mapping, source)
+        except ValueError as e:
+            raise data.DataError(str(e)) from None
     return LabelSpec.infer(sitk.GetArrayFromImage(data.read_labels(lbl)) for _, lbl in pairs)
 
 
@@ -168,7 +171,7 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
     if not cfg.data:
         raise data.DataError("fine-tuning needs --data: a dataset.json or a folder with images/ and labels/")
     pairs, mapping = data.discover_labelled(cfg.data)
-    spec = label_spec(pairs, mapping)
+    spec = label_spec(pairs, mapping, str(cfg.data))
     pretrained = checkpoint.load(cfg.pretrained) if cfg.pretrained else None
     if pretrained is not None and pretrained.kind != "pretrain":
         raise checkpoint.CheckpointError(f"{pretrained.path}: is a {pretrained.kind} model, not a GVSL "
@@ -183,6 +186,9 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
     check_input_size(tuple(cfg.crop), cfg.norm)
     store = run.store([p for p, _ in pairs], data.Preprocessing(tuple(cfg.spacing), cfg.normalize),
                       labels=[lbl for _, lbl in pairs], spec=spec)
+    if not any(bool((store[i]["label"] > 0).any()) for i in range(len(store))):
+        raise data.DataError(f"{cfg.data}: every label map is all background (0): there is nothing to learn "
+                             f"(e.g. {pairs[0][1]}); check the label files")
     train_idx, val_idx = split_cases(len(store), cfg.val_fraction, cfg.seed)
     check_memory(spec.num_classes, tuple(cfg.crop), cfg.batch_size,
                  max(store[i]["image"].numel() for i in val_idx), run.device)

@@ -29,10 +29,30 @@ class LabelSpec:
         return len(self.values)
 
     @classmethod
-    def from_mapping(cls, labels: dict) -> "LabelSpec":
-        """From an MSD ``labels`` mapping {"0": "background", "205": "myocardium", ...}."""
-        items = sorted((int(k), str(v)) for k, v in labels.items())
-        if not items or items[0][0] != 0:
+    def from_mapping(cls, labels, source: str = "") -> "LabelSpec":
+        """From a dataset.json's ``labels``: the MSD form {"0": "background", "205": "myocardium", ...} or
+        nnU-Net v2's {"background": 0, "myocardium": 205, ...}. Anything else is refused, naming
+        ``source``: negative or fractional values, a list, nnU-Net's region-based lists of values."""
+        where = f"{source}: " if source else ""
+        if not isinstance(labels, dict) or not labels:
+            raise ValueError(f"{where}'labels' must map label values to names (MSD: {{\"1\": \"liver\"}}) or names to "
+                             f"values (nnU-Net v2: {{\"liver\": 1}}), got {type(labels).__name__} {labels!r}"[:300])
+        if any(isinstance(v, list) for v in labels.values()):
+            raise ValueError(f"{where}'labels' holds lists of values (nnU-Net's region-based training), which "
+                             "fine-tuning does not support; give one value per class")
+        nnunet = all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values())
+        items = []
+        for key, value in labels.items():
+            name, text = (str(key), value) if nnunet else (str(value), str(key).strip())
+            try:
+                number = int(text)
+            except ValueError:
+                raise ValueError(f"{where}label value {text!r} (of {name!r}) is not a whole number") from None
+            if number < 0:
+                raise ValueError(f"{where}label value {number} (of {name!r}) is negative; label values are 0 or more")
+            items.append((number, name))
+        items.sort()
+        if items[0][0] != 0:
             items.insert(0, (0, "background"))
         return cls([v for v, _ in items], [n for _, n in items])
 

@@ -10,8 +10,12 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def staged_files(output_dir: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``output_dir``; on success its files move into ``output_dir``.
+def staged_files(output_dir: str | Path, replaces: tuple = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside ``output_dir``; on success its files move into ``output_dir``, and
+    the files named in ``replaces`` that this run did not write are removed from it (the folder holds
+    one whole set). The move holds a lock on the folder, so that two runs finishing at once leave one
+    run's set, not a mix (with slow renames one folder held one run's metrics.json and the other's
+    transform.h5).
 
     On any error the temporary folder is removed and ``output_dir`` is left as it was.
     """
@@ -22,11 +26,33 @@ def staged_files(output_dir: str | Path) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=output_dir.parent))
     try:
         yield stage
-        output_dir.mkdir(exist_ok=True)
-        for item in stage.iterdir():
-            os.replace(item, output_dir / item.name)
+        with folder_lock(output_dir):
+            output_dir.mkdir(exist_ok=True)
+            written = {item.name for item in stage.iterdir()}
+            for name in set(replaces) - written:
+                (output_dir / name).unlink(missing_ok=True)
+            for item in stage.iterdir():
+                os.replace(item, output_dir / item.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder``'s outputs while they are moved into place: a lock file beside it
+    (``.<name>.lock``, left for the next run), flock on POSIX, msvcrt's byte lock on Windows."""
+    path = folder.parent / f".{folder.name}.lock"
+    with open(path, "a+b") as handle:
+        try:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # Windows
+            import msvcrt
+
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+        yield
 
 
 def pid_alive(pid: int) -> bool:
@@ -171,12 +197,30 @@ def check_output_folder(folder: str | Path, inputs: tuple = (), names: tuple = (
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder}: is a file, not a folder for the outputs")
+    dangling = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        raise ValueError(f"{folder}: {dangling} is a link to {os.readlink(dangling)}, which does not exist")
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{folder}: cannot be written (no permission to create or write in {existing})")
+    if existing is None or not _can_write_in(existing):
+        raise ValueError(f"{folder}: cannot be written (no permission to create or write in {existing}, or it is "
+                         "on a read-only file system)")
     for name in names:
         check_not_an_input(folder / name, inputs)
     return folder
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder``, tried rather than read off its permission bits (which
+    say nothing of a read-only file system, nor of what root may do)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".gvsl-write-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(handle)
+    os.unlink(probe)
+    return True
 
 
 def check_not_an_input(path: Path, inputs: tuple) -> None:

@@ -26,7 +26,7 @@ def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir:
     draws report.png while the other files are written (from the panels ``send_panels`` gave it
     during the registration, if it did), else this process draws it."""
     output_dir = Path(output_dir)
-    with staged_files(output_dir) as stage:
+    with staged_files(output_dir, replaces=tuple(FILES.values())) as stage:
         def file(key: str):  # one output, checked (a full disk, a cut-off file), named by its final place
             return writing(stage / FILES[key], output_dir / FILES[key])
 
@@ -55,9 +55,7 @@ def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir:
                 registration_report(fixed, result.before, result.warped, result.jacobian, path, result.metrics,
                                     result.landmarks)
         written = {k: output_dir / v for k, v in FILES.items() if (stage / v).exists()}
-        for name in set(FILES.values()) - {p.name for p in written.values()}:  # an earlier run's, say its
-            (output_dir / name).unlink(missing_ok=True)  # warped_labels: the folder holds one whole set
-    return written
+    return written  # an earlier run's other outputs (its warped_labels, say) are gone: one whole set
 
 
 def send_panels(drawer: ReportProcess, fixed: sitk.Image, before: sitk.Image, warped: sitk.Image,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import re
 import signal
 import threading
 import warnings
@@ -125,7 +126,16 @@ class TrainingRun:
                 if before is not None and before != self.cfg.steps and self.dist.is_main:  # allowed: said, not refused
                     print(f"--resume: --steps {before} then, {self.cfg.steps} now; the learning-rate schedule follows "
                           f"the new length from step {ckpt.training_state.get('step')}")
-                self.model.load_state_dict(ckpt.state_dict)
+                try:
+                    self.model.load_state_dict(ckpt.state_dict)
+                except RuntimeError as e:  # another dataset's classes, say: name the file and the difference
+                    sizes = re.findall(r"copying a param with shape torch.Size\((\[[^]]*\])\).*?shape in current "
+                                       r"model is torch.Size\((\[[^]]*\])\)", str(e))
+                    detail = f"its weights have shape {sizes[0][0]} where this run's model has {sizes[0][1]}" if sizes \
+                        else str(e).strip().splitlines()[0]
+                    raise TrainingError(f"{self.last}: cannot resume: {detail}; the data or the model options differ "
+                                        "from the run it continues (a dataset with other classes needs a new "
+                                        "--output-dir)") from None
                 state = ckpt.training_state
                 self.optimizer.load_state_dict(state["optimizer"])
                 self.scaler.load_state_dict(state["scaler"])

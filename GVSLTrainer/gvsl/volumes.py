@@ -56,9 +56,36 @@ def _nifti_layout(path: Path) -> tuple | str | None:
     else:
         return None
     ndim = max(0, min(int(dims[0]), 7))
+    broken = _nifti_geometry_problem(header, order, size, ndim)
+    if broken:
+        return broken
     voxels = int(np.prod([max(1, d) for d in dims[1:ndim + 1]]))
     offset = max(offset, 352 if size == 348 else 544)
     return order, datatype, offset, voxels, offset + voxels * max(bitpix, 0) // 8
+
+
+def _nifti_geometry_problem(header: bytes, order: str, size: int, ndim: int) -> str:
+    """A NIfTI header whose voxel size or placement is not a number, or zero: ITK reads a voxel size of
+    0 or NaN as 1 mm (a result in the wrong place, with only warnings), and a NaN offset as a position
+    nowhere (then "does not overlap")."""
+    if size == 348:
+        pixdim = struct.unpack(order + "8f", header[76:108])
+        qform, sform = struct.unpack(order + "2h", header[252:256])
+        quatern = struct.unpack(order + "6f", header[256:280])
+        srow = struct.unpack(order + "12f", header[280:328])
+    else:
+        pixdim = struct.unpack(order + "8d", header[104:168])
+        qform, sform = struct.unpack(order + "2i", header[344:352])
+        quatern = struct.unpack(order + "6d", header[352:400])
+        srow = struct.unpack(order + "12d", header[400:496])
+    spacing = pixdim[1:max(ndim, 3) + 1][:3]
+    if not all(math.isfinite(v) and v != 0 for v in spacing):
+        return f"has a broken header: its voxel size (pixdim) is {tuple(spacing)}; a size must be a number above 0"
+    if qform > 0 and not all(math.isfinite(v) for v in quatern):
+        return f"has a broken header: its qform (quatern_b..qoffset_z) holds {tuple(quatern)}"
+    if sform > 0 and not all(math.isfinite(v) for v in srow):
+        return "has a broken header: its sform (srow_x, srow_y, srow_z) holds non-numbers"
+    return ""
 
 
 def nifti_size_problem(path: Path) -> str:
@@ -124,15 +151,75 @@ def nifti_problem(path: Path) -> str:
     return ""
 
 
+def metaimage_problem(path: Path) -> str:
+    """Why a MetaImage (.mha, or a .mhd with its data file) is cut short ("" when whole or not one): the
+    header says how many bytes the data take (MetaImage itself prints two lines, then a misleading
+    "No such file or directory")."""
+    name = path.name.lower()
+    if not name.endswith((".mha", ".mhd")) or not path.is_file():
+        return ""
+    fields, header_bytes = {}, 0
+    with open(path, "rb") as f:
+        for raw in f:
+            header_bytes += len(raw)
+            key, _, value = raw.decode("latin-1").partition("=")
+            fields[key.strip().lower()] = value.strip()
+            if key.strip().lower() == "elementdatafile" or header_bytes > 100_000:
+                break
+    sizes = {"met_uchar": 1, "met_char": 1, "met_ushort": 2, "met_short": 2, "met_uint": 4, "met_int": 4,
+             "met_float": 4, "met_double": 8, "met_ulong": 8, "met_long": 8, "met_ulong_long": 8, "met_long_long": 8}
+    try:
+        dims = [int(v) for v in fields["dimsize"].split()]
+        item = sizes[fields["elementtype"].lower()] * int(fields.get("elementnumberofchannels", "1"))
+    except (KeyError, ValueError):
+        return ""  # a header this check does not understand: left to the reader
+    source = fields.get("elementdatafile", "")
+    data = path if source.upper() == "LOCAL" else path.parent / source
+    if not data.is_file():
+        return f"names a data file {source!r} that does not exist" if source and "%" not in source else ""
+    if fields.get("compresseddata", "false").lower() == "true":
+        expected = int(fields.get("compresseddatasize", "0") or 0)
+    else:
+        expected = int(np.prod(dims)) * item
+    have = data.stat().st_size - (header_bytes if data == path else 0)
+    if expected and have < expected:
+        return f"is truncated: its header promises {expected} bytes of data, the file has {max(have, 0)}"
+    return ""
+
+
+def _geometry_problem(image: sitk.Image) -> str:
+    """A grid ITK read but the tools cannot place: a voxel size that is not above 0, a position that is
+    not a number, or axes that are not perpendicular (resampling would shear the image: a fixed image
+    whose axes were 3 degrees off gave a result 3 degrees off its grid)."""
+    spacing, origin = np.array(image.GetSpacing()), np.array(image.GetOrigin())
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        return f"has a broken voxel size {tuple(spacing)}; a size must be a number above 0"
+    if not (np.isfinite(origin).all() and np.isfinite(direction).all()):
+        return "has a position or orientation that is not a number (NaN or infinite)"
+    skew = np.abs(direction.T @ direction - np.eye(3)).max()
+    if skew > 1e-4:
+        angle = np.degrees(np.arcsin(min(1.0, skew)))
+        return (f"has axes that are not perpendicular (its direction matrix is off by about {angle:.2g} degrees): "
+                "resample it onto a grid with perpendicular axes first")
+    return ""
+
+
 def _read_3d_scalar(path: Path, what: str) -> sitk.Image:
-    problem = nifti_problem(path)
+    from . import stderr
+
+    problem = nifti_problem(path) or metaimage_problem(path)
     if problem:
         raise DataError(f"{path}: {problem}")
     try:
-        image = sitk.ReadImage(str(path))
+        with stderr.held():  # ITK's and MetaImage's own lines give way to the error below
+            image = sitk.ReadImage(str(path))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
         raise DataError(f"{path}: cannot be read as {what} ({first})") from None
+    problem = _geometry_problem(image) if image.GetDimension() == 3 else ""
+    if problem:
+        raise DataError(f"{path}: {problem}")
     dim = image.GetDimension()
     if dim != 3:
         raise DataError(f"{path}: is a {dim}D image of size {image.GetSize()}; a 3D volume is needed")
@@ -157,6 +244,16 @@ def read_volume(path: str | Path) -> sitk.Image:
     if array.min() == array.max():
         raise DataError(f"{path}: is constant (every voxel is {array.min()}); there is nothing to learn from it")
     return image
+
+
+def read_mask(path: str | Path) -> sitk.Image:
+    """Read a 3D mask: any finite values, non-zero meaning use (a probability map's 0.7 or a -1 count
+    as inside), as a uint8 image of 0 and 1, naming the file on any problem."""
+    path = Path(path)
+    image = _read_3d_scalar(path, "a mask")
+    if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+        raise DataError(f"{path}: a mask needs finite values (non-zero means use)")
+    return sitk.Cast(image != 0, sitk.sitkUInt8)
 
 
 def read_labels(path: str | Path) -> sitk.Image:

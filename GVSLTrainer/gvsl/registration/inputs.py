@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..volumes import DataError, read_labels, read_volume
+from .. import stderr
+from ..volumes import DataError, read_labels, read_mask, read_volume
 from .landmarks import pair, read_landmarks
 from .options import RegistrationError, RegistrationOptions
 from .preparation import Prepared, linear_matrix, mask_problem, prepare
@@ -19,10 +20,16 @@ def read_transform(path: str | Path) -> sitk.Transform:
     if not path.is_file():
         raise RegistrationError(f"{path}: no such transform file")
     try:
-        transform = sitk.ReadTransform(str(path))
+        with stderr.held():  # HDF5 prints dozens of lines for a damaged file
+            transform = sitk.ReadTransform(str(path))
     except RuntimeError as e:
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
-        raise RegistrationError(f"{path}: cannot be read as an ITK transform ({last})") from None
+        with open(path, "rb") as f:
+            start = f.read(8)
+        if path.suffix.lower() == ".h5" and start == b"\x89HDF\r\n\x1a\n":
+            why = f"its HDF5 file is damaged or truncated ({path.stat().st_size} bytes)"
+        else:
+            why = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
+        raise RegistrationError(f"{path}: cannot be read as an ITK transform ({why})") from None
     try:
         linear_matrix(transform, "it")
     except RegistrationError as e:
@@ -30,9 +37,9 @@ def read_transform(path: str | Path) -> sitk.Transform:
     return transform
 
 
-def read_mask(path: str | Path, image: sitk.Image) -> sitk.Image:
-    """A mask for ``image``: any 3D label or binary file with at least one voxel inside the image."""
-    mask = read_labels(path)
+def read_mask_for(path: str | Path, image: sitk.Image) -> sitk.Image:
+    """A mask for ``image``: any 3D file (non-zero = use) with at least one voxel inside the image."""
+    mask = read_mask(path)
     problem = mask_problem(mask, image)
     if problem:
         raise DataError(f"{path}: this mask {problem}")
@@ -63,8 +70,8 @@ def read_inputs(args) -> dict:
                   fixed_labels=read_labels_for(args.fixed_labels, fixed, args.fixed) if args.fixed_labels else None,
                   moving_labels=read_labels_for(args.moving_labels, moving, args.moving) if args.moving_labels
                   else None,
-                  fixed_mask=read_mask(args.fixed_mask, fixed) if args.fixed_mask else None,
-                  moving_mask=read_mask(args.moving_mask, moving) if args.moving_mask else None,
+                  fixed_mask=read_mask_for(args.fixed_mask, fixed) if args.fixed_mask else None,
+                  moving_mask=read_mask_for(args.moving_mask, moving) if args.moving_mask else None,
                   initial_transform=read_transform(args.initial_transform) if args.initial_transform else None)
     if args.fixed_landmarks:
         fixed_lm, moving_lm = read_landmarks(args.fixed_landmarks), read_landmarks(args.moving_landmarks)
@@ -84,11 +91,16 @@ def read_model(path: str | Path):
 
 @contextlib.contextmanager
 def naming_the_files(args):
-    """The pipeline knows images, not files: its errors name register.py's two files."""
+    """The pipeline knows images, not files: its errors name register.py's files (the masks too, when
+    the error is about them)."""
     try:
         yield
     except RegistrationError as e:
-        raise RegistrationError(f"{e} (fixed: {args.fixed}; moving: {args.moving})") from None
+        files = [f"fixed: {args.fixed}", f"moving: {args.moving}"]
+        if "mask" in str(e):
+            files += [f"{role} mask: {path}" for role, path in (("fixed", getattr(args, "fixed_mask", None)),
+                                                                  ("moving", getattr(args, "moving_mask", None))) if path]
+        raise RegistrationError(f"{e} ({'; '.join(files)})") from None
 
 
 def read_and_prepare(args, options: RegistrationOptions, model=None) -> tuple[Prepared, dict]:

@@ -71,8 +71,12 @@ def _markups_json(text: str):
         for i, cp in enumerate(markup.get("controlPoints", [])):
             if cp.get("positionStatus", "defined") != "defined" or "position" not in cp:
                 continue
-            points.append([float(v) for v in cp["position"]][:3])
-            labels.append(str(cp.get("label") or i + 1))
+            position = cp["position"]
+            label = str(cp.get("label") or i + 1)
+            if not isinstance(position, list) or len(position) != 3:
+                raise LandmarkError(f"control point {label!r} has position {position!r}; a point needs 3 coordinates")
+            points.append([float(v) for v in position])
+            labels.append(label)
     if len(systems) > 1:
         raise LandmarkError(f"mixes coordinate systems {sorted(systems)}")
     return points, labels, systems.pop() if systems else "LPS"

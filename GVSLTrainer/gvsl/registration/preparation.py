@@ -104,8 +104,13 @@ def linear_matrix(transform: sitk.Transform, what: str = "the initial transform"
         raise RegistrationError(f"{what} is not linear ({', '.join(nonlinear) or transform.GetName()}); give a "
                                 "rigid or affine transform "
                                 "(harden a deformable one into the moving image first)")
-    if abs(np.linalg.det(m[:3, :3])) < 1e-6:
+    determinant = np.linalg.det(m[:3, :3])
+    if abs(determinant) < 1e-6:
         raise RegistrationError(f"{what} is singular (it collapses space onto a plane)")
+    if determinant < 0:  # no rotation, scaling or shear undoes a mirror image: the result would be nonsense
+        raise RegistrationError(f"{what} reflects space (a mirror image: its determinant is {determinant:.3g}); a "
+                                "registration cannot start from it. Flip the moving image instead (e.g. in its header), "
+                                "or give a transform without the reflection")
     return m
 
 
