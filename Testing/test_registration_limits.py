@@ -57,6 +57,22 @@ def test_a_half_head_keeps_its_place_without_a_spurious_rotation():
     assert result.metrics["start"]["centring"] == "none"  # the headers overlap: their placement is the start
 
 
+@pytest.mark.parametrize("similarity, masked", [("mi", False), ("ncc", True)])
+def test_a_half_head_in_place_is_not_slid_towards_more_foreground(similarity, masked):
+    """The top of a head holds less foreground (or less of a user's head mask) than its middle: a start
+    guard that counted the overlap inside the mask slid the half head down by 63 mm under MI."""
+    fixed, moving, truth = synthetic.slab_case(None)
+    mask = None
+    if masked:
+        values = sitk.GetArrayFromImage(fixed)
+        mask = sitk.GetImageFromArray((values > np.percentile(values, 60)).astype(np.uint8))
+        mask.CopyInformation(fixed)
+    result = register(fixed, moving, options=RegistrationOptions(mode="rigid", similarity=similarity), fixed_mask=mask)
+    error = synthetic.slab_error(result.transform, truth, fixed, moving)
+    assert error.mean() < 0.5, (error.mean(), result.metrics["start"])
+    assert result.metrics["warnings"] == [], result.metrics["warnings"]
+
+
 def test_a_field_of_view_edge_is_no_structure_to_match():
     """Masked local NCC takes each window's statistics over its valid part: an image against itself with
     its far half cut off (zeros, outside the field of view) correlates fully where it has data."""

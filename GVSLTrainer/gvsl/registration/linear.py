@@ -23,6 +23,10 @@ SEARCH_KEEP = 3  # the best few orientations (besides the start) are refined bef
 SEARCH_MARGIN = 0.01  # a coarse orientation is refined only if it matches at least 1 % better than the start
 SEARCH_BATCH_VOXELS = 1 << 20  # candidates scored at once: about 100 MB of intermediate tensors
 START_OVERLAP = 0.8  # a start or orientation must keep this share of the overlap of the images' fields of view
+# ... and this share of their overlap inside the fixed mask (or automatic foreground). Not more: a partial
+# field of view in place can hold less of the mask than one slid elsewhere (the top of a head holds less
+# foreground than its middle; at 0.8 a half head in place lost to one slid down by 63 mm)
+MASK_OVERLAP = 0.25
 SHIFTS_KEPT = 2  # of the shifts along a short axis (a partial field of view), the best few are refined
 
 
@@ -161,8 +165,18 @@ def candidate_rotations() -> list[tuple[float, float, float]]:
     return [(0.0, 0.0, 0.0)] + grid
 
 
+def keeps_overlap(overlap: list[float], reference: list[float]) -> bool:
+    """Whether ``overlap`` ((fields of view, inside the mask), from ``Level.overlap``) keeps enough of
+    ``reference``'s: a similarity averaged over the overlap must not win by shrinking it."""
+    return overlap[0] >= START_OVERLAP * reference[0] and overlap[1] >= MASK_OVERLAP * reference[1]
+
+
+def _largest(overlaps: list[list[float]]) -> list[float]:
+    return [max(o[i] for o in overlaps) for i in range(2)]
+
+
 def _batched(pyramid: Pyramid, similarity, base: torch.Tensor, template: LinearParameters, shrink: float,
-             **values: torch.Tensor) -> tuple[list[float], list[float]]:
+             **values: torch.Tensor) -> tuple[list[float], list[list[float]]]:
     """(losses, overlaps) of ``template`` with one parameter replaced by each row of ``values`` (one
     name), at one coarse level. The candidates are warped as batches (up to SEARCH_BATCH_VOXELS voxels
     at once): one interpolation and one similarity per batch instead of a hundred small ones, which
@@ -198,8 +212,7 @@ def _score_and_overlap(pyramid: Pyramid, similarity, base: torch.Tensor, params:
 def choose_start(pyramid: Pyramid, similarity, base: torch.Tensor, start: LinearParameters, shrink: float,
                  iterations: int, starts: list, **args) -> tuple[LinearParameters, str, list]:
     """Refine each start rigidly at one coarse level and keep the best, among those that keep at least
-    START_OVERLAP of the largest overlap (a similarity averaged over the overlap must not win by
-    shrinking it). ``starts``: [(name, translation (1, 3) in ``start``'s units)], the first being
+    enough of the largest overlap (``keeps_overlap``). ``starts``: [(name, translation (1, 3) in ``start``'s units)], the first being
     ``start``'s own; translations whose name begins with "shift" are scored first and only the best
     SHIFTS_KEPT of them refined."""
     named = [s for s in starts if not s[0].startswith("shift")]
@@ -208,9 +221,9 @@ def choose_start(pyramid: Pyramid, similarity, base: torch.Tensor, start: Linear
         with torch.no_grad():
             rows = torch.cat([t for _, t in shifts]).to(start.translation)
             losses, overlaps = _batched(pyramid, similarity, base, start, shrink, translation=rows)
-        most = max(overlaps)
+        most = _largest(overlaps)
         ranked = sorted((loss, i) for i, (loss, overlap) in enumerate(zip(losses, overlaps))
-                        if overlap >= START_OVERLAP * most)
+                        if keeps_overlap(overlap, most))
         named += [shifts[i] for _, i in ranked[:SHIFTS_KEPT]]
     refined = []
     for name, translation in named:
@@ -218,13 +231,14 @@ def choose_start(pyramid: Pyramid, similarity, base: torch.Tensor, start: Linear
         params.translation.copy_(translation.to(params.translation))
         optimise(pyramid, similarity, base, params, (shrink,), iterations, **args)
         refined.append((*_score_and_overlap(pyramid, similarity, base, params, shrink), name, params))
-    most = max(r[1] for r in refined)
-    eligible = [r for r in refined if r[1] >= START_OVERLAP * most]
+    most = _largest([r[1] for r in refined])
+    eligible = [r for r in refined if keeps_overlap(r[1], most)]
     loss, _, name, params = min(eligible, key=lambda r: r[0])
     first = refined[0]  # the prepared start stays unless another matches clearly better: each switch costs precision
     if first in eligible and loss > first[0] - SEARCH_MARGIN * abs(first[0]):
         loss, _, name, params = first
-    compared = [{"start": n, "loss": round(l_, 5), "overlap": round(o / most, 3)} for l_, o, n, _ in refined]
+    compared = [{"start": n, "loss": round(l_, 5), "overlap": round(o[0] / most[0], 3),
+                 "overlap_in_mask": round(o[1] / max(most[1], 1e-8), 3)} for l_, o, n, _ in refined]
     return params, name, compared
 
 
@@ -237,7 +251,7 @@ def search(pyramid: Pyramid, similarity, base: torch.Tensor, start: LinearParame
 
     The start is always a contender, so the search can only improve the similarity, and images that
     are already roughly aligned pay for one coarse scoring pass, not for extra refinements. A rotation
-    that shrinks the overlap below START_OVERLAP of the start's is not a contender."""
+    that loses the start's overlap (``keeps_overlap``) is not a contender."""
     args = dict(lr=lr, tolerance=tolerance, patience=patience)
     params, name, compared = choose_start(pyramid, similarity, base, start, shrink, iterations,
                                           starts or [("the start", start.translation)], **args)
@@ -246,13 +260,13 @@ def search(pyramid: Pyramid, similarity, base: torch.Tensor, start: LinearParame
     ranked = score_rotations(pyramid, similarity, base, params, shrink) if rotations else []
     margin = SEARCH_MARGIN * abs(start_score)
     better = [angles for loss, overlap, angles in ranked
-              if loss < start_score - margin and overlap >= START_OVERLAP * start_overlap][:SEARCH_KEEP]
+              if loss < start_score - margin and keeps_overlap(overlap, start_overlap)][:SEARCH_KEEP]
     for angles in better:  # half the iterations: a candidate must win clearly, or the start stays
         candidate = params.copy()
         candidate.rotation.copy_(torch.tensor([angles], device=candidate.rotation.device))
         optimise(pyramid, similarity, base, candidate, (shrink,), max(1, iterations // 2), **args)
         loss, overlap = _score_and_overlap(pyramid, similarity, base, candidate, shrink)
-        if overlap >= START_OVERLAP * start_overlap:
+        if keeps_overlap(overlap, start_overlap):
             results.append((loss, angles, candidate))
     loss, angles, params = min(results, key=lambda r: r[0])
     info = {"start": name, "starts": compared, "candidates": len(ranked), "refined": len(better),

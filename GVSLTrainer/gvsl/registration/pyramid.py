@@ -76,14 +76,15 @@ class Level:
         return similarity.loss(warped, fixed, weight, per_item, domain=domain)
 
     def overlap(self, similarity, grid: torch.Tensor) -> torch.Tensor:
-        """(N,) the warped moving domain's sum over the fixed mask, per grid: how much the images share."""
+        """(N, 2) per grid: the warped moving domain's sum (how much of the fields of view the images
+        share), then its sum over the fixed mask (how much of what is compared)."""
         if not self.with_domain:
-            return torch.full((grid.shape[0],), float(math.prod(self.shape)), device=grid.device)
+            return torch.full((grid.shape[0], 2), float(math.prod(self.shape)), device=grid.device)
         sampled = self._points(similarity)
         fixed_mask = self.fixed_mask if sampled is None else sampled[2]
         domain = spatial.sample(self.moving[:, -1:].expand(grid.shape[0], 1, *self.moving.shape[2:]), grid)
         weighted = domain if fixed_mask is None else domain * fixed_mask
-        return weighted.flatten(1).sum(1)
+        return torch.stack([domain.flatten(1).sum(1), weighted.flatten(1).sum(1)], dim=1)
 
 
 class Pyramid:
