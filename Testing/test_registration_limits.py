@@ -73,6 +73,18 @@ def test_a_half_head_in_place_is_not_slid_towards_more_foreground(similarity, ma
     assert result.metrics["warnings"] == [], result.metrics["warnings"]
 
 
+@pytest.mark.parametrize("seed", [None, 1])
+def test_a_whole_head_onto_a_slab_lands_where_the_slab_shows(seed):
+    """The other way round: the slab is the reference (an intra-operative scan) and the whole head
+    moves. Before the roles were swapped for the start, the slab left in place came out 19 mm off."""
+    head, slab, truth = synthetic.slab_case(20.0, seed)
+    result = register(slab, head, options=RegistrationOptions(mode="rigid"))
+    error = synthetic.slab_error(result.transform, truth.GetInverse(), slab, head)
+    assert error.mean() < 0.5 and np.percentile(error, 95) < 1.0, (error.mean(), np.percentile(error, 95))
+    assert result.metrics["start"]["rotation_search"]["start"] == "the registration with the roles swapped"
+    assert result.metrics["overlap"]["moving_inside"] < 0.4 and result.metrics["warnings"] == []
+
+
 def test_a_field_of_view_edge_is_no_structure_to_match():
     """Masked local NCC takes each window's statistics over its valid part: an image against itself with
     its far half cut off (zeros, outside the field of view) correlates fully where it has data."""

@@ -12,7 +12,8 @@ Cases (real anatomy, the MNI ICBM152 T1, with a known transform, so end-point er
 * ``slab20`` / ``slab40`` / ``slab80`` / ``half``: a partial field of view, an axial slab of the T1 head
   (20, 40, 80 mm, or its upper half) on its own 1 x 1 x 2 mm grid, moved by a known rigid transform
   (up to 10 degrees and 10 mm; seed 0: not moved, already in place), onto the whole head at 2 mm;
-  ``slab40ct``: the 40 mm T1 slab onto a CT-like head. Errors are measured inside the slab; gvsl's
+  ``slab40ct``: the 40 mm T1 slab onto a CT-like head; ``slab20fixed`` / ``slab40fixed``: the other way
+  round, the whole head onto the slab (an intra-operative reference). Errors are measured inside the slab; gvsl's
   rigid and deformable modes vs ANTs ``Rigid`` and ``SyN`` and elastix's default rigid and
   affine + B-spline maps. A method that fails outright is reported as failed, with its error.
 * ``--cli``: register.py end to end (process start to outputs written) on the same and multimodal
@@ -196,13 +197,16 @@ def cases(names, seeds, device="auto"):
             yield name, seed, data, methods
 
 
-PARTIAL = {"slab20": 20.0, "slab40": 40.0, "slab80": 80.0, "half": None, "slab40ct": 40.0}
+PARTIAL = {"slab20": 20.0, "slab40": 40.0, "slab80": 80.0, "half": None, "slab40ct": 40.0,
+           "slab20fixed": 20.0, "slab40fixed": 40.0}
 
 
 def partial_case(name: str, seed: int, device: str = "auto"):
     """(fixed, moving, truth) of a partial field of view and the methods to run on it; seed 0 leaves the
     slab in place (the truth is the identity), others move it."""
     fixed, moving, truth = synthetic.slab_case(PARTIAL[name], seed or None)
+    if name.endswith("fixed"):  # the slab is the reference (an intra-operative scan), the whole head moves
+        fixed, moving, truth = moving, fixed, truth.GetInverse()
     if name.endswith("ct"):
         fixed = sitk.Resample(synthetic.pseudo_ct(seed), fixed, sitk.Transform(), sitk.sitkLinear, -1000.0)
     methods = {"gvsl_rigid": partial(run_gvsl, mode="rigid", device=device),

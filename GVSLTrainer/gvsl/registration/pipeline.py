@@ -10,6 +10,7 @@ into physical transforms.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Callable
@@ -24,10 +25,10 @@ from ..volumes import normalise
 from . import deformable, linear
 from .landmarks import target_registration_error
 from .options import RegistrationError, RegistrationOptions, RegistrationResult
-from .preparation import (Prepared, fixed_content, focused, initial_alignment, partial_levels, partial_shrinks,
-                          prepare, thinnest)
+from .preparation import (Prepared, fixed_content, focused, initial_alignment, linear_matrix, moving_content,
+                          moving_inside, partial_levels, partial_shrinks, prepare, thinnest)
 from .pyramid import Pyramid
-from .quality import domain_overlap, jacobian_determinant, moving_inside, quality, similarity_figures
+from .quality import domain_overlap, jacobian_determinant, quality, similarity_figures
 from .quality import warnings as quality_warnings
 
 Progress = Callable[[str, float], None]  # (stage, fraction of the whole job done)
@@ -63,7 +64,7 @@ SAME_START_MM = 5.0  # starts closer than this are one start
 FINER_SIMILARITIES = ("ncc", "mi")  # MIND's descriptors are made at the working grid's scale: not on a finer copy
 SEARCH_ACROSS = 8  # voxels across a partial field of view's thinnest side below which orientations are not searched:
 #                    a 20 mm slab at a quarter of a 2 mm grid (2.5 voxels) matched best turned by 56 degrees
-SHIFT_AXIS = 0.7  # a partial field of view shorter than this share of the fixed extent along an axis is searched along it
+SHIFT_AXIS = 0.7  # a field of view shorter than this share of the other's along an axis is searched along it
 
 
 def start_candidates(prepared: Prepared, unit: float) -> list[tuple[str, torch.Tensor]]:
@@ -77,31 +78,36 @@ def start_candidates(prepared: Prepared, unit: float) -> list[tuple[str, torch.T
         if np.linalg.norm(relative[:3, 3]) >= SAME_START_MM:
             voxels = geometry.physical_to_voxel_matrix(relative, prepared.grid)[:, 3]
             out.append((CENTRINGS.get(centring, centring), torch.tensor(voxels / unit, dtype=torch.float32)[None]))
-    if prepared.moving_domain_on_grid is not None and prepared.compare_starts:
-        out += _shifts(sitk.GetArrayViewFromImage(prepared.moving_domain_on_grid) > 0.5, prepared.grid.GetSpacing()[0],
-                       unit)
+    if prepared.partial and prepared.compare_starts:
+        out += _shifts(prepared, unit)
     return out
 
 
-def _shifts(domain: np.ndarray, spacing: float, unit: float) -> list[tuple[str, torch.Tensor]]:
-    """Translations that slide a field of view (``domain``, on the working grid, z y x) along each axis
-    where it is much shorter than the grid, from one end to the other, about a third of its length apart."""
+def _shifts(prepared: Prepared, unit: float) -> list[tuple[str, torch.Tensor]]:
+    """Translations that slide the shorter field of view along the longer one (either image's), along each
+    axis where it is much shorter, from one end to the other, about a third of its length apart."""
+    grid, size = prepared.grid, np.array(prepared.grid.GetSize())
+    spacing = grid.GetSpacing()[0]
+    to_fixed = np.linalg.inv(prepared.init)
+    corners = [prepared.moving.TransformContinuousIndexToPhysicalPoint(
+        [-0.5 if c == "0" else n - 0.5 for c, n in zip(bits, prepared.moving.GetSize())])
+        for bits in ("000", "001", "010", "011", "100", "101", "110", "111")]
+    on_grid = np.array([grid.TransformPhysicalPointToContinuousIndex((to_fixed @ np.append(c, 1))[:3].tolist())
+                        for c in corners])  # the moving field of view at the start, in working-grid voxels (x, y, z)
     out = []
     for axis in range(3):
-        covered = np.flatnonzero(domain.any(axis=tuple(a for a in range(3) if a != axis)))
-        if covered.size == 0:
+        low, high, n = on_grid[:, axis].min() + 0.5, on_grid[:, axis].max() + 0.5, size[axis]
+        shorter = min(high - low, n)
+        if shorter >= SHIFT_AXIS * max(high - low, n):
             continue
-        low, high, n = covered[0], covered[-1], domain.shape[axis]
-        length = high - low + 1
-        if length >= SHIFT_AXIS * n:
-            continue
-        step = max(2.0, length / 3, 8.0 / spacing)
-        centre = (low + high) / 2
-        for target in np.arange((length - 1) / 2, n - (length - 1) / 2 + 1e-6, step):
-            t = np.zeros(3)
-            t[2 - axis] = centre - target  # x, y, z voxels: the grid samples the moving image this far away
-            if abs(t[2 - axis]) * spacing >= SAME_START_MM:
-                out.append((f"shift of {-t[2 - axis] * spacing:+.0f} mm along {'zyx'[axis]}",
+        step = max(2.0, shorter / 3, 8.0 / spacing)
+        # the grid samples the moving image at p + t: from its low end at the grid's low end to the high ends met
+        first, last = sorted((low, high - n))
+        for shift in np.arange(first, last + 1e-6, step):
+            if abs(shift) * spacing >= SAME_START_MM:
+                t = np.zeros(3)
+                t[axis] = shift
+                out.append((f"shift of {-shift * spacing:+.0f} mm along {'xyz'[axis]}",
                             torch.tensor(t / unit, dtype=torch.float32)[None]))
     return out
 
@@ -125,6 +131,21 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
                        initial_transform=initial_transform, fixed_landmarks=fixed_landmarks,
                        moving_landmarks=moving_landmarks, model=model)
     return register_prepared(prepared, fixed_labels, moving_labels, model, progress, on_images)
+
+
+def swapped_linear(prepared: Prepared) -> np.ndarray:
+    """4x4 fixed -> moving: the inverse of the moving image registered (linearly: rigid in rigid mode,
+    else affine) onto the fixed one, for a fixed image whose field of view holds only part of the
+    moving one, with the same options (and the inverse initial transform). The partial image then has
+    the domain, the start search and the shifts that a moving one has; as the fixed one, a 20 mm slab's start stuck 4 mm away and a 40 mm one drifted 0.3 mm."""
+    opts, (fixed_mask, moving_mask) = prepared.options, prepared.masks
+    normalize = opts.normalize if isinstance(opts.normalize, str) else tuple(opts.normalize)[::-1]
+    swapped = dataclasses.replace(opts, mode="rigid" if opts.mode == "rigid" else "affine", normalize=normalize)
+    initial = None if prepared.initial is None else geometry.affine_transform(np.linalg.inv(prepared.initial))
+    reverse = prepare(prepared.moving, prepared.fixed, swapped, fixed_mask=moving_mask, moving_mask=fixed_mask,
+                      initial_transform=initial)
+    result = register_prepared(reverse, swap=False)
+    return np.linalg.inv(linear_matrix(result.affine, "the swapped registration"))
 
 
 def moved_from_header(prepared: Prepared, affine: np.ndarray, search: dict | None, content: np.ndarray) -> dict | None:
@@ -198,9 +219,10 @@ def _parameters(weight: torch.Tensor) -> linear.LinearParameters:
 
 def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None,
                       moving_labels: sitk.Image | None = None, model=None, progress: Progress | None = None,
-                      on_images: Callable[[sitk.Image, sitk.Image, sitk.Image, dict | None], None] | None = None
-                      ) -> RegistrationResult:
-    """``register`` from the pair as ``preparation.prepare`` left it (given the same ``model``)."""
+                      on_images: Callable[[sitk.Image, sitk.Image, sitk.Image, dict | None], None] | None = None,
+                      swap: bool = True) -> RegistrationResult:
+    """``register`` from the pair as ``preparation.prepare`` left it (given the same ``model``); ``swap``:
+    whether a partial fixed image may be registered with the roles swapped (``swapped_linear``)."""
     opts = prepared.options
     report = progress or (lambda stage, fraction: None)
     start = time.perf_counter() - prepared.seconds
@@ -243,9 +265,19 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
     iterations = max(1, opts.iterations // 2)
     starts = None if model is not None else start_candidates(prepared, params.unit)  # a network's start is its own
     shrinks = opts.linear_levels(name)
-    partial = prepared.moving_domain_on_grid is not None and model is None
+    partial = prepared.partial and model is None
     search_info = None
-    if opts.rotation_search or (starts and len(starts) > 1):
+    swapped = swap and prepared.fixed_partial and model is None
+    if swapped:  # the partial image's place is searched for as the moving image, then the result inverted
+        report("searching the start (roles swapped)", 0.05)
+        start_m = swapped_linear(prepared)
+        search_info = {"start": "the registration with the roles swapped", "taken": "the start",
+                       "why": "the fixed image's field of view holds only part of the moving image"}
+        prepared = focused(prepared, np.linalg.inv(prepared.init) @ start_m, crop=False)
+        f_t, m_t, masks = _normalised(prepared, device)
+        pyramid, weight, auto_mask = _pyramid(name, prepared, f_t, m_t, masks, device, finer)
+        params = _parameters(weight)
+    elif opts.rotation_search or (starts and len(starts) > 1):
         report("searching the start", 0.05)
         across = thinnest(prepared) / shrinks[0] if partial else math.inf  # at the search's resolution
         rotations = opts.rotation_search and across >= SEARCH_ACROSS
@@ -271,9 +303,10 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
             shrinks = partial_shrinks(prepared)
             if opts.mode == "deformable":  # the field absorbs what a full-resolution affine level would add
                 shrinks = shrinks[:1]
-    params = linear.refine(pyramid, linear_sim, base, params, opts.mode, shrinks, iterations,
-                           lambda stage, x: report(stage, 0.05 + span * x), searched=search_info is not None and
-                           not partial, **args)
+    if not swapped:  # a swapped registration's linear result is final: refined here, it drifts 0.2 mm from it
+        params = linear.refine(pyramid, linear_sim, base, params, opts.mode, shrinks, iterations,
+                               lambda stage, x: report(stage, 0.05 + span * x), searched=search_info is not None and
+                               not partial, **args)
     grid, init = prepared.grid, prepared.init
     matrix = linear.compose(base, params.matrix())
     timing["linear"] = time.perf_counter() - mark
@@ -283,7 +316,7 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
     optimised = None  # the velocity field
     if opts.mode == "deformable":
         theta = spatial.to_normalised(matrix, shape)
-        levels = opts.levels if prepared.moving_domain_on_grid is None else partial_levels(prepared, opts.levels)
+        levels = partial_levels(prepared, opts.levels) if prepared.partial else opts.levels
         optimised = deformable.optimise(
             pyramid, sim, theta, velocity, levels, opts.iterations, opts.deform_lr,
             opts.smooth_weight * sim.smooth_scale, opts.tolerance, opts.patience,
@@ -335,12 +368,10 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
     metrics = similarity_figures(original.fixed_on_grid, original.before_on_grid,
                                  geometry.resample(moving, full, forward), presets, name, opts.ncc_window, fm_img,
                                  domains)
-    coarse = geometry.working_grid(moving, 4.0, max_size=48)
-    moving_content = normalise(sitk.GetArrayFromImage(geometry.resample(moving, coarse)), presets[1]) > 0.05
     metrics["overlap"] = {"before": domain_overlap(content, moving, full, None),
                           "start": round(original.coverage, 4),
                           "after": domain_overlap(content, moving, full, forward),
-                          "moving_inside": moving_inside(fixed, moving, moving_content, coarse, inverse)}
+                          "moving_inside": moving_inside(fixed, moving, moving_content(moving, presets[1]), inverse)}
     metrics["similarity"]["reason"] = reason
     metrics.update(quality(grid, jacobian_w, forward, inverse, fixed_labels, moving_labels, warped_labels))
     if prepared.landmarks is not None:

@@ -55,6 +55,36 @@ def initial_alignment(fixed: sitk.Image, moving: sitk.Image, mode: str = "moment
 HEADER_OVERLAP = 0.5  # auto: the headers' placement is the start when this share of the smaller image overlaps
 PARTIAL_COVERAGE = 0.98  # below this share of the fixed image's content inside the moving image's field of
 #                          view, the pair is one of partial coverage: each similarity counts only inside it
+FIXED_PARTIAL = 0.7  # below this share of the moving image's content inside the fixed image's field of view, and
+FIXED_THINNER = 0.9  # with the fixed field of view thinner than this share of the moving content's thinnest width,
+#                      the fixed image is the partial one (an intra-operative slab as the reference for a whole head),
+#                      not merely a whole image far from the moving one (a head turned by 70 degrees sticks out of it)
+
+
+def moving_content(moving: sitk.Image, preset: str) -> tuple[np.ndarray, sitk.Image]:
+    """(where the moving image shows something, the coarse grid over it that this is on)."""
+    coarse = geometry.working_grid(moving, 4.0, max_size=48)
+    return normalise(sitk.GetArrayFromImage(geometry.resample(moving, coarse)), preset) > 0.05, coarse
+
+
+def thinnest_width(content: tuple[np.ndarray, sitk.Image]) -> float:
+    """The width (mm, 1st to 99th percentile) of ``moving_content`` along its thinnest principal axis:
+    how thin a field of view can be and still hold all of it, whatever the alignment."""
+    mask, grid = content
+    if mask.sum() < 4:
+        return 0.0
+    points = np.argwhere(mask)[:, ::-1] @ geometry.index_to_physical(grid)[:3, :3].T
+    points -= points.mean(axis=0)
+    along = points @ np.linalg.eigh(np.cov(points.T))[1][:, 0]
+    return float(np.percentile(along, 99) - np.percentile(along, 1))
+
+
+def moving_inside(fixed: sitk.Image, moving: sitk.Image, content: tuple[np.ndarray, sitk.Image],
+                  inverse: sitk.Transform) -> float:
+    """The share of the moving image's content (``moving_content``) that lands inside the fixed image's
+    field of view through ``inverse`` (moving -> fixed)."""
+    inside = sitk.GetArrayFromImage(geometry.field_of_view(fixed, content[1], inverse)) > 0
+    return round(float(inside[content[0]].mean()), 4) if content[0].any() else 1.0
 
 
 def header_overlap(fixed: sitk.Image, moving: sitk.Image) -> float:
@@ -199,6 +229,7 @@ class Prepared:
     moving_mask_on_grid: sitk.Image | None  # through ``init``
     moving_domain_on_grid: sitk.Image | None  # where the moving image has data, through ``init``, for a pair
     #                                           of partial coverage; None: it covers the fixed image
+    fixed_partial: bool  # the fixed image's field of view holds only part of the moving image's content (FIXED_PARTIAL)
     coverage: float  # the share of the fixed image's content inside the moving image's field of view at the start
     alternatives: list  # [(centring, 4x4)] other starts the search compares with ``init``
     compare_starts: bool  # whether the search compares starts (an automatic centring), shifts included
@@ -207,6 +238,11 @@ class Prepared:
     before: sitk.Image  # the moving image on the fixed grid as the files place it
     before_on_grid: sitk.Image  # the same on the working grid
     seconds: float
+
+    @property
+    def partial(self) -> bool:
+        """Either field of view holds only part of what the other shows."""
+        return self.moving_domain_on_grid is not None or self.fixed_partial
 
 
 def prepare(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions | None = None, *,
@@ -239,8 +275,16 @@ def prepare(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions 
         domain = geometry.field_of_view(moving, grid, geometry.affine_transform(start), soft=True)
         return domain_coverage(domain, fixed_on_grid, presets[0], fm_img)
 
+    content = moving_content(moving, presets[1])
+
+    thin = min(np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())) < FIXED_THINNER * thinnest_width(content)
+
+    def fixed_partial(start: np.ndarray) -> bool:
+        return thin and moving_inside(fixed, moving, content, geometry.affine_transform(start).GetInverse()) < FIXED_PARTIAL
+
     centring, init, alternatives = starts(fixed, moving, opts.initialisation or (
-        "none" if initial is not None else "auto"), initial, lambda start: coverage_from(start) < PARTIAL_COVERAGE)
+        "none" if initial is not None else "auto"), initial,
+        lambda start: coverage_from(start) < PARTIAL_COVERAGE or fixed_partial(start))
     init_tf = geometry.affine_transform(init)
     overlap = geometry.field_of_view(moving, grid, init_tf)
     overlap_mm3 = float(sitk.GetArrayViewFromImage(overlap).sum()) * grid.GetSpacing()[0] ** 3
@@ -258,7 +302,8 @@ def prepare(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions 
     automatic = (opts.initialisation or "auto") == "auto" and initial is None
     return Prepared(opts, fixed, moving, presets, initial, centring, init, grid, fixed_on_grid,
                     geometry.resample(moving, grid, init_tf), fm_img, mm_img,
-                    domain if coverage < PARTIAL_COVERAGE else None, coverage, alternatives, automatic,
+                    domain if coverage < PARTIAL_COVERAGE else None, fixed_partial(init), coverage, alternatives,
+                    automatic,
                     (fixed_mask, moving_mask), landmark_pairs, geometry.resample(moving, fixed),
                     geometry.resample(moving, grid), time.perf_counter() - start)
 
@@ -304,7 +349,10 @@ def focused(prepared: Prepared, registered: np.ndarray, crop: bool = True) -> Pr
 
 
 def thinnest(prepared: Prepared) -> int:
-    """Working-grid voxels across the thinnest side of the moving image's field of view (a partial one)."""
+    """Working-grid voxels across the thinnest side of the part of the working grid that the moving
+    image's field of view covers (a partial one: the slab, whichever image it is)."""
+    if prepared.moving_domain_on_grid is None:
+        return min(prepared.grid.GetSize())
     inside = sitk.GetArrayViewFromImage(prepared.moving_domain_on_grid) > 0.5
     extents = [np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
     return int(min(e[-1] - e[0] + 1 for e in extents)) if all(e.size for e in extents) else 1

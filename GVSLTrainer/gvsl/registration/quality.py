@@ -106,14 +106,6 @@ def quality(grid: sitk.Image, jacobian: sitk.Image, forward: sitk.Transform, inv
     return out
 
 
-def moving_inside(fixed: sitk.Image, moving: sitk.Image, moving_content: np.ndarray, grid: sitk.Image,
-                  inverse: sitk.Transform) -> float:
-    """The share of the moving image's content (a boolean array on ``grid``, a coarse grid over the moving
-    image) that lands inside the fixed image's field of view through ``inverse`` (moving -> fixed)."""
-    inside = sitk.GetArrayFromImage(geometry.field_of_view(fixed, grid, inverse)) > 0
-    return round(float(inside[moving_content].mean()), 4) if moving_content.any() else 1.0
-
-
 # Thresholds of the quality flags, calibrated on the registration benchmark's runs and on failures made on
 # purpose (2 CPU cores, this commit): good runs reached a local NCC of 0.53-1.0 of the fixed image's own
 # (a real head with its skull onto the skull-stripped template: 0.53; the two real templates: 0.72-0.87;
