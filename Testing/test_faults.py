@@ -100,6 +100,16 @@ def test_a_corrupt_gzip_stream_is_refused_naming_the_file(tmp_path, anatomical_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_gzip_stream_damaged_from_its_start_is_refused_naming_the_file(tmp_path, anatomical_path):
+    """Damage within the header's first bytes raised zlib.error, not OSError: a traceback, not a message."""
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4)
+    with pytest.raises(DataError, match=r"broken.nii.gz: cannot be read: its gzip stream is damaged"):
+        read_volume(bad)
+    done = run("register.py", "--fixed", anatomical_path, "--moving", bad, "--output-dir", tmp_path / "out")
+    assert done.returncode == 2 and "broken.nii.gz: cannot be read" in done.stderr, done.stderr
+
+
 def test_an_intact_gzip_stream_passes(tmp_path, anatomical_path):
     path = write(sitk.ReadImage(str(anatomical_path)), tmp_path / "fine.nii.gz")
     assert gzip.decompress(path.read_bytes())  # a valid stream

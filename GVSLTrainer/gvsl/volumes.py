@@ -34,7 +34,7 @@ def _nifti_layout(path: Path) -> tuple | str | None:
     try:
         with opener(path, "rb") as f:
             header = f.read(540)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         return f"cannot be read: its gzip stream is damaged ({e})"
     if len(header) < 348:
         return "cannot be read: its NIfTI header is incomplete"
