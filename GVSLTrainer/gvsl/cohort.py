@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import importlib.util
 import io
 import os
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .discovery import discover, resolve
 from .volumes import DataError
 
 ROLES = ("fixed", "moving_labels", "fixed_labels", "moving_mask", "fixed_mask", "moving_landmarks", "fixed_landmarks")
@@ -49,8 +51,6 @@ def subjects_from(source: str | Path) -> list[Subject]:
     source = Path(source)
     if source.suffix.lower() == ".csv" and source.is_file():
         return _from_csv(source)
-    from .data import discover
-
     paths = discover(source)
     names = [_stem(p) for p in paths]
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -92,14 +92,9 @@ def _from_csv(path: Path) -> list[Subject]:
         if os.sep in name or name in (".", ".."):
             raise DataError(f"{path}, line {line}: subject {name!r} cannot name a folder")
         seen.add(name)
-        files = {role: _resolve(path, row[role]) for role in ROLES if (row.get(role) or "").strip()}
-        subjects.append(Subject(name, _resolve(path, moving), files))
+        files = {role: resolve(path.parent, row[role].strip()) for role in ROLES if (row.get(role) or "").strip()}
+        subjects.append(Subject(name, resolve(path.parent, moving), files))
     return subjects
-
-
-def _resolve(csv_path: Path, entry: str) -> Path:
-    p = Path(entry.strip()).expanduser()
-    return p if p.is_absolute() else csv_path.parent / p
 
 
 def _register_script():
@@ -114,6 +109,42 @@ def _register_script():
     return module
 
 
+def keep_freed_memory() -> None:
+    """Undo, in this process, what Dask's ``MALLOC_TRIM_THRESHOLD_=65536`` does to glibc: it also pins
+    the mmap threshold at 128 KiB, so every large temporary of a registration was mapped and faulted in
+    again at each step (a worker's registrations ran 1.6-1.8x slower than register.py's). These are the
+    thresholds a plain process's malloc grows to by itself. Any worker, however started."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl): no such setting
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 64 << 20)
+
+
+_spare_helper: list = []  # this worker's next figure helper, started while it waits for its next subject
+
+
+@contextlib.contextmanager
+def _figure_helper():
+    """register.py's figure helper (``ReportProcess``) for one subject, and a fresh one started for the
+    next: it imports matplotlib while this worker waits, so each figure is drawn beside the
+    registration, as register.py draws it, not after it (about 1 s a subject)."""
+    from .report_process import ReportProcess
+
+    drawer = _spare_helper.pop() if _spare_helper else ReportProcess.start()
+    try:
+        with drawer or contextlib.nullcontext():
+            yield drawer
+    finally:
+        spare = ReportProcess.start()
+        if spare is not None:
+            _spare_helper.append(spare)
+
+
 def register_subject(name: str, argv: list[str], threads: int) -> dict:
     """One subject on a worker: ``register.py``'s job in this process (torch, once imported, stays
     imported for the next subject). Returns the row of ``cohort.csv``; never raises for a bad subject."""
@@ -122,14 +153,15 @@ def register_subject(name: str, argv: list[str], threads: int) -> dict:
     from .cli import EXPECTED
 
     torch.set_num_threads(threads)
+    keep_freed_memory()
     start = time.perf_counter()
     printed = io.StringIO()
     row = {"subject": name, "status": "done", "seconds": 0.0, "error": "", "warnings": ""}
     try:
         script = _register_script()
         args = script.parse([*argv, "--no-progress"])
-        with contextlib.redirect_stdout(printed):
-            script.job(args, None)
+        with _figure_helper() as drawer, contextlib.redirect_stdout(printed):
+            script.job(args, drawer)
         metrics = Path(args.output_dir) / "metrics.json"
         if metrics.is_file():
             import json

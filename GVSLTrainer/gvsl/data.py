@@ -14,57 +14,9 @@ from monai.transforms import Transform
 from torch.utils.data import Dataset
 
 from . import geometry
+from .discovery import discover, is_image, resolve  # noqa: F401 - discover: what pretrain.py calls
 from .volumes import (CT_WINDOW, IMAGE_SUFFIXES, MIN_SIZE, MR_PERCENTILES, PRESETS, DataError,  # noqa: F401
                       normalise, read_labels, read_volume)
-
-
-def is_image(path: Path) -> bool:
-    name = path.name.lower()
-    return path.is_file() and name.endswith(IMAGE_SUFFIXES) and not name.startswith(".")
-
-
-def discover(source: str | Path) -> list[Path]:
-    """Image paths from a folder (recursive), a text file of paths, or an MSD-style ``dataset.json``."""
-    source = Path(source)
-    if not source.exists():
-        raise DataError(f"{source}: no such file or folder")
-    if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if is_image(p))
-        kind = "folder"
-    elif source.suffix.lower() == ".json":
-        paths, kind = _from_dataset_json(source), "dataset.json"
-    elif is_image(source):
-        paths, kind = [source], "image"
-    else:
-        lines = [ln.strip() for ln in source.read_text().splitlines()]
-        paths = [_resolve(source.parent, ln) for ln in lines if ln and not ln.startswith("#")]
-        kind = "list file"
-    if not paths:
-        raise DataError(f"{source}: this {kind} contains no images ({', '.join(IMAGE_SUFFIXES)})")
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise DataError(f"{source}: {len(missing)} listed image(s) do not exist, e.g. {missing[0]}")
-    return paths
-
-
-def _resolve(base: Path, entry: str) -> Path:
-    p = Path(entry).expanduser()
-    return p if p.is_absolute() else (base / p)
-
-
-def _from_dataset_json(path: Path) -> list[Path]:
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(spec, dict):
-        raise DataError(f"{path}: a dataset.json must be an object with a 'training' list, not a "
-                        f"{type(spec).__name__}")
-    entries = []
-    for key in ("training", "validation", "test", "images"):
-        for item in spec.get(key, []) if isinstance(spec, dict) else []:
-            entries.append(item["image"] if isinstance(item, dict) else item)
-    return [_resolve(path.parent, e) for e in entries]
 
 
 @dataclass(frozen=True)
@@ -279,7 +231,7 @@ def discover_labelled(source: str | Path) -> tuple[list[tuple[Path, Path]], dict
             raise DataError(f"{source}: a dataset.json must be an object with a 'training' list of "
                             "{\"image\": ..., \"label\": ...} entries and a 'labels' mapping")
         entries = [e for e in spec.get("training", []) if isinstance(e, dict) and "label" in e]
-        pairs = [(_resolve(source.parent, e["image"]), _resolve(source.parent, e["label"])) for e in entries]
+        pairs = [(resolve(source.parent, e["image"]), resolve(source.parent, e["label"])) for e in entries]
         mapping = spec.get("labels")
     elif source.is_dir() and (source / "images").is_dir() and (source / "labels").is_dir():
         labels = {_case_name(p): p for p in (source / "labels").rglob("*") if is_image(p)}
