@@ -37,9 +37,10 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     engine.add_argument("--scheduler", help="the address of a running Dask scheduler (e.g. tcp://host:8786) "
                                             "whose workers have gvsl installed; omitted: a local cluster")
     engine.add_argument("--workers", type=positive_int, help="local cluster: worker processes (default: one per "
-                                                             "two cores)")
+                                                             "core, as many as the memory holds at 2 GB each)")
     engine.add_argument("--threads-per-worker", type=positive_int,
-                        help="torch threads in each worker (default: 2, or the cores if fewer)")
+                        help="torch threads in each worker (default: 1; on 2 cores 2 workers x 1 thread registered "
+                             "1.26x as many subjects a minute as 1 x 2)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p.parse_known_args(argv)
 

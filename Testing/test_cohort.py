@@ -93,3 +93,18 @@ def test_a_cohort_registers_like_register_py_names_the_bad_subject_and_resumes(c
     rows = {r["subject"]: r for r in csv.DictReader((out / "cohort.csv").open())}
     assert [rows[s]["status"] for s in ("sub-01", "sub-02")] == ["done earlier", "done earlier"]
     assert rows["sub-03"]["status"] == "failed" and again.returncode == 1
+
+
+def test_a_running_scheduler_is_joined(cohort, tmp_path):
+    """``scheduler``: the address of a Dask cluster started elsewhere (here, by the test)."""
+    from dask.distributed import LocalCluster
+
+    from gvsl.cohort import register_cohort
+
+    table = tmp_path / "subjects.csv"
+    table.write_text(f"subject,moving,fixed\none,{cohort / 'scans' / 'sub-01.nii.gz'},{cohort / 'atlas.nii.gz'}\n")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        rows = register_cohort(None, table, tmp_path / "out", OPTIONS, scheduler=cluster.scheduler_address,
+                               progress=False)
+    assert [(r["subject"], r["status"]) for r in rows] == [("one", "done")]
+    assert (tmp_path / "out" / "one" / "transform.h5").is_file()

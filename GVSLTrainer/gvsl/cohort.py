@@ -189,12 +189,20 @@ def is_done(folder: Path) -> bool:
     return all((folder / FILES[name]).is_file() for name in always)
 
 
+WORKER_MEMORY_GB = 2.0  # a registration's peak: 0.75-0.85 GB for a head at 2 mm, the 160-voxel grid cap more
+
+
 def local_cluster_size(workers: int | None, threads: int | None) -> tuple[int, int]:
-    """(workers, threads per worker) of the embedded cluster: by default one worker per two cores with
-    two threads each, at least one."""
+    """(workers, threads per worker) of the embedded cluster: by default one single-threaded worker per
+    core, as many as the memory holds at WORKER_MEMORY_GB each. On 2 cores, 2 x 1 registered 13.9
+    subjects a minute, 1 x 2 11.0, a loop of register.py processes 9.3 (benchmarks/cohort.py)."""
     cores = os.cpu_count() or 1
-    threads = threads or min(2, cores)
-    return workers or max(1, cores // threads), threads
+    threads = threads or 1
+    try:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (AttributeError, ValueError, OSError):  # not POSIX: the cores decide
+        memory_gb = float("inf")
+    return workers or max(1, min(cores // threads, int(memory_gb // WORKER_MEMORY_GB))), threads
 
 
 def register_cohort(fixed: str | Path | None, moving: str | Path | Sequence[Subject], output_dir: str | Path,
