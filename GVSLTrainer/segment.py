@@ -52,10 +52,10 @@ def parse(argv=None) -> argparse.Namespace:
 def job(args: argparse.Namespace) -> None:
     import SimpleITK as sitk
 
-    from gvsl import checkpoint, data
+    from gvsl import data
     from gvsl.outputs import (check_image_output, check_not_an_input, check_output_folder, staged_files,
                               write_image, write_text, writing)
-    from gvsl.segmentation import SegmentationOptions, build_segmenter, segment
+    from gvsl.segmentation import SegmentationOptions, load_segmenter, segment
 
     check_image_output(args.output, (args.input, args.model))  # before any work, not after it
     if args.probabilities:
@@ -63,12 +63,11 @@ def job(args: argparse.Namespace) -> None:
     if args.classes:
         check_not_an_input(Path(args.classes), (args.input, args.model, args.output))
         check_output_folder(Path(args.classes).parent)
-    ckpt = checkpoint.load(args.model)
-    build_segmenter(ckpt)  # fail now, not after preprocessing, if it is not a segmentation model
+    ckpt, model, spec = load_segmenter(args.model)  # fails now, not after preprocessing, if it is no segmentation model
     image = data.read_volume(args.input)
     options = SegmentationOptions(device=args.device, overlap=args.overlap, tta=args.tta, amp=args.amp,
                                   probabilities=bool(args.probabilities))
-    result = segment(image, ckpt, options, progress=args.progress)
+    result = segment(image, ckpt, options, progress=args.progress, built=(model, spec))
     output = write_image(result.labels, args.output)  # appears whole or not at all
     if args.classes:
         write_text(json.dumps(result.spec.as_dict()), args.classes)

@@ -25,6 +25,22 @@ def write(image: sitk.Image, path: Path) -> Path:
     return path
 
 
+def untrained_segmentation_model(path: Path, spacing: float = 2.0) -> Path:
+    """A width-4 segmentation checkpoint of two classes (background, head), untrained (seed 0): what
+    segment.py and its callers need, for tests of everything around the network."""
+    import torch
+
+    from gvsl import checkpoint
+    from gvsl.labels import LabelSpec
+    from gvsl.networks import GVSLSegmenter
+
+    torch.manual_seed(0)
+    spec = LabelSpec([0, 1], ["background", "head"], [(0, 0, 0), (0.9, 0.6, 0.2)])
+    return checkpoint.save(path, GVSLSegmenter(2, width=4), "segmentation", {
+        "width": 4, "in_channels": 1, "labels": spec.as_dict(), "normalize": "mr", "spacing": [spacing] * 3,
+        "crop": [16, 16, 16]})
+
+
 @pytest.fixture
 def small_folder(tmp_path, anatomical_path) -> Path:
     """Two real volumes in a nested folder, one of them re-oriented and re-gridded."""

@@ -12,7 +12,8 @@ import pytest
 import SimpleITK as sitk
 
 import synthetic
-from gvsl.cohort import Subject, subjects_from
+from conftest import untrained_segmentation_model
+from gvsl.cohort import Subject, register_cohort, segment_cohort, subjects_from
 from gvsl.volumes import DataError
 
 ROOT = Path(__file__).resolve().parents[1] / "GVSLTrainer"
@@ -43,10 +44,9 @@ def test_the_subjects_of_a_folder_and_of_a_csv(cohort, tmp_path):
     table = tmp_path / "subjects.csv"
     table.write_text("subject,moving,fixed_mask\nA,scans/a.nii.gz,masks/a.nii.gz\n")
     (subject,) = subjects_from(table)
-    assert subject.moving == tmp_path / "scans/a.nii.gz" and subject.files == {"fixed_mask": tmp_path / "masks/a.nii.gz"}
-    argv = subject.argv("atlas.nii.gz", tmp_path / "out")
-    assert argv == ["--moving", str(tmp_path / "scans/a.nii.gz"), "--output-dir", str(tmp_path / "out" / "A"),
-                    "--fixed", "atlas.nii.gz", "--fixed-mask", str(tmp_path / "masks/a.nii.gz")]
+    assert subject.image == tmp_path / "scans/a.nii.gz" and subject.files == {"fixed_mask": tmp_path / "masks/a.nii.gz"}
+    assert subject.options(fixed="atlas.nii.gz", fixed_mask="other.nii.gz") == [
+        "--fixed", "atlas.nii.gz", "--fixed-mask", str(tmp_path / "masks/a.nii.gz")]  # its own file wins
 
 
 @pytest.mark.parametrize("text, problem", [
@@ -65,7 +65,8 @@ def test_a_bad_csv_is_named_with_its_problem(tmp_path, text, problem):
 
 def test_a_subject_without_a_fixed_image_is_refused(tmp_path):
     with pytest.raises(DataError, match="subject A: no fixed image"):
-        Subject("A", tmp_path / "a.nii.gz").argv(None, tmp_path)
+        register_cohort(None, [Subject("A", tmp_path / "a.nii.gz")], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_cohort_registers_like_register_py_names_the_bad_subject_and_resumes(cohort, tmp_path):
@@ -99,8 +100,6 @@ def test_a_running_scheduler_is_joined(cohort, tmp_path):
     """``scheduler``: the address of a Dask cluster started elsewhere (here, by the test)."""
     from dask.distributed import LocalCluster
 
-    from gvsl.cohort import register_cohort
-
     table = tmp_path / "subjects.csv"
     table.write_text(f"subject,moving,fixed\none,{cohort / 'scans' / 'sub-01.nii.gz'},{cohort / 'atlas.nii.gz'}\n")
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
@@ -108,3 +107,77 @@ def test_a_running_scheduler_is_joined(cohort, tmp_path):
                                progress=False)
     assert [(r["subject"], r["status"]) for r in rows] == [("one", "done")]
     assert (tmp_path / "out" / "one" / "transform.h5").is_file()
+
+
+def test_a_cohort_is_segmented_like_segment_py(cohort, tmp_path):
+    """The model is loaded by each worker; each subject's folder holds what segment.py writes."""
+    model = untrained_segmentation_model(tmp_path / "seg.pt", spacing=4.0)
+    from dask.distributed import Client, LocalCluster
+
+    from gvsl.segmentation import _load_segmenter
+
+    table = tmp_path / "inputs.csv"
+    scans = cohort / "scans"
+    table.write_text(f"subject,input\nA,{scans / 'sub-01.nii.gz'}\nB,{scans / 'sub-03.nii.gz'}\n"
+                     f"C,{scans / 'sub-02.nii.gz'}\n")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        rows = segment_cohort(model, table, tmp_path / "out", ["--overlap", "0.25"], classes=True, client=client,
+                              progress=False)
+        loads = client.run(lambda: _load_segmenter.cache_info())
+    assert [(r["subject"], r["status"]) for r in rows] == [("A", "done"), ("B", "failed"), ("C", "done")]
+    assert "sub-03.nii.gz" in rows[1]["error"]
+    (info,) = loads.values()
+    assert info.misses == 1 and info.hits >= 1  # the worker read and built the model once
+    alone = tmp_path / "alone.nii.gz"
+    single = subprocess.run([sys.executable, str(ROOT / "segment.py"), "--model", str(model), "--input",
+                             str(cohort / "scans" / "sub-01.nii.gz"), "--output", str(alone), "--overlap", "0.25",
+                             "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    ours, theirs = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (tmp_path / "out" / "A" / "labels.nii.gz", alone))
+    assert np.array_equal(ours, theirs)
+    assert (tmp_path / "out" / "A" / "classes.json").is_file()
+    again = segment_cohort(model, table, tmp_path / "out", ["--overlap", "0.25"], classes=True, workers=1,
+                           progress=False)
+    assert [r["status"] for r in again] == ["done earlier", "failed", "done earlier"]
+
+
+FAKE_SBATCH = """#!/bin/bash
+# A stand-in for SLURM's sbatch on this machine: runs the job script at once, in the background.
+cp "$1" "$FAKE_QUEUE/job.sh"
+setsid bash "$FAKE_QUEUE/job.sh" > "$FAKE_QUEUE/job.log" 2>&1 < /dev/null &
+echo $! > "$FAKE_QUEUE/job.pid"
+echo "Submitted batch job 4242"
+"""
+FAKE_SCANCEL = """#!/bin/bash
+kill -TERM -- -"$(cat "$FAKE_QUEUE/job.pid")" 2>/dev/null
+echo "$@" > "$FAKE_QUEUE/cancelled"
+"""
+
+
+def test_workers_started_as_slurm_jobs_print_their_job_script(cohort, tmp_path):
+    """--cluster slurm through dask-jobqueue, against stand-ins for sbatch and scancel that run the
+    submitted script here: the script is printed, its workers register the subjects, the job is cancelled."""
+    pytest.importorskip("dask_jobqueue")
+    import os
+    import stat
+
+    bin_dir, queue = tmp_path / "bin", tmp_path / "queue"
+    bin_dir.mkdir()
+    queue.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("scancel", FAKE_SCANCEL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_QUEUE=str(queue))
+    table = tmp_path / "subjects.csv"
+    table.write_text(f"subject,moving\none,{cohort / 'scans' / 'sub-01.nii.gz'}\ntwo,{cohort / 'scans' / 'sub-02.nii.gz'}\n")
+    done = subprocess.run([sys.executable, str(ROOT / "cohort.py"), "register", "--fixed", str(cohort / "atlas.nii.gz"),
+                           "--moving", str(table), "--output-dir", str(tmp_path / "out"), "--cluster", "slurm",
+                           "--cores", "2", "--memory", "3GB", "--walltime", "00:20:00", "--no-progress", *OPTIONS],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, (done.stderr, (queue / "job.log").read_text() if (queue / "job.log").exists() else "")
+    assert "Submitting 1 job(s) of this script:" in done.stderr and "#SBATCH -t 00:20:00" in done.stderr
+    assert "--nworkers 2" in (queue / "job.sh").read_text()  # one single-threaded worker per core
+    rows = list(csv.DictReader((tmp_path / "out" / "cohort.csv").open()))
+    assert [(r["subject"], r["status"]) for r in rows] == [("one", "done"), ("two", "done")]
+    assert (queue / "cancelled").read_text().split() == ["4242"]

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import write
+from conftest import untrained_segmentation_model, write
 from gvsl import checkpoint
 from gvsl.labels import LabelSpec
 from gvsl.networks import GVSLSegmenter
@@ -60,11 +60,7 @@ def test_a_full_disk_stops_register_py_naming_the_file_and_keeps_the_earlier_run
 
 
 def test_a_full_disk_stops_segment_py_and_keeps_the_earlier_label_map(tmp_path, anatomical_path):
-    torch.manual_seed(0)
-    spec = LabelSpec([0, 1], ["background", "head"], [(0, 0, 0), (1, 0, 0)])
-    model = checkpoint.save(tmp_path / "seg.pt", GVSLSegmenter(2, width=4), "segmentation", {
-        "width": 4, "in_channels": 1, "labels": spec.as_dict(), "normalize": "mr", "spacing": [2.0] * 3,
-        "crop": [16, 16, 16]})
+    model = untrained_segmentation_model(tmp_path / "seg.pt")
     labels = tmp_path / "labels.nii"  # uncompressed: bigger than the limit
     first = run("segment.py", "--model", model, "--input", anatomical_path, "--output", labels)
     assert first.returncode == 0, first.stderr

@@ -317,18 +317,10 @@ def test_split_runs_and_rigid_runs_reuse_their_nodes_from_the_gui(gui, scene):
 
 
 def test_segment_runs_in_a_child_and_gives_a_3d_segmentation_on_its_source_volume(gui, scene, tmp_path):
-    import torch
-
     sys.path.insert(0, str(ROOT / "GVSLTrainer"))
-    from gvsl import checkpoint
-    from gvsl.labels import LabelSpec
-    from gvsl.networks import GVSLSegmenter
+    from conftest import untrained_segmentation_model
 
-    torch.manual_seed(0)
-    spec = LabelSpec([0, 1], ["background", "head"], [(0, 0, 0), (0.9, 0.6, 0.2)])
-    model = checkpoint.save(tmp_path / "seg.pt", GVSLSegmenter(2, width=4), "segmentation", {
-        "width": 4, "in_channels": 1, "labels": spec.as_dict(), "normalize": "mr", "spacing": [4.0] * 3,
-        "crop": [16, 16, 16]})
+    model = untrained_segmentation_model(tmp_path / "seg.pt", spacing=4.0)
     _, widget = open_module(gui)
     _, moving = load_sample_pair(gui)
     p = widget._parameterNode

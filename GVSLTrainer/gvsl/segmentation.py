@@ -1,14 +1,17 @@
 """Segmenting a volume with a fine-tuned GVSL model, back in the input's exact geometry."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from . import checkpoint
 from .checkpoint import Checkpoint, CheckpointError
 from .data import Preprocessing
 from .labels import LabelSpec
@@ -49,6 +52,22 @@ def build_segmenter(ckpt: Checkpoint) -> tuple[GVSLSegmenter, LabelSpec]:
         raise CheckpointError(f"{ckpt.path}: weights do not fit the model they describe: "
                               f"{str(e).splitlines()[0]}") from None
     return model, spec
+
+
+def load_segmenter(path: str | Path) -> tuple[Checkpoint, GVSLSegmenter, LabelSpec]:
+    """(checkpoint, model, classes) of a fine-tuned model file, read and built once per process and
+    version of the file: a cohort's worker segments subject after subject with one model."""
+    resolved = Path(path).resolve()
+    if not resolved.is_file():
+        checkpoint.load(path)  # its error, naming the file as given
+    stat = resolved.stat()
+    return _load_segmenter(str(resolved), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_segmenter(path: str, mtime_ns: int, size: int) -> tuple[Checkpoint, GVSLSegmenter, LabelSpec]:
+    ckpt = checkpoint.load(path)
+    return (ckpt, *build_segmenter(ckpt))
 
 
 def window_count(shape: tuple[int, ...], window: tuple[int, ...], overlap: float) -> int:
@@ -98,11 +117,13 @@ def sliding_window_probabilities(model: torch.nn.Module, volume: torch.Tensor, w
 
 
 def segment(image: sitk.Image, ckpt: Checkpoint, options: SegmentationOptions | None = None,
-            progress: bool | Progress = False) -> SegmentationResult:
-    """Label map (and optionally probabilities) of ``image`` on its own grid."""
+            progress: bool | Progress = False, built: tuple[GVSLSegmenter, LabelSpec] | None = None
+            ) -> SegmentationResult:
+    """Label map (and optionally probabilities) of ``image`` on its own grid; ``built``: ``ckpt``'s model
+    and classes, when the caller has them (``load_segmenter``)."""
     options = options or SegmentationOptions()
     device = resolve_device(options.device)
-    model, spec = build_segmenter(ckpt)
+    model, spec = built or build_segmenter(ckpt)
     model = model.to(device).eval()
     prep = Preprocessing(tuple(ckpt.meta["spacing"]), ckpt.meta["normalize"])
     grid, volume = prep.prepare(image)

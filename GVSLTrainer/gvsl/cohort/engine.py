@@ -1,0 +1,94 @@
+"""The Dask side of a cohort: the cluster (embedded, or a running scheduler), the tasks, the summary."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import time
+from pathlib import Path
+
+from ..volumes import DataError
+from .jobqueue import JobQueue
+from .worker import load_script, run_subject
+
+SUMMARY = "cohort.csv"  # one row per subject, next to the subjects' folders
+
+
+WORKER_MEMORY_GB = 2.0  # a registration's peak: 0.75-0.85 GB for a head at 2 mm, the 160-voxel grid cap more
+
+
+def local_cluster_size(workers: int | None, threads: int | None) -> tuple[int, int]:
+    """(workers, threads per worker) of the embedded cluster: by default one single-threaded worker per
+    core, as many as the memory holds at WORKER_MEMORY_GB each. On 2 cores, 2 x 1 registered 13.9
+    subjects a minute, 1 x 2 11.0, a loop of register.py processes 9.3 (benchmarks/cohort.py)."""
+    cores = os.cpu_count() or 1
+    threads = threads or 1
+    try:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (AttributeError, ValueError, OSError):  # not POSIX: the cores decide
+        memory_gb = float("inf")
+    return workers or max(1, min(cores // threads, int(memory_gb // WORKER_MEMORY_GB))), threads
+
+
+def run_cohort(tool: str, jobs: list[tuple[str, list[str]]], output_dir: Path, done: set[str], *,
+               scheduler: str | None = None, client=None, workers: int | None = None,
+               threads_per_worker: int | None = None, jobqueue: JobQueue | None = None,
+               progress: bool = True) -> list[dict]:
+    """Run ``tool`` on every (subject, its arguments) of ``jobs`` not in ``done`` (complete earlier), one
+    task each; write ``output_dir/cohort.csv`` and return its rows, in the order of ``jobs``.
+
+    ``client``: a ``dask.distributed.Client`` to use; ``scheduler``: the address of a running one;
+    ``jobqueue``: workers started as batch jobs; none of them: an embedded ``LocalCluster``
+    (``workers`` x ``threads_per_worker``, see ``local_cluster_size``).
+    Every subject's arguments are checked by the tool's parser before any work."""
+    from dask.distributed import Client, LocalCluster, as_completed
+    from tqdm.auto import tqdm
+
+    script = load_script(tool)
+    for name, argv in jobs:
+        try:
+            script.parse(argv)
+        except SystemExit:
+            raise DataError(f"subject {name}: {tool}.py refused the arguments {' '.join(argv)}") from None
+    rows = [{"subject": name, "status": "done earlier", "seconds": 0.0, "error": "", "warnings": ""}
+            for name, _ in jobs if name in done]
+    todo = [(name, argv) for name, argv in jobs if name not in done]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        threads = threads_per_worker or 1
+        resources = None
+        if client is None and scheduler:
+            client = stack.enter_context(Client(scheduler))
+        elif client is None and jobqueue is not None:
+            client = stack.enter_context(Client(stack.enter_context(jobqueue.start())))
+            threads = threads_per_worker or jobqueue.threads_per_worker
+            resources = {"GPU": 1} if jobqueue.gpus_per_job else None
+        elif client is None:
+            n, threads = local_cluster_size(workers, threads_per_worker)
+            cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                       dashboard_address=None, silence_logs=40))
+            client = stack.enter_context(Client(cluster))
+        futures = [client.submit(run_subject, tool, name, argv, threads, key=f"gvsl-{tool}-{name}-{time.time_ns()}",
+                                 pure=False, resources=resources) for name, argv in todo]
+        verb = "Registering" if tool == "register" else "Segmenting"
+        with tqdm(total=len(todo), desc=f"{verb} the cohort", unit="subject", disable=not progress) as bar:
+            for future in as_completed(futures):
+                row = future.result()
+                rows.append(row)
+                bar.update(1)
+                if row["status"] == "failed":
+                    bar.write(f"{row['subject']}: failed: {row['error']}")
+    order = {name: i for i, (name, _) in enumerate(jobs)}
+    rows.sort(key=lambda r: order[r["subject"]])
+    write_summary(rows, output_dir / SUMMARY)
+    return rows
+
+
+def write_summary(rows: list[dict], path: Path) -> None:
+    columns = ["subject", "status", "seconds", "similarity", "before", "after", "warnings", "error"]
+    temporary = path.with_name(f".{path.name}.partial")
+    with temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns, extrasaction="ignore", restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, path)

@@ -1,0 +1,121 @@
+"""What a Dask worker runs for one subject: ``register.py``'s or ``segment.py``'s own job, in process.
+
+The worker imports torch (and loads the scripts) once and keeps them for the next subject.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+TOOLS = ("register", "segment")
+
+
+def load_script(tool: str):
+    """``register.py`` or ``segment.py`` as a module, loaded once per process (they sit beside the package)."""
+    name = f"gvsl_{tool}_script"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / f"{tool}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+def keep_freed_memory() -> None:
+    """Undo, in this process, what Dask's ``MALLOC_TRIM_THRESHOLD_=65536`` does to glibc: it also pins
+    the mmap threshold at 128 KiB, so every large temporary of a registration was mapped and faulted in
+    again at each step (a worker's registrations ran 1.6-1.8x slower than register.py's). These are the
+    thresholds a plain process's malloc grows to by itself. Any worker, however started."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl): no such setting
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 64 << 20)
+
+
+_spare_helper: list = []  # this worker's next figure helper, started while it waits for its next subject
+
+
+@contextlib.contextmanager
+def _figure_helper():
+    """register.py's figure helper (``ReportProcess``) for one subject, and a fresh one started for the
+    next: it imports matplotlib while this worker waits, so each figure is drawn beside the
+    registration, as register.py draws it, not after it (about 1 s a subject)."""
+    from ..report_process import ReportProcess
+
+    drawer = _spare_helper.pop() if _spare_helper else ReportProcess.start()
+    try:
+        with drawer or contextlib.nullcontext():
+            yield drawer
+    finally:
+        spare = ReportProcess.start()
+        if spare is not None:
+            _spare_helper.append(spare)
+
+
+def _choose_gpu() -> None:
+    """A GPU worker of a job with several GPUs takes its own, by its index in the job (dask-jobqueue
+    names a job's workers <job>-<index>); the scripts' ``cuda`` is then that device."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not on a Dask worker
+        return
+    if "GPU" not in worker.state.total_resources:
+        return
+    import torch
+
+    index = str(worker.name).rsplit("-", 1)[-1]
+    if torch.cuda.device_count() > 1 and index.isdigit():
+        torch.cuda.set_device(int(index) % torch.cuda.device_count())
+
+
+def run_subject(tool: str, name: str, argv: list[str], threads: int) -> dict:
+    """One subject: ``tool``'s job in this process, quietly. Returns its row of ``cohort.csv``; never raises
+    for a bad subject (its error is in the row)."""
+    import torch
+
+    from ..cli import EXPECTED
+
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    _choose_gpu()
+    start = time.perf_counter()
+    row = {"subject": name, "status": "done", "seconds": 0.0, "error": "", "warnings": ""}
+    try:
+        script = load_script(tool)
+        args = script.parse([*argv, "--no-progress"])
+        with contextlib.redirect_stdout(io.StringIO()):
+            if tool == "register":
+                with _figure_helper() as drawer:
+                    script.job(args, drawer)
+                row.update(_registration_figures(Path(args.output_dir) / "metrics.json"))
+            else:
+                script.job(args)
+    except SystemExit as e:  # the parser refused this subject's arguments
+        row.update(status="failed", error=f"invalid arguments (exit {e.code})")
+    except EXPECTED as e:
+        row.update(status="failed", error=str(e))
+    except Exception as e:  # noqa: BLE001 - one subject's surprise must not stop the cohort
+        row.update(status="failed", error=f"{type(e).__name__}: {e}")
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def _registration_figures(metrics: Path) -> dict:
+    found = json.loads(metrics.read_text())
+    similarity = found.get("similarity", {})
+    return {"warnings": " ".join(w["code"] for w in found.get("warnings", [])), "similarity": similarity.get("name", ""),
+            "before": similarity.get("before", ""), "after": similarity.get("after", "")}
