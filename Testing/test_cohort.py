@@ -181,3 +181,20 @@ def test_workers_started_as_slurm_jobs_print_their_job_script(cohort, tmp_path):
     rows = list(csv.DictReader((tmp_path / "out" / "cohort.csv").open()))
     assert [(r["subject"], r["status"]) for r in rows] == [("one", "done"), ("two", "done")]
     assert (queue / "cancelled").read_text().split() == ["4242"]
+
+
+def test_a_subject_whose_worker_dies_is_named_and_the_summary_written(cohort, tmp_path):
+    """A worker killed for its memory (the nanny's limit, far below a registration's) loses its subject:
+    that subject fails with the reason, and cohort.csv is still written."""
+    import dask
+    from dask.distributed import Client, LocalCluster
+
+    table = tmp_path / "subjects.csv"
+    table.write_text(f"subject,moving,fixed\none,{cohort / 'scans' / 'sub-01.nii.gz'},{cohort / 'atlas.nii.gz'}\n")
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                         memory_limit="150MB") as cluster, Client(cluster) as client:
+        rows = register_cohort(None, table, tmp_path / "out", OPTIONS, client=client, progress=False)
+    assert [(r["subject"], r["status"]) for r in rows] == [("one", "failed")]
+    assert "its worker was lost" in rows[0]["error"], rows[0]["error"]
+    assert list(csv.DictReader((tmp_path / "out" / "cohort.csv").open()))[0]["status"] == "failed"

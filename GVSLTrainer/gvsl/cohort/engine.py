@@ -68,19 +68,25 @@ def run_cohort(tool: str, jobs: list[tuple[str, list[str]]], output_dir: Path, d
             cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                                        dashboard_address=None, silence_logs=40))
             client = stack.enter_context(Client(cluster))
-        futures = [client.submit(run_subject, tool, name, argv, threads, key=f"gvsl-{tool}-{name}-{time.time_ns()}",
-                                 pure=False, resources=resources) for name, argv in todo]
+        futures = {client.submit(run_subject, tool, name, argv, threads, key=f"gvsl-{tool}-{name}-{time.time_ns()}",
+                                 pure=False, resources=resources): name for name, argv in todo}
         verb = "Registering" if tool == "register" else "Segmenting"
-        with tqdm(total=len(todo), desc=f"{verb} the cohort", unit="subject", disable=not progress) as bar:
-            for future in as_completed(futures):
-                row = future.result()
-                rows.append(row)
-                bar.update(1)
-                if row["status"] == "failed":
-                    bar.write(f"{row['subject']}: failed: {row['error']}")
-    order = {name: i for i, (name, _) in enumerate(jobs)}
-    rows.sort(key=lambda r: order[r["subject"]])
-    write_summary(rows, output_dir / SUMMARY)
+        try:
+            with tqdm(total=len(todo), desc=f"{verb} the cohort", unit="subject", disable=not progress) as bar:
+                for future in as_completed(futures):
+                    try:
+                        row = future.result()
+                    except Exception as e:  # noqa: BLE001 - its worker died (out of memory, killed): the others go on
+                        row = {"subject": futures[future], "status": "failed", "seconds": "", "warnings": "",
+                               "error": f"its worker was lost ({type(e).__name__}: {e})"}
+                    rows.append(row)
+                    bar.update(1)
+                    if row["status"] == "failed":
+                        bar.write(f"{row['subject']}: failed: {row['error']}")
+        finally:  # interrupted too: the subjects done so far are listed
+            order = {name: i for i, (name, _) in enumerate(jobs)}
+            rows.sort(key=lambda r: order[r["subject"]])
+            write_summary(rows, output_dir / SUMMARY)
     return rows
 
 
