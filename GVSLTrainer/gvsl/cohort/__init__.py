@@ -4,7 +4,8 @@ Each subject's folder holds what ``register.py`` or ``segment.py`` writes for it
 runs that script's own job (in process, its options checked by its own parser). The engine is Dask
 distributed: an embedded ``LocalCluster`` by default, or a running scheduler (``scheduler``: its
 address). A subject that fails is reported with its error and the others go on; a subject whose
-folder already holds every output is not run again, so a cohort resumes.
+folder already holds every output, made from the same files and options, is not run again, so a
+cohort resumes and redoes what changed.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Sequence
 from ..volumes import DataError
 from .engine import SUMMARY, local_cluster_size, run_cohort  # noqa: F401
 from .subjects import REGISTER_ROLES, Subject, subjects_from  # noqa: F401
+from .worker import same_inputs
 
 SEGMENT_FORMATS = ("nii.gz", "seg.nrrd", "nrrd", "mha")
 
@@ -40,7 +42,7 @@ def register_cohort(fixed: str | Path | None, moving: str | Path | Sequence[Subj
             raise DataError(f"subject {s.name}: no fixed image (give --fixed, or a 'fixed' column)")
         jobs.append((s.name, ["--moving", str(s.image), "--output-dir", str(out / s.name),
                               *s.options(fixed=fixed), *options]))
-    done = {s.name for s in subjects if registration_done(out / s.name)}
+    done = {name for name, argv in jobs if registration_done(out / name) and same_inputs(out / name, argv)}
     return run_cohort("register", jobs, out, done, **engine)
 
 
@@ -63,6 +65,7 @@ def segment_cohort(model: str | Path, inputs: str | Path | Sequence[Subject], ou
         argv += ["--classes", str(folder / "classes.json")] if classes else []
         jobs.append((s.name, [*argv, *options]))
         wanted = [folder / f"labels.{output_format}"] + ([folder / "classes.json"] if classes else [])
-        if all(p.is_file() for p in wanted) and (not probabilities or (folder / "probabilities").is_dir()):
+        if (all(p.is_file() for p in wanted) and (not probabilities or (folder / "probabilities").is_dir())
+                and same_inputs(folder, jobs[-1][1])):
             done.add(s.name)
     return run_cohort("segment", jobs, out, done, **engine)

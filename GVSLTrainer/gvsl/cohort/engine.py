@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -52,6 +53,12 @@ def run_cohort(tool: str, jobs: list[tuple[str, list[str]]], output_dir: Path, d
             raise DataError(f"subject {name}: {tool}.py refused the arguments {' '.join(argv)}") from None
     rows = [{"subject": name, "status": "done earlier", "seconds": 0.0, "error": "", "warnings": ""}
             for name, _ in jobs if name in done]
+    order = {name: i for i, (name, _) in enumerate(jobs)}
+
+    def summarise() -> None:
+        rows.sort(key=lambda r: order[r["subject"]])
+        write_summary(rows, output_dir / SUMMARY)
+
     todo = [(name, argv) for name, argv in jobs if name not in done]
     output_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -71,27 +78,32 @@ def run_cohort(tool: str, jobs: list[tuple[str, list[str]]], output_dir: Path, d
         futures = {client.submit(run_subject, tool, name, argv, threads, key=f"gvsl-{tool}-{name}-{time.time_ns()}",
                                  pure=False, resources=resources): name for name, argv in todo}
         verb = "Registering" if tool == "register" else "Segmenting"
+        if progress and getattr(client, "dashboard_link", None) and (scheduler or jobqueue):
+            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        failed = 0
         try:
             with tqdm(total=len(todo), desc=f"{verb} the cohort", unit="subject", disable=not progress) as bar:
                 for future in as_completed(futures):
                     try:
                         row = future.result()
-                    except Exception as e:  # noqa: BLE001 - its worker died (out of memory, killed): the others go on
+                    except Exception as e:  # noqa: BLE001 - its workers died (out of memory, killed) after Dask's reruns
                         row = {"subject": futures[future], "status": "failed", "seconds": "", "warnings": "",
                                "error": f"its worker was lost ({type(e).__name__}: {e})"}
                     rows.append(row)
+                    summarise()  # as subjects finish
+                    failed += row["status"] == "failed"
+                    bar.set_postfix(failed=failed, refresh=False)
                     bar.update(1)
                     if row["status"] == "failed":
                         bar.write(f"{row['subject']}: failed: {row['error']}")
         finally:  # interrupted too: the subjects done so far are listed
-            order = {name: i for i, (name, _) in enumerate(jobs)}
-            rows.sort(key=lambda r: order[r["subject"]])
-            write_summary(rows, output_dir / SUMMARY)
+            summarise()
     return rows
 
 
 def write_summary(rows: list[dict], path: Path) -> None:
-    columns = ["subject", "status", "seconds", "similarity", "before", "after", "warnings", "error"]
+    columns = ["subject", "status", "seconds", "similarity", "before", "after", "dice_mean", "folding_percent",
+               "inverse_consistency_mm", "tre_after_mm", "warnings", "worker", "device", "error"]
     temporary = path.with_name(f".{path.name}.partial")
     with temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore", restval="")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import importlib.util
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,6 +66,15 @@ def _figure_helper():
             _spare_helper.append(spare)
 
 
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except (ImportError, ValueError):  # not on a Dask worker
+        return ""
+
+
 def _choose_gpu() -> None:
     """A GPU worker of a job with several GPUs takes its own, by its index in the job (dask-jobqueue
     names a job's workers <job>-<index>); the scripts' ``cuda`` is then that device."""
@@ -93,7 +104,7 @@ def run_subject(tool: str, name: str, argv: list[str], threads: int) -> dict:
     keep_freed_memory()
     _choose_gpu()
     start = time.perf_counter()
-    row = {"subject": name, "status": "done", "seconds": 0.0, "error": "", "warnings": ""}
+    row = {"subject": name, "status": "done", "seconds": 0.0, "error": "", "warnings": "", "worker": _worker_name()}
     try:
         script = load_script(tool)
         args = script.parse([*argv, "--no-progress"])
@@ -102,8 +113,10 @@ def run_subject(tool: str, name: str, argv: list[str], threads: int) -> dict:
                 with _figure_helper() as drawer:
                     script.job(args, drawer)
                 row.update(_registration_figures(Path(args.output_dir) / "metrics.json"))
+                record_inputs(Path(args.output_dir), argv)
             else:
                 script.job(args)
+                record_inputs(Path(args.output).parent, argv)
     except SystemExit as e:  # the parser refused this subject's arguments
         row.update(status="failed", error=f"invalid arguments (exit {e.code})")
     except EXPECTED as e:
@@ -115,7 +128,38 @@ def run_subject(tool: str, name: str, argv: list[str], threads: int) -> dict:
 
 
 def _registration_figures(metrics: Path) -> dict:
+    """The quality figures of one registration that ``cohort.csv`` lists, from its metrics.json."""
     found = json.loads(metrics.read_text())
     similarity = found.get("similarity", {})
+    dice = [v for v in (found.get("dice_after") or {}).values() if v is not None]
     return {"warnings": " ".join(w["code"] for w in found.get("warnings", [])), "similarity": similarity.get("name", ""),
-            "before": similarity.get("before", ""), "after": similarity.get("after", "")}
+            "before": similarity.get("before", ""), "after": similarity.get("after", ""),
+            "dice_mean": round(sum(dice) / len(dice), 4) if dice else "", "folding_percent": found.get("folding_percent", ""),
+            "inverse_consistency_mm": (found.get("inverse_consistency_mm") or {}).get("mean", ""),
+            "tre_after_mm": (found.get("tre_after") or {}).get("mean_mm", ""), "device": found.get("device", "")}
+
+
+INPUTS_RECORD = ".gvsl_cohort_inputs"  # in each subject's folder: what it was made from (``inputs_digest``)
+
+
+def inputs_digest(argv: list[str]) -> str:
+    """A digest of a subject's arguments and of each file they name (path, size, modification time): a
+    rerun redoes the subject when it changes."""
+    parts = list(argv)
+    for value in argv:
+        path = Path(value)
+        if path.is_file():
+            stat = path.stat()
+            parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def record_inputs(folder: Path, argv: list[str]) -> None:
+    temporary = folder / f"{INPUTS_RECORD}.partial"
+    temporary.write_text(inputs_digest(argv))
+    os.replace(temporary, folder / INPUTS_RECORD)
+
+
+def same_inputs(folder: Path, argv: list[str]) -> bool:
+    record = folder / INPUTS_RECORD
+    return record.is_file() and record.read_text().strip() == inputs_digest(argv)
