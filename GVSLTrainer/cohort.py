@@ -15,9 +15,10 @@ Every other option is register.py's or segment.py's (see their --help) and appli
 Each subject's folder (OUT/<subject>/) holds what register.py writes, or what segment.py writes
 (labels.<format>, and probabilities/ and classes.json on request); OUT/cohort.csv has one row per
 subject, rewritten as each finishes (status, seconds, for registrations the similarity before and
-after, Dice, folding, inverse consistency, TRE and warnings, the worker, and a failed one's error). A subject whose folder is already complete, made from the same files
-and options, is not run again: rerun the command to resume, or to redo what changed. Exit code: 0 when every subject is done, 1 when some failed (the others are
-complete), 2 for unusable arguments.
+after, Dice, folding, inverse consistency, TRE and warnings, the worker, and a failed one's error).
+A subject whose folder is already complete, made from the same files and options, is not run
+again: rerun the command to resume, or to redo what changed. Exit code: 0 when every subject is
+done, 1 when some failed (the others are complete), 2 for unusable arguments.
 """
 import argparse
 import sys
