@@ -66,25 +66,20 @@ def _figure_helper():
             _spare_helper.append(spare)
 
 
-def _worker_name() -> str:
+def _current_worker():
+    """The Dask worker this runs on, or None."""
     try:
         from distributed import get_worker
 
-        return str(get_worker().name)
-    except (ImportError, ValueError):  # not on a Dask worker
-        return ""
+        return get_worker()
+    except (ImportError, ValueError):
+        return None
 
 
-def _choose_gpu() -> None:
+def _choose_gpu(worker) -> None:
     """A GPU worker of a job with several GPUs takes its own, by its index in the job (dask-jobqueue
     names a job's workers <job>-<index>); the scripts' ``cuda`` is then that device."""
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):  # not on a Dask worker
-        return
-    if "GPU" not in worker.state.total_resources:
+    if worker is None or "GPU" not in worker.state.total_resources:
         return
     import torch
 
@@ -102,9 +97,11 @@ def run_subject(tool: str, name: str, argv: list[str], threads: int) -> dict:
 
     torch.set_num_threads(threads)
     keep_freed_memory()
-    _choose_gpu()
+    worker = _current_worker()
+    _choose_gpu(worker)
     start = time.perf_counter()
-    row = {"subject": name, "status": "done", "seconds": 0.0, "error": "", "warnings": "", "worker": _worker_name()}
+    row = {"subject": name, "status": "done", "seconds": 0.0, "error": "", "warnings": "",
+           "worker": "" if worker is None else str(worker.name)}
     try:
         script = load_script(tool)
         args = script.parse([*argv, "--no-progress"])
