@@ -209,3 +209,54 @@ def test_a_subject_whose_worker_dies_is_named_and_the_summary_written(cohort, tm
     assert [(r["subject"], r["status"]) for r in rows] == [("one", "failed")]
     assert "its worker was lost" in rows[0]["error"], rows[0]["error"]
     assert list(csv.DictReader((tmp_path / "out" / "cohort.csv").open()))[0]["status"] == "failed"
+
+
+def test_a_real_scheduler_and_workers_survive_a_killed_worker(cohort, tmp_path):
+    """`dask scheduler` and two `dask worker` processes started apart; one worker is killed once the first
+    subject is done: every subject still completes, once, with the result register.py gives."""
+    import json
+    import os
+    import signal
+    import time
+
+    scheduler_file = tmp_path / "scheduler.json"
+    started = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--scheduler-file",
+                                 str(scheduler_file), "--no-dashboard", "--host", "127.0.0.1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.time() + 60
+        while not scheduler_file.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for name in ("w1", "w2"):
+            started.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--name",
+                                             name, "--nthreads", "1", "--no-nanny", "--no-dashboard"],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        scans = cohort / "scans"
+        table = tmp_path / "subjects.csv"
+        table.write_text("subject,moving\n" + "".join(f"s{i},{scans / f'sub-0{1 + i % 2}.nii.gz'}\n" for i in range(4)))
+        out = tmp_path / "out"
+        run = subprocess.Popen([sys.executable, str(ROOT / "cohort.py"), "register", "--fixed",
+                                str(cohort / "atlas.nii.gz"), "--moving", str(table), "--output-dir", str(out),
+                                "--scheduler", address, "--no-progress", *OPTIONS],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not (out / "cohort.csv").exists() and run.poll() is None and time.time() < deadline + 300:
+            time.sleep(0.1)
+        os.kill(started[1].pid, signal.SIGKILL)  # worker w1, mid-run
+        _, stderr = run.communicate(timeout=600)
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+    assert run.returncode == 0, stderr
+    rows = list(csv.DictReader((out / "cohort.csv").open()))
+    assert sorted(r["subject"] for r in rows) == ["s0", "s1", "s2", "s3"]  # each once
+    assert all(r["status"] == "done" for r in rows), rows
+    alone = tmp_path / "alone"
+    single = subprocess.run([sys.executable, str(ROOT / "register.py"), "--fixed", str(cohort / "atlas.nii.gz"),
+                             "--moving", str(scans / "sub-01.nii.gz"), "--output-dir", str(alone), "--no-progress",
+                             *OPTIONS], capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    for subject in ("s0", "s2"):
+        ours, theirs = (sitk.ReadTransform(str(d / "affine.tfm")) for d in (out / subject, alone))
+        assert np.allclose(ours.GetParameters(), theirs.GetParameters(), atol=1e-3)
