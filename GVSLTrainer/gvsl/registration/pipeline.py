@@ -25,8 +25,8 @@ from ..volumes import normalise
 from . import deformable, linear
 from .landmarks import target_registration_error
 from .options import RegistrationError, RegistrationOptions, RegistrationResult
-from .preparation import (Prepared, fixed_content, focused, initial_alignment, linear_matrix, moving_content,
-                          moving_inside, partial_levels, partial_shrinks, prepare, thinnest)
+from .preparation import (Prepared, fixed_content, focused, initial_alignment, linear_matrix, moving_inside,
+                          partial_levels, partial_shrinks, prepare, thinnest)
 from .pyramid import Pyramid
 from .quality import domain_overlap, jacobian_determinant, quality, similarity_figures
 from .quality import warnings as quality_warnings
@@ -371,7 +371,7 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
     metrics["overlap"] = {"before": domain_overlap(content, moving, full, None),
                           "start": round(original.coverage, 4),
                           "after": domain_overlap(content, moving, full, forward),
-                          "moving_inside": moving_inside(fixed, moving, moving_content(moving, presets[1]), inverse)}
+                          "moving_inside": moving_inside(fixed, moving, original.moving_content, inverse)}
     metrics["similarity"]["reason"] = reason
     metrics.update(quality(grid, jacobian_w, forward, inverse, fixed_labels, moving_labels, warped_labels))
     if prepared.landmarks is not None:

@@ -230,6 +230,7 @@ class Prepared:
     moving_domain_on_grid: sitk.Image | None  # where the moving image has data, through ``init``, for a pair
     #                                           of partial coverage; None: it covers the fixed image
     fixed_partial: bool  # the fixed image's field of view holds only part of the moving image's content (FIXED_PARTIAL)
+    moving_content: tuple  # ``moving_content(moving, its preset)``, for ``moving_inside`` before and after
     coverage: float  # the share of the fixed image's content inside the moving image's field of view at the start
     alternatives: list  # [(centring, 4x4)] other starts the search compares with ``init``
     compare_starts: bool  # whether the search compares starts (an automatic centring), shifts included
@@ -302,7 +303,7 @@ def prepare(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions 
     automatic = (opts.initialisation or "auto") == "auto" and initial is None
     return Prepared(opts, fixed, moving, presets, initial, centring, init, grid, fixed_on_grid,
                     geometry.resample(moving, grid, init_tf), fm_img, mm_img,
-                    domain if coverage < PARTIAL_COVERAGE else None, fixed_partial(init), coverage, alternatives,
+                    domain if coverage < PARTIAL_COVERAGE else None, fixed_partial(init), content, coverage, alternatives,
                     automatic,
                     (fixed_mask, moving_mask), landmark_pairs, geometry.resample(moving, fixed),
                     geometry.resample(moving, grid), time.perf_counter() - start)
