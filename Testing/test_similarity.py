@@ -108,6 +108,24 @@ def test_choose_names_its_reason():
         S.make("cosine")
 
 
+def test_background_noise_and_a_smaller_field_of_view_are_not_a_different_contrast():
+    """A noisy T1 on a smaller oblique grid against the clean template: the same modality. With a
+    fixed foreground level its background noise made the histograms differ by 0.18-0.26, MIND was
+    chosen, and the registration ran 2.5x slower."""
+
+    import synthetic
+
+    t1 = synthetic.mni("t1")
+    centre = t1.TransformContinuousIndexToPhysicalPoint(((np.array(t1.GetSize()) - 1) / 2).tolist())
+    scan = sitk.AdditiveGaussianNoise(sitk.Resample(t1, synthetic.oblique_grid(centre), sitk.Transform(),
+                                                    sitk.sitkLinear, 0.0), 4.0, 0.0, 1)
+    fixed, moving = (normalise(sitk.GetArrayFromImage(i), "mr") for i in (t1, scan))
+    assert S.histogram_distance(fixed, moving) < S.HISTOGRAM_DISTANCE_THRESHOLD / 3
+    assert S.choose(("mr", "mr"), fixed, moving)[0] == "ncc"
+    inverted = np.where(fixed > 0.05, 1 - fixed, 0)
+    assert S.choose(("mr", "mr"), fixed, inverted)[0] == "mind"
+
+
 def test_adam_matches_torch_optim_adam():
     torch.manual_seed(0)
     target = torch.randn(3, 4)
