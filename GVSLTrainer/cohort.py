@@ -15,10 +15,14 @@ Every other option is register.py's or segment.py's (see their --help) and appli
 Each subject's folder (OUT/<subject>/) holds what register.py writes, or what segment.py writes
 (labels.<format>, and probabilities/ and classes.json on request); OUT/cohort.csv has one row per
 subject, rewritten as each finishes (status, seconds, for registrations the similarity before and
-after, Dice, folding, inverse consistency, TRE and warnings, the worker, and a failed one's error).
+after, Dice, folding, inverse consistency, TRE and warnings, the worker, and a failed one's error),
+and at the end the outliers (a robust z-score beyond 3.5 of local NCC, Dice, folding or inverse
+consistency). Registrations also get OUT/cohort_report.png: the atlas next to the mean of the warped
+subjects, the quality figures per subject, and each warped mid-slice under the atlas's outline.
 A subject whose folder is already complete, made from the same files and options, is not run
 again: rerun the command to resume, or to redo what changed. Exit code: 0 when every subject is
-done, 1 when some failed (the others are complete), 2 for unusable arguments.
+done, 1 when some failed (the others are complete), 2 for unusable arguments, 130 when stopped by
+Ctrl-C or SIGTERM (the subjects finished by then stay; the rest leave nothing behind).
 """
 import argparse
 import sys
@@ -26,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
-from gvsl.cli import exit_now, positive_int, run  # noqa: E402
+from gvsl.cli import exit_now, positive_int, run, sigterm_as_interrupt  # noqa: E402
 
 
 def _engine(p: argparse.ArgumentParser) -> None:
@@ -77,7 +81,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def job(args: argparse.Namespace, options: list[str]) -> int:
-    from gvsl.cohort import SUMMARY, register_cohort, segment_cohort
+    from gvsl.cohort import REPORT, SUMMARY, register_cohort, segment_cohort
 
     from gvsl.cohort.jobqueue import JobQueue
 
@@ -95,6 +99,11 @@ def job(args: argparse.Namespace, options: list[str]) -> int:
     failed = [r for r in rows if r["status"] == "failed"]
     verb = "registered" if args.command == "register" else "segmented"
     print(f"{len(rows) - len(failed)} of {len(rows)} subjects {verb}; summary: {Path(args.output_dir, SUMMARY).resolve()}")
+    if Path(args.output_dir, REPORT).is_file() and args.command == "register":
+        print(f"quality at a glance: {Path(args.output_dir, REPORT).resolve()}")
+    for row in rows:
+        if row.get("outlier"):
+            print(f"outlier: {row['subject']}: {row['outlier']}")
     for row in failed:
         print(f"failed: {row['subject']}: {row['error']}", file=sys.stderr)
     return 1 if failed else 0
@@ -103,8 +112,9 @@ def job(args: argparse.Namespace, options: list[str]) -> int:
 def main(argv=None) -> int:
     args, options = parse(argv)
     status = []
-    code = run(lambda: status.append(job(args, options)),
-               interrupted="the subjects already done are complete; rerun the command to resume")
+    with sigterm_as_interrupt():
+        code = run(lambda: status.append(job(args, options)),
+                   interrupted="the subjects already done are complete; rerun the command to resume")
     return code or (status[0] if status else 0)
 
 

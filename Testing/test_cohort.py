@@ -63,6 +63,22 @@ def test_a_bad_csv_is_named_with_its_problem(tmp_path, text, problem):
     assert problem in str(caught.value)
 
 
+def test_outliers_are_subjects_far_from_the_cohort_on_the_worse_side():
+    from gvsl.cohort.quality import outliers
+
+    rows = [{"subject": f"s{i}", "status": "done", "local_ncc_after": 0.30 + 0.01 * (i % 3), "folding_percent": 0.0,
+             "inverse_consistency_mm": 0.2, "dice_mean": ""} for i in range(9)]
+    rows[4]["local_ncc_after"] = 0.12  # a failed alignment
+    rows[6]["local_ncc_after"] = 0.45  # better than the rest: not an outlier
+    rows[7]["folding_percent"] = 2.5
+    rows[8]["folding_percent"] = 0.05  # folding, but under the floor
+    rows.append({"subject": "bad", "status": "failed", "local_ncc_after": ""})
+    found = outliers(rows)
+    assert sorted(found) == ["s4", "s7"]
+    assert found["s4"].startswith("local NCC after 0.12 (robust z -") and "folding % 2.5" in found["s7"]
+    assert outliers(rows[:4]) == {}  # too few subjects to judge
+
+
 def test_a_subject_without_a_fixed_image_is_refused(tmp_path):
     with pytest.raises(DataError, match="subject A: no fixed image"):
         register_cohort(None, [Subject("A", tmp_path / "a.nii.gz")], tmp_path / "out")
@@ -80,6 +96,9 @@ def test_a_cohort_registers_like_register_py_names_the_bad_subject_and_resumes(c
     rows = {r["subject"]: r for r in csv.DictReader((out / "cohort.csv").open())}
     assert [rows[s]["status"] for s in ("sub-01", "sub-02", "sub-03")] == ["done", "done", "failed"]
     assert not (out / "sub-03").exists() or not any((out / "sub-03").iterdir())  # nothing half-written
+    assert f"quality at a glance: {out / 'cohort_report.png'}" in first.stdout
+    report = sitk.ReadImage(str(out / "cohort_report.png"))
+    assert report.GetSize()[0] > 1000 and float(rows["sub-01"]["local_ncc_after"]) > float(rows["sub-01"]["before"])
 
     alone = tmp_path / "alone"
     single = subprocess.run([sys.executable, str(ROOT / "register.py"), "--fixed", str(cohort / "atlas.nii.gz"),
@@ -260,3 +279,47 @@ def test_a_real_scheduler_and_workers_survive_a_killed_worker(cohort, tmp_path):
     for subject in ("s0", "s2"):
         ours, theirs = (sitk.ReadTransform(str(d / "affine.tfm")) for d in (out / subject, alone))
         assert np.allclose(ours.GetParameters(), theirs.GetParameters(), atol=1e-3)
+
+
+def test_sigterm_stops_the_cohort_cleanly_and_a_rerun_finishes_it(cohort, tmp_path):
+    """A batch scheduler's SIGTERM mid-cohort: the command ends with 130, the subjects finished stay
+    complete and listed, nothing half-written is left, no worker outlives it, and a rerun does the rest."""
+    import signal
+    import time
+
+    import psutil
+
+    scans = cohort / "scans"
+    table = tmp_path / "subjects.csv"
+    table.write_text("subject,moving\n" + "".join(f"s{i},{scans / f'sub-0{1 + i % 2}.nii.gz'}\n" for i in range(6)))
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "cohort.py"), "register", "--fixed", str(cohort / "atlas.nii.gz"),
+               "--moving", str(table), "--output-dir", str(out), "--workers", "1", "--no-progress", *OPTIONS]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = []
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        children = children or psutil.Process(process.pid).children(recursive=True)
+        summary = out / "cohort.csv"
+        if summary.is_file() and any(r["status"] == "done" for r in csv.DictReader(summary.open())):
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted: the subjects already done are complete" in stderr
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert children and not [(c.pid, c.cmdline()) for c in alive if c.status() != psutil.STATUS_ZOMBIE]
+    rows = list(csv.DictReader((out / "cohort.csv").open()))
+    finished = [r["subject"] for r in rows if r["status"] == "done"]
+    assert 1 <= len(finished) < 6
+    assert not [p.name for p in out.iterdir() if ".partial" in p.name]
+    from gvsl.cohort import registration_done
+
+    folders = [p for p in out.iterdir() if p.is_dir()]  # a subject finished as the signal came may be there too
+    assert set(finished) <= {p.name for p in folders} and all(registration_done(p) for p in folders)
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    rows = {r["subject"]: r["status"] for r in csv.DictReader((out / "cohort.csv").open())}
+    assert all(rows[name] == "done earlier" for name in finished) and len(rows) == 6

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
 import warnings
 from typing import Callable, NoReturn
@@ -47,6 +49,20 @@ def run(job: Callable[[], object], interrupted: str = "") -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM (a batch scheduler's stop, ``kill``) unwinds like Ctrl-C, so that the
+    clean-ups run (workers stopped, summaries written) instead of the process vanishing mid-write."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def exit_now(code: int) -> NoReturn:

@@ -9,13 +9,15 @@ cohort resumes and redoes what changed.
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 from ..volumes import DataError
 from .engine import SUMMARY, local_cluster_size, run_cohort  # noqa: F401
 from .subjects import REGISTER_ROLES, Subject, subjects_from  # noqa: F401
-from .worker import same_inputs
+from .report import REPORT, cohort_report  # noqa: F401
+from .worker import registration_figures, same_inputs
 
 SEGMENT_FORMATS = ("nii.gz", "seg.nrrd", "nrrd", "mha")
 
@@ -32,7 +34,8 @@ def register_cohort(fixed: str | Path | None, moving: str | Path | Sequence[Subj
                     options: Sequence[str] = (), **engine) -> list[dict]:
     """Register every subject of ``moving`` (a folder, a CSV, or ``Subject``s) onto ``fixed`` (or each
     subject's own), with ``register.py``'s ``options`` (e.g. ``["--mode", "rigid"]``), into
-    ``output_dir/<subject>/``; writes ``output_dir/cohort.csv`` and returns its rows. ``engine``:
+    ``output_dir/<subject>/``; writes ``output_dir/cohort.csv`` (outliers named) and ``cohort_report.png``
+    (onto the atlas: ``fixed``, or the subjects' most common one) and returns its rows. ``engine``:
     ``scheduler``, ``client``, ``workers``, ``threads_per_worker``, ``progress`` (``run_cohort``)."""
     out = Path(output_dir)
     subjects = list(moving) if not isinstance(moving, (str, Path)) else subjects_from(moving)
@@ -42,8 +45,12 @@ def register_cohort(fixed: str | Path | None, moving: str | Path | Sequence[Subj
             raise DataError(f"subject {s.name}: no fixed image (give --fixed, or a 'fixed' column)")
         jobs.append((s.name, ["--moving", str(s.image), "--output-dir", str(out / s.name),
                               *s.options(fixed=fixed), *options]))
-    done = {name for name, argv in jobs if registration_done(out / name) and same_inputs(out / name, argv)}
-    return run_cohort("register", jobs, out, done, **engine)
+    done = {name: registration_figures(out / name / "metrics.json") for name, argv in jobs
+            if registration_done(out / name) and same_inputs(out / name, argv)}
+    rows = run_cohort("register", jobs, out, done, **engine)
+    atlases = Counter(str(fixed or s.files["fixed"]) for s in subjects)
+    cohort_report(atlases.most_common(1)[0][0], out, rows, {r["subject"]: r["outlier"] for r in rows if r.get("outlier")})
+    return rows
 
 
 def segment_cohort(model: str | Path, inputs: str | Path | Sequence[Subject], output_dir: str | Path,
@@ -57,7 +64,7 @@ def segment_cohort(model: str | Path, inputs: str | Path | Sequence[Subject], ou
         raise DataError(f"output format must be one of {', '.join(SEGMENT_FORMATS)}, got {output_format!r}")
     out = Path(output_dir)
     subjects = list(inputs) if not isinstance(inputs, (str, Path)) else subjects_from(inputs, "input", ())
-    jobs, done = [], set()
+    jobs, done = [], {}
     for s in subjects:
         folder = out / s.name
         argv = ["--model", str(model), "--input", str(s.image), "--output", str(folder / f"labels.{output_format}")]
@@ -67,5 +74,5 @@ def segment_cohort(model: str | Path, inputs: str | Path | Sequence[Subject], ou
         wanted = [folder / f"labels.{output_format}"] + ([folder / "classes.json"] if classes else [])
         if (all(p.is_file() for p in wanted) and (not probabilities or (folder / "probabilities").is_dir())
                 and same_inputs(folder, jobs[-1][1])):
-            done.add(s.name)
+            done[s.name] = {}
     return run_cohort("segment", jobs, out, done, **engine)

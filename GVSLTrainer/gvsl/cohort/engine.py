@@ -8,8 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..outputs import remove_stale
 from ..volumes import DataError
 from .jobqueue import JobQueue
+from .quality import outliers
 from .worker import load_script, run_subject
 
 SUMMARY = "cohort.csv"  # one row per subject, next to the subjects' folders
@@ -31,12 +33,13 @@ def local_cluster_size(workers: int | None, threads: int | None) -> tuple[int, i
     return workers or max(1, min(cores // threads, int(memory_gb // WORKER_MEMORY_GB))), threads
 
 
-def run_cohort(tool: str, jobs: list[tuple[str, list[str]]], output_dir: Path, done: set[str], *,
+def run_cohort(tool: str, jobs: list[tuple[str, list[str]]], output_dir: Path, done: dict[str, dict], *,
                scheduler: str | None = None, client=None, workers: int | None = None,
                threads_per_worker: int | None = None, jobqueue: JobQueue | None = None,
                progress: bool = True) -> list[dict]:
-    """Run ``tool`` on every (subject, its arguments) of ``jobs`` not in ``done`` (complete earlier), one
-    task each; write ``output_dir/cohort.csv`` and return its rows, in the order of ``jobs``.
+    """Run ``tool`` on every (subject, its arguments) of ``jobs`` not in ``done`` (complete earlier: its
+    row's figures), one task each; write ``output_dir/cohort.csv`` and return its rows, in the order of
+    ``jobs``, the outliers among them named in their ``outlier`` column (``quality.outliers``).
 
     ``client``: a ``dask.distributed.Client`` to use; ``scheduler``: the address of a running one;
     ``jobqueue``: workers started as batch jobs; none of them: an embedded ``LocalCluster``
@@ -51,7 +54,7 @@ def run_cohort(tool: str, jobs: list[tuple[str, list[str]]], output_dir: Path, d
             script.parse(argv)
         except SystemExit:
             raise DataError(f"subject {name}: {tool}.py refused the arguments {' '.join(argv)}") from None
-    rows = [{"subject": name, "status": "done earlier", "seconds": 0.0, "error": "", "warnings": ""}
+    rows = [{"subject": name, "status": "done earlier", "seconds": 0.0, "error": "", "warnings": "", **done[name]}
             for name, _ in jobs if name in done]
     order = {name: i for i, (name, _) in enumerate(jobs)}
 
@@ -71,6 +74,8 @@ def run_cohort(tool: str, jobs: list[tuple[str, list[str]]], output_dir: Path, d
             threads = threads_per_worker or jobqueue.threads_per_worker
             resources = {"GPU": 1} if jobqueue.gpus_per_job else None
         elif client is None:
+            # runs after the cluster is closed (its workers gone): what they left mid-subject when stopped
+            stack.callback(lambda: [remove_stale(output_dir, f".{name}.partial-", "-") for name, _ in todo])
             n, threads = local_cluster_size(workers, threads_per_worker)
             cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                                        dashboard_address=None, silence_logs=40))
@@ -98,12 +103,16 @@ def run_cohort(tool: str, jobs: list[tuple[str, list[str]]], output_dir: Path, d
                         bar.write(f"{row['subject']}: failed: {row['error']}")
         finally:  # interrupted too: the subjects done so far are listed
             summarise()
+    for name, why in outliers(rows).items():
+        next(r for r in rows if r["subject"] == name)["outlier"] = why
+    summarise()
     return rows
 
 
 def write_summary(rows: list[dict], path: Path) -> None:
     columns = ["subject", "status", "seconds", "similarity", "before", "after", "dice_mean", "folding_percent",
-               "inverse_consistency_mm", "tre_after_mm", "warnings", "worker", "device", "error"]
+               "inverse_consistency_mm", "tre_after_mm", "local_ncc_after", "warnings", "outlier", "worker", "device",
+               "error"]
     temporary = path.with_name(f".{path.name}.partial")
     with temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore", restval="")

@@ -109,7 +109,7 @@ def run_subject(tool: str, name: str, argv: list[str], threads: int) -> dict:
             if tool == "register":
                 with _figure_helper() as drawer:
                     script.job(args, drawer)
-                row.update(_registration_figures(Path(args.output_dir) / "metrics.json"))
+                row.update(registration_figures(Path(args.output_dir) / "metrics.json"))
                 record_inputs(Path(args.output_dir), argv)
             else:
                 script.job(args)
@@ -124,13 +124,14 @@ def run_subject(tool: str, name: str, argv: list[str], threads: int) -> dict:
     return row
 
 
-def _registration_figures(metrics: Path) -> dict:
+def registration_figures(metrics: Path) -> dict:
     """The quality figures of one registration that ``cohort.csv`` lists, from its metrics.json."""
     found = json.loads(metrics.read_text())
     similarity = found.get("similarity", {})
     dice = [v for v in (found.get("dice_after") or {}).values() if v is not None]
     return {"warnings": " ".join(w["code"] for w in found.get("warnings", [])), "similarity": similarity.get("name", ""),
             "before": similarity.get("before", ""), "after": similarity.get("after", ""),
+            "local_ncc_after": found.get("ncc_after", ""),
             "dice_mean": round(sum(dice) / len(dice), 4) if dice else "", "folding_percent": found.get("folding_percent", ""),
             "inverse_consistency_mm": (found.get("inverse_consistency_mm") or {}).get("mean", ""),
             "tre_after_mm": (found.get("tre_after") or {}).get("mean_mm", ""), "device": found.get("device", "")}
