@@ -323,3 +323,39 @@ def test_sigterm_stops_the_cohort_cleanly_and_a_rerun_finishes_it(cohort, tmp_pa
     assert again.returncode == 0, again.stderr
     rows = {r["subject"]: r["status"] for r in csv.DictReader((out / "cohort.csv").open())}
     assert all(rows[name] == "done earlier" for name in finished) and len(rows) == 6
+
+
+def test_a_worker_reads_and_prepares_the_atlas_once_and_the_results_do_not_change(cohort, tmp_path, monkeypatch):
+    """``run_subject`` keeps what depends only on the fixed image (``gvsl.registration.kept``): the atlas
+    is read once for two subjects, again once its file changes, and each subject's result is the
+    one it gets with nothing kept."""
+    import os
+
+    from gvsl.cohort.worker import load_script, run_subject
+    from gvsl.registration import inputs, kept
+
+    reads = []
+    original = inputs.read_volume
+    monkeypatch.setattr(inputs, "read_volume", lambda path: reads.append(Path(path).name) or original(path))
+    atlas = tmp_path / "atlas.nii.gz"
+    atlas.write_bytes((cohort / "atlas.nii.gz").read_bytes())
+
+    def argv(name, out):
+        return ["--fixed", str(atlas), "--moving", str(cohort / "scans" / f"{name}.nii.gz"), "--output-dir",
+                str(tmp_path / out / name), *OPTIONS]
+
+    try:
+        for name in ("sub-01", "sub-02"):
+            assert run_subject("register", name, argv(name, "kept"), 1)["status"] == "done"
+        assert reads == ["atlas.nii.gz", "sub-01.nii.gz", "sub-02.nii.gz"]
+        os.utime(atlas, ns=(0, 0))  # the atlas rewritten: read again
+        assert run_subject("register", "sub-01", argv("sub-01", "again"), 1)["status"] == "done"
+        assert reads[3:] == ["atlas.nii.gz", "sub-01.nii.gz"]
+    finally:
+        kept.keep_fixed(False)
+    script = load_script("register")
+    for name in ("sub-01", "sub-02"):
+        script.job(script.parse([*argv(name, "fresh"), "--no-progress"]))
+        ours, theirs = (sitk.ReadTransform(str(tmp_path / d / name / "affine.tfm")).GetParameters()
+                        for d in ("kept", "fresh"))
+        assert ours == theirs

@@ -94,9 +94,11 @@ def run_subject(tool: str, name: str, argv: list[str], threads: int) -> dict:
     import torch
 
     from ..cli import EXPECTED
+    from ..registration.kept import keep_fixed
 
     torch.set_num_threads(threads)
     keep_freed_memory()
+    keep_fixed()  # the atlas is read and prepared once per worker
     worker = _current_worker()
     _choose_gpu(worker)
     start = time.perf_counter()

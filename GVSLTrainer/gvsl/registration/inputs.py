@@ -9,6 +9,7 @@ import SimpleITK as sitk
 
 from .. import stderr
 from ..volumes import DataError, read_labels, read_mask, read_volume
+from .kept import file_key, kept
 from .landmarks import pair, read_landmarks
 from .options import RegistrationError, RegistrationOptions
 from .preparation import Prepared, linear_matrix, mask_problem, prepare
@@ -65,12 +66,21 @@ def read_labels_for(path: str | Path, image: sitk.Image, image_path: str | Path)
 def read_inputs(args) -> dict:
     """The keyword arguments of ``register`` from register.py's arguments, but the model (``read_model``):
     nothing here imports torch."""
-    fixed, moving = read_volume(args.fixed), read_volume(args.moving)
+    fixed = kept("fixed", file_key(args.fixed), lambda: read_volume(args.fixed)) if Path(args.fixed).is_file() \
+        else read_volume(args.fixed)  # (not a file: read_volume names the problem)
+    moving = read_volume(args.moving)
+
+    def of_fixed(role: str, path, read):  # the fixed image's labels and mask: kept with it
+        return kept(f"fixed {role}", (file_key(path), id(fixed)), lambda: read(path), (fixed,)) \
+            if Path(path).is_file() else read(path)
+
     inputs = dict(fixed=fixed, moving=moving,
-                  fixed_labels=read_labels_for(args.fixed_labels, fixed, args.fixed) if args.fixed_labels else None,
+                  fixed_labels=of_fixed("labels", args.fixed_labels, lambda p: read_labels_for(p, fixed, args.fixed))
+                  if args.fixed_labels else None,
                   moving_labels=read_labels_for(args.moving_labels, moving, args.moving) if args.moving_labels
                   else None,
-                  fixed_mask=read_mask_for(args.fixed_mask, fixed) if args.fixed_mask else None,
+                  fixed_mask=of_fixed("mask", args.fixed_mask, lambda p: read_mask_for(p, fixed)) if args.fixed_mask
+                  else None,
                   moving_mask=read_mask_for(args.moving_mask, moving) if args.moving_mask else None,
                   initial_transform=read_transform(args.initial_transform) if args.initial_transform else None)
     if args.fixed_landmarks:

@@ -23,6 +23,7 @@ from .. import geometry, similarity as similarities, spatial
 from ..runtime import resolve_device
 from ..volumes import normalise
 from . import deformable, linear
+from .kept import kept
 from .landmarks import target_registration_error
 from .options import RegistrationError, RegistrationOptions, RegistrationResult
 from .preparation import (Prepared, fixed_content, focused, initial_alignment, linear_matrix, moving_inside,
@@ -173,7 +174,8 @@ def moved_from_header(prepared: Prepared, affine: np.ndarray, search: dict | Non
 def _normalised(prepared: Prepared, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list]:
     """The pair on its working grid as [0, 1] tensors, and the masks (None where none was given)."""
     presets, fm_img, mm_img = prepared.presets, prepared.fixed_mask_on_grid, prepared.moving_mask_on_grid
-    f_t = _to_tensor(prepared.fixed_on_grid, presets[0], device, fm_img)
+    f_t = kept("fixed tensor", (id(prepared.fixed_on_grid), presets[0], str(device), id(fm_img)),
+               lambda: _to_tensor(prepared.fixed_on_grid, presets[0], device, fm_img), (prepared.fixed_on_grid, fm_img))
     m_t = _to_tensor(prepared.moving_on_grid, presets[1], device, mm_img)
     masks = [None if m is None else torch.from_numpy(sitk.GetArrayFromImage(m))[None, None].to(device)
              for m in (fm_img, mm_img)]

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from .. import geometry
 from ..volumes import MIN_SIZE, auto_preset, normalise
+from .kept import kept
 from .landmarks import Landmarks, pair
 from .options import DEFAULT_SPACING, INITIALISATIONS, RegistrationError, RegistrationOptions
 
@@ -154,7 +155,9 @@ def _volume_mm3(image: sitk.Image) -> float:
 
 def _presets(normalize, fixed: sitk.Image, moving: sitk.Image) -> tuple[str, str]:
     pair_ = (normalize, normalize) if isinstance(normalize, str) else tuple(normalize)
-    return tuple(auto_preset(img) if p == "auto" else p for p, img in zip(pair_, (fixed, moving)))
+    fixed_preset = kept("fixed preset", (id(fixed),), lambda: auto_preset(fixed), (fixed,)) if pair_[0] == "auto" \
+        else pair_[0]
+    return fixed_preset, auto_preset(moving) if pair_[1] == "auto" else pair_[1]
 
 
 def _check_image(image: sitk.Image, role: str) -> None:
@@ -268,9 +271,11 @@ def prepare(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions 
     if max(moving.GetSpacing()) * MIN_SIZE > fixed_extent.min():
         raise RegistrationError(f"the moving image's voxels ({_rounded(moving.GetSpacing())} mm) are too coarse: "
                                 f"fewer than {MIN_SIZE} of them span the fixed image ({_rounded(fixed_extent)} mm)")
-    grid = geometry.working_grid(fixed, spacing, opts.max_size)
-    fixed_on_grid = geometry.resample(fixed, grid)
-    fm_img = _mask_on_grid(fixed_mask, fixed, grid, None, "fixed")
+    grid, fixed_on_grid = kept("fixed on grid", (id(fixed), spacing, opts.max_size), lambda: (
+        grid := geometry.working_grid(fixed, spacing, opts.max_size), geometry.resample(fixed, grid)), (fixed,))
+    fm_img = None if fixed_mask is None else kept(
+        "fixed mask on grid", (id(fixed_mask), id(grid)), lambda: _mask_on_grid(fixed_mask, fixed, grid, None, "fixed"),
+        (fixed_mask, grid))
 
     def coverage_from(start: np.ndarray) -> float:
         domain = geometry.field_of_view(moving, grid, geometry.affine_transform(start), soft=True)
