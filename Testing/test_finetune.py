@@ -92,7 +92,7 @@ def test_pretrained_backbone_is_loaded_and_can_be_frozen(tmp_path, labelled_case
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, _ = train(cfg(root, tmp_path / "run", steps=3, val_every=3, width=8, pretrained=str(path),
-                             freeze_backbone=True))
+                             freeze_backbone=True, normalize=None))
     assert (model.width, model.norm) == (4, "group")  # the backbone's width and (the paper's) norm win
     for k, v in pre.unet.state_dict().items():
         torch.testing.assert_close(model.unet.state_dict()[k], v, msg=k)  # loaded, and frozen
@@ -101,6 +101,8 @@ def test_pretrained_backbone_is_loaded_and_can_be_frozen(tmp_path, labelled_case
         torch.testing.assert_close(model.unet.eval()(x)[1], pre.unet.eval()(x)[1])
     ckpt = checkpoint.load(tmp_path / "run" / "gvsl_segmentation.pt")
     assert ckpt.meta["pretrained"] == str(path) and ckpt.meta["frozen_backbone"]
+    # no --normalize: the backbone's preset (official GVSL weights: CT), else auto
+    assert ckpt.meta["normalize"] == ("ct" if source == "official" else "auto")
     assert (ckpt.norm, ckpt.meta["config"]["norm"]) == ("group", "group")
 
 
@@ -123,10 +125,30 @@ def test_mismatched_label_geometry_is_named(tmp_path, labelled_case):
     shifted = sitk.Image(labels)
     shifted.SetSpacing((1.0, 1.0, 1.0))
     sitk.WriteImage(shifted, str(root / "labels" / "case.nii.gz"))
-    with pytest.raises(DataError, match=r"case.nii.gz: its geometry .* differs from its image .*case_0000.nii.gz"):
+    with pytest.raises(DataError, match=r"case.nii.gz: its geometry .* differs from its image .*case_0000.nii.gz.*"
+                                        r"does not cover the image; resample it onto its image's grid"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             train(cfg(root, tmp_path / "run", steps=1))
+
+
+def test_a_label_map_on_a_finer_grid_covering_its_image_is_resampled_with_a_warning(tmp_path, labelled_case):
+    """An export on another grid (here 1 mm over the 2 mm image's extent) is brought onto the image's
+    grid by nearest neighbour, said, and trained on; the held-out cases are recorded by name."""
+    root, img, labels = labelled_case
+    size = [2 * n for n in labels.GetSize()]
+    origin = np.array(img.GetOrigin()) - np.array(img.GetSpacing()) / 4  # the same outer box, 1 mm voxels
+    fine = sitk.Resample(labels, size, sitk.Transform(), sitk.sitkNearestNeighbor, origin.tolist(),
+                         [s / 2 for s in img.GetSpacing()], img.GetDirection(), 0)
+    sitk.WriteImage(fine, str(root / "labels" / "case.nii.gz"))
+    sitk.WriteImage(img, str(root / "images" / "other_0000.nii.gz"))
+    sitk.WriteImage(labels, str(root / "labels" / "other.nii.gz"))
+    with pytest.warns(UserWarning, match=r"case.nii.gz: its geometry .* resampled onto the image's grid"):
+        train(cfg(root, tmp_path / "run", steps=2, val_every=2, val_fraction=0.5))
+    meta = checkpoint.load(tmp_path / "run" / "gvsl_segmentation.pt").meta
+    assert meta["labels"]["values"] == [0, 205, 420]
+    (held_out,) = meta["cases"]["validation_cases"]
+    assert Path(held_out).name in ("case_0000.nii.gz", "other_0000.nii.gz") and meta["cases"]["validation"] == 1
 
 
 def test_label_values_missing_from_the_dataset_are_named_and_no_cache_stays(tmp_path, labelled_case):

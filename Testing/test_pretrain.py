@@ -70,6 +70,59 @@ def test_resume_refuses_different_options(tmp_path, small_folder):
         train(tiny(small_folder, tmp_path / "r", steps=4, width=8, resume=True))
 
 
+def test_the_run_time_is_estimated_after_the_first_steps_and_a_cpu_day_is_named(monkeypatch):
+    """The paper's settings on 2 CPU cores (48 s a step): the run says it would take 111 days, and how
+    to make it practical, once, after its first timed steps."""
+    from gvsl import training
+
+    clock = iter([0.0, 3 * 48.0])
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    said = []
+    estimate = training.RunTimeEstimate(PretrainConfig(), torch.device("cpu"), 0, said.append)
+    for step in range(1, 10):
+        estimate.step(step)
+    assert said[0].startswith("Estimated time: 111 d 2 h for the 199996 steps left, at 48.00 s a step on cpu")
+    assert "over a day" in said[1] and "--width (8 or 16; now 32)" in said[1] and len(said) == 2
+    said.clear()
+    clock = iter([0.0, 3 * 0.5])
+    short = training.RunTimeEstimate(PretrainConfig(steps=100), torch.device("cpu"), 0, said.append)
+    for step in range(1, 10):
+        short.step(step)
+    assert said == ["Estimated time: 0 min 48 s for the 96 steps left, at 0.50 s a step on cpu "
+                    "(validations and checkpoints not counted)"]
+
+
+def test_help_says_what_the_demo_runs():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120).stdout
+    assert "Without --data, a demo: the built-in real MR volumes, 30 steps at width 8 on 48x48x48 crops" in \
+        " ".join(out.split())
+    assert "{auto,ct,mr}" in out and "(default: auto; when fine-" in \
+        " ".join(out.split())
+
+
+def test_resume_without_a_checkpoint_is_refused_before_any_work(tmp_path, small_folder):
+    with pytest.raises(TrainingError, match=r"--resume: .*typo holds no checkpoint_last.pt, so there is no run to "
+                                            r"resume; check --output-dir"):
+        train(tiny(small_folder, tmp_path / "typo", resume=True))
+    assert not (tmp_path / "typo").exists()
+
+
+def test_auto_normalisation_is_each_images_own_and_recorded(tmp_path, small_folder, anatomical_path):
+    """The default: a CT (air near -1000 HU) is windowed as Hounsfield units, an MR by percentiles, and
+    the checkpoint says how many of each; a rerun from the cache records the same."""
+    import SimpleITK as sitk
+
+    head = sitk.ReadImage(str(anatomical_path), sitk.sitkFloat32)
+    hounsfield = head / float(sitk.GetArrayViewFromImage(head).max()) * 1400.0 - 1000.0
+    sitk.WriteImage(hounsfield, str(small_folder / "ct.nii.gz"))
+    assert PretrainConfig().normalize is None  # resolved to auto by the run
+    train(tiny(small_folder, tmp_path / "run", steps=2, normalize=None))
+    meta = checkpoint.load(tmp_path / "run" / "gvsl_pretrained.pt").meta
+    assert (meta["normalize"], meta["normalize_chosen"]) == ("auto", {"ct": 1, "mr": 2})
+    train(tiny(small_folder, tmp_path / "run", steps=2, normalize=None, overwrite=True))  # from the cache
+    assert checkpoint.load(tmp_path / "run" / "gvsl_pretrained.pt").meta["normalize_chosen"] == {"ct": 1, "mr": 2}
+
+
 def test_training_goes_on_without_a_bad_file(tmp_path, small_folder, bad_files):
     os.replace(bad_files["corrupt"], small_folder / "corrupt.nii.gz")
     with pytest.warns(UserWarning, match="corrupt.nii.gz: cannot be read"):

@@ -33,8 +33,11 @@ class TrainConfig:
         "help": "start afresh in an OUTPUT that holds an earlier run, replacing its checkpoints and logs "
                 "(without it or --resume, such an OUTPUT is refused)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights, the crops and the augmentations"})
-    normalize: str = field(default="ct", metadata={"help": "intensity preset: ct = Hounsfield [-1024, 1024] "
-                           "to [0, 1]; mr = 0.5-99.5 percentiles to [0, 1]", "choices": ("ct", "mr")})
+    normalize: str | None = field(default=None, metadata={
+        "help": "intensity preset: auto = each image its own (ct where it holds Hounsfield units, air near "
+                "-1000, else mr); ct = Hounsfield [-1024, 1024] to [0, 1]; mr = 0.5-99.5 percentiles to [0, 1]. "
+                "The checkpoint records the preset and what auto chose", "choices": ("auto", "ct", "mr"),
+        "default_text": "auto; when fine-tuning a pre-trained backbone, its preset"})
     spacing: tuple[float, float, float] = field(default=(1.5, 1.5, 1.5), metadata={
         "help": "voxel spacing in mm that every volume is resampled to (1 or 3 values)"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
@@ -63,6 +66,15 @@ class PretrainConfig(TrainConfig):
 # What a newcomer's first run without --data uses: a few quick steps on the CPU.
 DEMO_OVERRIDES = {"steps": 30, "crop": (48, 48, 48), "width": 8, "batch_size": 2, "normalize": "mr",
                   "checkpoint_every": 10, "output_dir": "gvsl_runs/demo_pretrain"}
+
+
+def demo_text() -> str:
+    """What ``--help`` says the no-argument run does."""
+    d = DEMO_OVERRIDES
+    return (f"Without --data, a demo: the built-in real MR volumes, {d['steps']} steps at width {d['width']} on "
+            f"{'x'.join(map(str, d['crop']))} crops (a minute on a CPU), into {d['output_dir']}. With --data, "
+            "the paper's settings (200000 steps, width 32, 128^3 crops): a GPU's job; the run estimates its "
+            "time after its first steps.")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -117,7 +129,7 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
         else:
             kind = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
             parser.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"),
-                                help=f"{help_text} (default: {f.default})")
+                                help=f"{help_text} (default: {f.metadata.get('default_text', f.default)})")
     return parser
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,36 +17,76 @@ from torch.utils.data import Dataset
 from . import geometry
 from .discovery import discover, is_image, resolve  # noqa: F401 - discover: what pretrain.py calls
 from .volumes import (CT_WINDOW, IMAGE_SUFFIXES, MIN_SIZE, MR_PERCENTILES, PRESETS, DataError,  # noqa: F401
-                      normalise, read_labels, read_volume)
+                      auto_preset, normalise, read_labels, read_volume)
 
 
 @dataclass(frozen=True)
 class Preprocessing:
     """Everything that turns a file into the network's input; part of the cache key and of checkpoints."""
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
-    normalize: str = "mr"
+    normalize: str = "mr"  # ct | mr | auto: each image its own (``auto_preset``)
 
     def __call__(self, path: str | Path) -> torch.Tensor:
         return self.prepare(read_volume(path), str(path))[1]
 
+    def preset(self, image: sitk.Image) -> str:
+        return auto_preset(image) if self.normalize == "auto" else self.normalize
+
     def prepare(self, image: sitk.Image, source: str = "image") -> tuple[sitk.Image, torch.Tensor]:
         """(the image on the network's grid, its normalised (D, H, W) tensor)."""
+        preset = self.preset(image)
+        if self.normalize == "auto":
+            _chosen[source] = preset
         image = geometry.canonical(image, self.spacing)
         if min(image.GetSize()) < MIN_SIZE:
             raise DataError(f"{source}: is only {'x'.join(map(str, image.GetSize()))} voxels at "
                             f"{self.spacing[0]} mm; at least {MIN_SIZE} per axis are needed")
-        return image, torch.from_numpy(normalise(sitk.GetArrayFromImage(image), self.normalize))
+        return image, torch.from_numpy(normalise(sitk.GetArrayFromImage(image), preset))
 
 
-def check_same_grid(image: sitk.Image, labels: sitk.Image, image_path, label_path) -> None:
+_chosen: dict[str, str] = {}  # the preset ``auto`` chose for each image this process prepared
+
+
+def presets_line(normalize: str, presets: dict) -> str:
+    """The opening line that says how the images are normalised."""
+    if normalize != "auto":
+        return f"Normalisation: {normalize} for every image (--normalize)"
+    counts = chosen_presets(presets)
+    return (f"Normalisation: auto, each image its own: {counts.get('ct', 0)} as CT (Hounsfield units), "
+            f"{counts.get('mr', 0)} as MR-like (percentiles)")
+
+
+def chosen_presets(presets: dict) -> dict[str, int]:
+    """How many images ``auto`` normalised as each preset, for the checkpoint and the opening lines."""
+    counts: dict[str, int] = {}
+    for preset in presets.values():
+        counts[preset] = counts.get(preset, 0) + 1
+    return counts
+
+
+def labels_on_image_grid(image: sitk.Image, labels: sitk.Image, image_path, label_path) -> sitk.Image:
+    """``labels`` on its image's grid. A label map on another grid (a resampled export, another spacing)
+    is resampled by nearest neighbour, with a warning, when it covers the image; otherwise refused,
+    with the fix named."""
     same = (image.GetSize() == labels.GetSize()
             and np.allclose(image.GetSpacing(), labels.GetSpacing(), rtol=1e-4)
             and np.allclose(image.GetOrigin(), labels.GetOrigin(), atol=1e-3)
             and np.allclose(image.GetDirection(), labels.GetDirection(), atol=1e-4))
-    if not same:
-        raise DataError(f"{label_path}: its geometry (size {labels.GetSize()}, spacing "
-                        f"{tuple(round(s, 4) for s in labels.GetSpacing())}) differs from its image {image_path} "
-                        f"(size {image.GetSize()}, spacing {tuple(round(s, 4) for s in image.GetSpacing())})")
+    if same:
+        return labels
+    geometry_ = (f"its geometry (size {labels.GetSize()}, spacing {tuple(round(s, 4) for s in labels.GetSpacing())}) "
+                 f"differs from its image {image_path} (size {image.GetSize()}, spacing "
+                 f"{tuple(round(s, 4) for s in image.GetSpacing())})")
+    corners = [image.TransformContinuousIndexToPhysicalPoint([(n - 1) * c for n, c in zip(image.GetSize(), corner)])
+               for corner in np.ndindex(2, 2, 2)]
+    inside = [labels.TransformPhysicalPointToContinuousIndex(p) for p in corners]
+    if not all(-0.5 - 1e-3 <= i <= n - 0.5 + 1e-3 for index in inside for i, n in zip(index, labels.GetSize())):
+        raise DataError(f"{label_path}: {geometry_}, and it does not cover the image; resample it onto its image's "
+                        "grid with nearest-neighbour interpolation (Slicer: Resample Image (BRAINS) with "
+                        "--interpolationMode NearestNeighbor; SimpleITK: sitk.Resample(labels, image, "
+                        "sitk.Transform(), sitk.sitkNearestNeighbor))")
+    warnings.warn(f"{label_path}: {geometry_}; resampled onto the image's grid (nearest neighbour)", stacklevel=2)
+    return sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
 
 
 class _CacheItem(Transform):
@@ -58,7 +99,7 @@ class _CacheItem(Transform):
         if "label" not in item:
             return self.preprocessing(item["image"])
         image, labels = read_volume(item["image"]), read_labels(item["label"])
-        check_same_grid(image, labels, item["image"], item["label"])
+        labels = labels_on_image_grid(image, labels, item["image"], item["label"])
         grid, volume = self.preprocessing.prepare(image, item["image"])
         on_grid = sitk.Resample(labels, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         classes = self.spec.to_classes(sitk.GetArrayFromImage(on_grid), item["label"])
@@ -120,10 +161,29 @@ class VolumeStore:
             if not self._index:
                 raise DataError(f"none of the {len(items)} images could be used: "
                                 + "; ".join(self.skipped.values()))
+            self.presets = self._presets(items, cache)
         except BaseException:
             if created and not any(cache.iterdir()):
                 cache.rmdir()  # a failed first run leaves no empty cache behind
             raise
+
+    def _presets(self, items: list[dict], cache: Path) -> dict[Path, str]:
+        """Each kept image's normalisation preset. Under ``auto``, what was chosen as it was prepared, or,
+        for an image read from the cache, what the cache's presets.json recorded then."""
+        if self.preprocessing.normalize != "auto":
+            return {path: self.preprocessing.normalize for path in self.paths}
+        record = cache / "presets.json"
+        known = json.loads(record.read_text()) if record.is_file() else {}
+        presets = {}
+        for path, i in zip(self.paths, self._index):
+            key = json.dumps([items[i]["image"], items[i]["bytes"], items[i]["mtime"]])
+            known[key] = _chosen.pop(items[i]["image"], None) or known.get(key) or \
+                self.preprocessing.preset(read_volume(items[i]["image"]))
+            presets[path] = known[key]
+        temporary = cache / f".presets.{os.getpid()}.json"
+        temporary.write_text(json.dumps(known, indent=1))
+        os.replace(temporary, record)
+        return presets
 
     def __len__(self) -> int:
         return len(self._index)

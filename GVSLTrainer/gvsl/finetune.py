@@ -20,7 +20,7 @@ from .config import TrainConfig, to_dict
 from .labels import LabelSpec
 from .logs import LearningCurve, TrainingLog
 from .networks import GVSLSegmenter, check_input_size
-from .training import TrainingError, TrainingRun, step_seed
+from .training import RunTimeEstimate, TrainingError, TrainingRun, step_seed
 from .segmentation import SegmentationOptions, build_segmenter, sliding_window_probabilities
 
 FINAL = "gvsl_segmentation.pt"
@@ -163,6 +163,20 @@ def check_memory(num_classes: int, crop: tuple[int, ...], batch_size: int, val_v
                 "--spacing, or fewer classes (merge them in the dataset's labels)")
 
 
+def normalisation(given: str | None, pretrained, show: bool) -> str:
+    """The preset to fine-tune with: the user's, else the pre-trained backbone's (its features were learnt
+    on images normalised that way), else auto; a preset other than the backbone's is said."""
+    theirs = pretrained.meta.get("normalize") if pretrained is not None else None
+    if given is None:
+        if theirs and show:
+            print(f"Normalisation: {theirs}, the pre-trained backbone's (--normalize overrides it)")
+        return theirs or "auto"
+    if theirs and given != theirs:
+        warnings.warn(f"--normalize {given}, but the backbone was pre-trained on images normalised as {theirs}: "
+                      "its features may not transfer", stacklevel=2)
+    return given
+
+
 def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
     """Fine-tune (or resume); returns the best model (by mean validation Dice) and that Dice."""
     from monai.losses import DiceCELoss
@@ -183,9 +197,12 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
                 print(f"Using the pre-trained backbone's {option} {getattr(pretrained, option)} "
                       f"(not {getattr(cfg, option)})")
             setattr(cfg, option, getattr(pretrained, option))
+    cfg.normalize = normalisation(cfg.normalize, pretrained, run.show)
     check_input_size(tuple(cfg.crop), cfg.norm)
     store = run.store([p for p, _ in pairs], data.Preprocessing(tuple(cfg.spacing), cfg.normalize),
                       labels=[lbl for _, lbl in pairs], spec=spec)
+    if run.show:
+        print(data.presets_line(cfg.normalize, store.presets))
     if not any(bool((store[i]["label"] > 0).any()) for i in range(len(store))):
         raise data.DataError(f"{cfg.data}: every label map is all background (0): there is nothing to learn "
                              f"(e.g. {pairs[0][1]}); check the label files")
@@ -203,10 +220,12 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
     start = run.resume(RESUME_FIXED)
     best = float(run.extra.get("best_dice", -1.0))
     meta = {"width": cfg.width, "norm": cfg.norm, "in_channels": 1, "labels": spec.as_dict(),
-            "normalize": cfg.normalize, "spacing": list(cfg.spacing), "crop": list(cfg.crop), "config": to_dict(cfg),
+            "normalize": cfg.normalize, "normalize_chosen": data.chosen_presets(store.presets),
+            "spacing": list(cfg.spacing), "crop": list(cfg.crop), "config": to_dict(cfg),
             "pretrained": str(cfg.pretrained) if cfg.pretrained else None,
             "pretrained_source": pretrained.source if pretrained is not None else None,
-            "frozen_backbone": cfg.freeze_backbone, "cases": {"train": len(train_idx), "validation": len(val_idx)},
+            "frozen_backbone": cfg.freeze_backbone, "cases": {"train": len(train_idx), "validation": len(val_idx),
+                                                         "validation_cases": [str(store.paths[i]) for i in val_idx]},
             "skipped": {str(p): why for p, why in store.skipped.items()}}
 
     net = run.wrapped()  # DDP registers only the parameters that train (the head, when frozen)
@@ -223,6 +242,7 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
 
     bar = tqdm(total=cfg.steps, initial=start, desc="Fine-tuning", unit="step", disable=not run.show,
                dynamic_ncols=True)
+    estimate = RunTimeEstimate(cfg, run.device, start, tqdm.write if run.dist.is_main else None)
     step, window_loss, window_start, dice = start, [], time.perf_counter(), float("nan")
 
     def save_now() -> int:
@@ -250,6 +270,7 @@ def train(cfg: FinetuneConfig) -> tuple[GVSLSegmenter, float]:
                 run.scaler.step(run.optimizer)
                 run.scaler.update()
                 step += 1
+                estimate.step(step)
                 window_loss.append(loss.item())
                 bar.update(1)
                 validated = step % cfg.val_every == 0 or step == cfg.steps

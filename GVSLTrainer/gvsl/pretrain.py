@@ -17,7 +17,7 @@ from .config import PretrainConfig, to_dict
 from .logs import TrainingLog
 from .losses import GVSLLoss
 from .networks import GVSL, check_input_size
-from .training import TrainingError, TrainingRun, step_seed
+from .training import RunTimeEstimate, TrainingError, TrainingRun, step_seed
 
 FINAL = "gvsl_pretrained.pt"
 LOSS_TERMS = ("ncc", "smooth", "mse", "total")
@@ -25,8 +25,10 @@ LOSS_TERMS = ("ncc", "smooth", "mse", "total")
 RESUME_FIXED = ("width", "norm", "crop", "batch_size", "seed", "normalize", "spacing", "lr")
 
 
-def model_meta(cfg: PretrainConfig, paths: list[Path], skipped: dict[str, str] | None = None) -> dict:
+def model_meta(cfg: PretrainConfig, paths: list[Path], skipped: dict[str, str] | None = None,
+               presets: dict | None = None) -> dict:
     return {"width": cfg.width, "norm": cfg.norm, "in_channels": 1, "normalize": cfg.normalize,
+            "normalize_chosen": data.chosen_presets(presets or {}),
             "spacing": list(cfg.spacing), "crop": list(cfg.crop), "config": to_dict(cfg),
             "data": cfg.data or "built-in demo", "num_volumes": len(paths), "skipped": skipped or {}}
 
@@ -75,7 +77,10 @@ def train(cfg: PretrainConfig) -> GVSL:
     run = TrainingRun(cfg, "pretrain")
     check_input_size(tuple(cfg.crop), cfg.norm)  # before any preprocessing
     paths = data.discover(cfg.data) if cfg.data else demo.demo_paths()
+    cfg.normalize = cfg.normalize or "auto"
     store = run.store(paths, data.Preprocessing(tuple(cfg.spacing), cfg.normalize))
+    if run.show:
+        print(data.presets_line(cfg.normalize, store.presets))
     runtime.seed_everything(cfg.seed)
     model = run.prepare(GVSL(width=cfg.width, norm=cfg.norm))
     start = run.resume(RESUME_FIXED)
@@ -85,11 +90,12 @@ def train(cfg: PretrainConfig) -> GVSL:
                            GVSLLoss(cfg.ncc_weight, cfg.smooth_weight, cfg.mse_weight, cfg.ncc_window),
                            run.amp_dtype, run.channels_last)
     gen = torch.Generator(device=run.device)
-    meta = model_meta(cfg, store.paths, {str(p): why for p, why in store.skipped.items()})
+    meta = model_meta(cfg, store.paths, {str(p): why for p, why in store.skipped.items()}, store.presets)
     logbook = TrainingLog(run.out, start, [*LOSS_TERMS, "steps_per_s", "data_wait_share"], enabled=run.dist.is_main)
 
     bar = tqdm(total=cfg.steps, initial=start, desc="Pre-training", unit="step", disable=not run.show,
                dynamic_ncols=True)
+    estimate = RunTimeEstimate(cfg, run.device, start, tqdm.write if run.dist.is_main else None)
     model.train()
     step = start
     sums = {k: 0.0 for k in LOSS_TERMS}
@@ -111,6 +117,7 @@ def train(cfg: PretrainConfig) -> GVSL:
                                         f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
                                         f"try a lower --lr, or resume from {run.last}")
                 step += 1
+                estimate.step(step)
                 window_steps += 1
                 for k in LOSS_TERMS:
                     sums[k] += terms[k].item()
