@@ -69,6 +69,15 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--no-rotation-search", dest="rotation_search", action="store_false",
                    help="skip the search over large rotations (125 orientations up to 60 degrees per axis, "
                         "kept only when one matches better than the start)")
+    tuning = p.add_argument_group("tuning (the defaults are measured on the benchmark; see docs/registration.md)")
+    tuning.add_argument("--smooth-weight", type=float, default=None,
+                        help="weight of the velocity field's smoothness (default 1; higher: smoother, less local)")
+    tuning.add_argument("--ncc-window", type=positive_int, default=None,
+                        help="local NCC window in voxels of the working grid, odd (default 7)")
+    tuning.add_argument("--levels", type=positive_int, choices=(1, 2, 3), default=None,
+                        help="deformable resolution levels, coarse to fine (default 3: quarter, half, full)")
+    tuning.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads for torch and SimpleITK (default: all the cores)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto picks cuda, then mps, then cpu")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = p.parse_args(argv)
@@ -81,12 +90,31 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+def options_from(args: argparse.Namespace):
+    """register.py's arguments as ``RegistrationOptions``, checked."""
+    from gvsl.registration import RegistrationOptions
+    from gvsl.registration.options import finest_levels
+
+    opts = RegistrationOptions(mode=args.mode, similarity=args.similarity, device=args.device,
+                               normalize=args.normalize[0] if len(args.normalize) == 1 else tuple(args.normalize),
+                               initialisation=args.initialisation, spacing=args.spacing,
+                               rotation_search=args.rotation_search)
+    if args.iterations is not None:
+        opts.iterations = args.iterations
+    for name in ("smooth_weight", "ncc_window"):
+        if getattr(args, name) is not None:
+            setattr(opts, name, getattr(args, name))
+    if args.levels is not None:
+        opts.levels = finest_levels(args.levels)
+    opts.check()
+    return opts
+
+
 def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from gvsl import demo
     from gvsl.outputs import check_output_folder
-    from gvsl.registration import RegistrationOptions
     from gvsl.registration.inputs import naming_the_files, read_and_prepare, read_model
     from gvsl.registration_io import FILES, save_registration, send_panels, summary
 
@@ -98,13 +126,11 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
     given = (args.fixed, args.moving, args.fixed_labels, args.moving_labels, args.fixed_mask, args.moving_mask,
              args.initial_transform, args.fixed_landmarks, args.moving_landmarks, args.model)
     check_output_folder(out, given, tuple(FILES.values()))  # before any work, not after it
-    opts = RegistrationOptions(mode=args.mode, similarity=args.similarity, device=args.device,
-                               normalize=args.normalize[0] if len(args.normalize) == 1 else tuple(args.normalize),
-                               initialisation=args.initialisation, spacing=args.spacing,
-                               rotation_search=args.rotation_search)
-    if args.iterations is not None:
-        opts.iterations = args.iterations
-    opts.check()
+    opts = options_from(args)
+    if args.threads:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
 
     # Reading and preparing need no torch: without a model (whose file needs torch) they run in a
     # thread while torch loads here (SimpleITK and NumPy release the interpreter's lock).
@@ -113,6 +139,11 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
         from tqdm.auto import tqdm
 
         from gvsl.registration import register_prepared  # imports torch
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
 
         model = read_model(args.model) if args.model else None
         prepared, labels = ready.result() if ready is not None else read_and_prepare(args, opts, model)

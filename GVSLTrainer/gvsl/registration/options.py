@@ -13,6 +13,20 @@ class RegistrationError(ValueError):
     pass
 
 
+DEFORMABLE_LEVELS = ((4, 8, 0.36), (2, 4, 0.36), (1, 4, 0.08))  # see RegistrationOptions.levels
+
+
+def finest_levels(count: int) -> tuple:
+    """The finest ``count`` of the default deformable levels, the coarsest of them given the iterations
+    of those left out, so that the finer (costlier) levels keep theirs (``--levels 1``: full resolution
+    only; 2: from half resolution; 3: the default)."""
+    if not 1 <= count <= len(DEFORMABLE_LEVELS):
+        raise RegistrationError(f"levels must be 1 to {len(DEFORMABLE_LEVELS)}, got {count}")
+    (image, grid, share), *finer = DEFORMABLE_LEVELS[-count:]
+    dropped = sum(s for *_, s in DEFORMABLE_LEVELS[:-count])
+    return ((image, grid, round(share + dropped, 4)), *finer)
+
+
 @dataclass
 class RegistrationOptions:
     mode: str = "deformable"  # rigid | affine | deformable (affine, then a velocity field)
@@ -31,7 +45,7 @@ class RegistrationOptions:
     # deformable levels: (image shrink, velocity-grid shrink, share of the iterations), coarse to fine.
     # 80 % of the budget at a 1.5x rate: on the benchmark's same-modality and CT<->MR pairs (2 seeds
     # each) the same mean end-point error as 100 % at 0.02 (0.715 mm both), 20-45 % less time
-    levels: tuple = ((4, 8, 0.36), (2, 4, 0.36), (1, 4, 0.08))
+    levels: tuple = DEFORMABLE_LEVELS
     # the linear stage runs on images shrunk by these factors, in turn; None: (4, 2), or only 4 before a
     # same-modality deformable stage, which absorbs what the finer affine level would add
     linear_shrinks: tuple | None = None
@@ -56,6 +70,10 @@ class RegistrationOptions:
         if self.initialisation is not None and self.initialisation not in INITIALISATIONS:
             raise RegistrationError(f"initialisation must be one of {', '.join(INITIALISATIONS)}, "
                                     f"got {self.initialisation!r}")
+        if self.ncc_window < 3 or self.ncc_window % 2 == 0:
+            raise RegistrationError(f"the NCC window must be an odd number of voxels, 3 or more, got {self.ncc_window}")
+        if not self.smooth_weight >= 0:
+            raise RegistrationError(f"the smoothness weight must be 0 or more, got {self.smooth_weight}")
         presets = (self.normalize,) if isinstance(self.normalize, str) else tuple(self.normalize)
         if len(presets) not in (1, 2) or any(p not in PRESETS + ("auto",) for p in presets):
             raise RegistrationError(f"normalize must be auto, ct or mr, or one of them per image, got {self.normalize!r}")
