@@ -1,30 +1,12 @@
 #!/usr/bin/env python
-"""Fine-tune a GVSL segmentation model on labelled volumes.
-
-    python GVSLTrainer/finetune.py --data Task02_Heart/dataset.json --pretrained gvsl_pretrained.pt \\
-        --normalize ct --output-dir runs/heart
-    python GVSLTrainer/finetune.py --data cases/ --freeze-backbone --pretrained GVSL_epoch_1000.pth  # linear eval
-
---data is an MSD/nnU-Net dataset.json (training: [{image, label}], labels: {"0": "background", ...})
-or a folder with images/ and labels/ of matching names. Label values may be any integers; the
-mapping to classes is kept with the model. Writes OUTPUT/gvsl_segmentation.pt (the best model on
-the validation cases), OUTPUT/checkpoint_last.pt (to --resume), OUTPUT/log.csv, OUTPUT/tensorboard/.
-"""
+"""finetune: ``python GVSLTrainer/finetune.py --help`` (also ``gvsl finetune`` once installed); the command
+is ``gvsl.commands.finetune``."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
-from gvsl.cli import run  # noqa: E402
-from gvsl.config import build_parser, resolve  # noqa: E402
-from gvsl.finetune import FinetuneConfig, train  # noqa: E402
-
-
-def main(argv=None) -> int:
-    parser = build_parser(FinetuneConfig, __doc__)
-    args = parser.parse_args(argv)
-    return run(lambda: train(resolve(FinetuneConfig, args)))  # option values are checked inside: one error line
-
+from gvsl.commands.finetune import script  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script()

@@ -1,28 +1,12 @@
 #!/usr/bin/env python
-"""GVSL self-supervised pre-training.
-
-    python GVSLTrainer/pretrain.py                      # a quick demo on built-in real MR volumes
-    python GVSLTrainer/pretrain.py --data /scans --output-dir runs/ct --steps 3000 --width 16 --crop 64 64 64
-    torchrun --nproc_per_node 4 GVSLTrainer/pretrain.py --data /scans --amp
-
-Writes OUTPUT/gvsl_pretrained.pt (the model), OUTPUT/checkpoint_last.pt (to --resume),
-OUTPUT/log.csv and OUTPUT/tensorboard/.
-"""
+"""pretrain: ``python GVSLTrainer/pretrain.py --help`` (also ``gvsl pretrain`` once installed); the command
+is ``gvsl.commands.pretrain``."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
-from gvsl.cli import run  # noqa: E402
-from gvsl.config import DEMO_OVERRIDES, PretrainConfig, build_parser, demo_text, resolve  # noqa: E402
-from gvsl.pretrain import train  # noqa: E402
-
-
-def main(argv=None) -> int:
-    parser = build_parser(PretrainConfig, f"{__doc__}\n{demo_text()}")
-    args = parser.parse_args(argv)
-    return run(lambda: train(resolve(PretrainConfig, args, DEMO_OVERRIDES)))  # option values are checked inside: one error line
-
+from gvsl.commands.pretrain import script  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script()

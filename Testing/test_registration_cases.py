@@ -182,11 +182,10 @@ def test_an_initial_transform_is_applied_first():
 
 
 def load_register_script():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("register_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command behind ``GVSLTrainer/register.py``."""
+    from gvsl.commands import register
+
+    return register
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GVSLExtension"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GVSLTrainer"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import register as register_cli  # noqa: E402
+from gvsl.commands import register as register_cli  # noqa: E402
 import synthetic  # noqa: E402
 from slicer_scene import close_scene, load_volume, new_scene, node_ids  # noqa: E402
 from GVSLLib import conversion, dependencies  # noqa: E402

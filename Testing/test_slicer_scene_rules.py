@@ -111,7 +111,7 @@ def vtk_general(node):
 def sample_outputs(tmp_path_factory) -> Path:
     """register.py's files (deformable, with labels) for the sample pair."""
     sys.path.insert(0, str(ROOT / "GVSLTrainer"))
-    import register as register_cli
+    from gvsl.commands import register as register_cli
 
     fixed, moving = selftest.sampleFiles()
     folder = tmp_path_factory.mktemp("sample")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import importlib.util
+import importlib
 import io
 import json
 import os
@@ -19,15 +19,8 @@ TOOLS = ("register", "segment")
 
 
 def load_script(tool: str):
-    """``register.py`` or ``segment.py`` as a module, loaded once per process (they sit beside the package)."""
-    name = f"gvsl_{tool}_script"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / f"{tool}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
+    """The command module of ``register.py`` or ``segment.py`` (``gvsl.commands.<tool>``)."""
+    return importlib.import_module(f"gvsl.commands.{tool}")
 
 
 def keep_freed_memory() -> None:
