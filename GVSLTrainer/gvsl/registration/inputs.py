@@ -15,14 +15,14 @@ from .options import RegistrationError, RegistrationOptions
 from .preparation import Prepared, linear_matrix, mask_problem, prepare
 
 
-def read_transform(path: str | Path) -> sitk.Transform:
-    """A linear 3D ITK transform file (.h5, .tfm, .txt, .mat), or a RegistrationError naming the file."""
+def read_itk_transform(path: str | Path) -> sitk.Transform:
+    """Any 3D ITK transform file (.h5, .tfm, .txt, .mat), or a RegistrationError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise RegistrationError(f"{path}: no such transform file")
     try:
         with stderr.held():  # HDF5 prints dozens of lines for a damaged file
-            transform = sitk.ReadTransform(str(path))
+            return sitk.ReadTransform(str(path))
     except RuntimeError as e:
         with open(path, "rb") as f:
             start = f.read(8)
@@ -31,6 +31,11 @@ def read_transform(path: str | Path) -> sitk.Transform:
         else:
             why = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
         raise RegistrationError(f"{path}: cannot be read as an ITK transform ({why})") from None
+
+
+def read_transform(path: str | Path) -> sitk.Transform:
+    """A linear 3D ITK transform file, or a RegistrationError naming the file."""
+    transform = read_itk_transform(path)
     try:
         linear_matrix(transform, "it")
     except RegistrationError as e:

@@ -184,3 +184,28 @@ def target_registration_error(transform: sitk.Transform | None, fixed_points: np
     errors = np.linalg.norm(mapped - moving_points, axis=1)
     return {"mean_mm": round(float(errors.mean()), 3), "max_mm": round(float(errors.max()), 3),
             "points": {label: round(float(e), 3) for label, e in zip(labels, errors)}}
+
+
+MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"
+                  "markups-schema-v1.0.3.json#")
+
+
+def landmarks_text(landmarks: Landmarks, name: str) -> str:
+    """``landmarks`` as the file ``name`` would hold them (its extension picks the format: a Slicer
+    markups .mrk.json, a .fcsv or a .csv), in LPS millimetres, saying so, so that Slicer and
+    ``read_landmarks`` read them back where they are."""
+    name = name.lower()
+    if name.endswith(".json"):
+        points = [{"id": str(i + 1), "label": label, "position": [round(float(v), 6) for v in p],
+                   "positionStatus": "defined"} for i, (label, p) in enumerate(zip(landmarks.labels, landmarks.points))]
+        return json.dumps({"@schema": MARKUPS_SCHEMA, "markups": [
+            {"type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm", "controlPoints": points}]},
+            indent=2)
+    rows = [[label, *(f"{float(v):.6f}" for v in p)] for label, p in zip(landmarks.labels, landmarks.points)]
+    if name.endswith(".fcsv"):
+        head = ("# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n"
+                "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n")
+        return head + "".join(f"{i + 1},{x},{y},{z},0,0,0,1,1,1,0,{label},,\n" for i, (label, x, y, z) in enumerate(rows))
+    if name.endswith((".csv", ".txt")):
+        return "# CoordinateSystem = LPS\nlabel,x,y,z\n" + "".join(",".join(r) + "\n" for r in rows)
+    raise LandmarkError(f"{name}: unknown landmark format; use .mrk.json, .fcsv or .csv")
