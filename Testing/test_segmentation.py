@@ -149,13 +149,9 @@ SEGMENT_CASES = {
 @pytest.mark.parametrize("case", SEGMENT_CASES)
 def test_segment_refuses_bad_input_in_one_line_and_writes_nothing(case, tmp_path, anatomical_path, capsys):
     """Outputs are checked before the model is read; every error names the file and has no traceback."""
-    import importlib.util
     import pickle
 
-    spec = importlib.util.spec_from_file_location("segment_script", Path(__file__).resolve().parents[1]
-                                                  / "GVSLTrainer" / "segment.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from gvsl.commands import segment as script
     seg_checkpoint(tmp_path / "seg.pt")
     checkpoint.save(tmp_path / "pre.pt", GVSL(width=4), "pretrain", {"width": 4})
     (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"not": "a checkpoint"}))
@@ -178,3 +174,36 @@ def test_segment_refuses_bad_input_in_one_line_and_writes_nothing(case, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and expected in err and "Traceback" not in err and "\x1b[" not in err, err
     assert sorted(tmp_path.rglob("*")) == before and anatomical_path.is_file()  # nothing written, nothing lost
+
+def test_a_seg_nrrd_is_a_compressed_slicer_segmentation_and_strays_can_be_removed(tmp_path, anatomical_path):
+    """--output x.seg.nrrd: Slicer's segment names, colours and values in the header (slicerio reads
+    them), compressed; --largest-component leaves each class in one connected piece."""
+    import subprocess
+    import sys
+
+    slicerio = pytest.importorskip("slicerio")
+    from conftest import untrained_segmentation_model
+
+    model = untrained_segmentation_model(tmp_path / "seg.pt")
+    script = Path(__file__).resolve().parents[1] / "GVSLTrainer" / "segment.py"
+    outputs = {}
+    for name, extra in (("plain", []), ("largest", ["--largest-component"])):
+        outputs[name] = tmp_path / f"{name}.seg.nrrd"
+        done = subprocess.run([sys.executable, str(script), "--model", str(model), "--input", str(anatomical_path),
+                               "--output", str(outputs[name]), "--no-progress", *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    info = slicerio.read_segmentation(str(outputs["plain"]), skip_voxels=True)
+    (segment,) = info["segments"]
+    assert (segment["name"], segment["labelValue"], segment["layer"]) == ("head", 1, 0)
+    assert np.allclose(segment["color"], (0.9, 0.6, 0.2))
+    image = sitk.ReadImage(str(outputs["plain"]))
+    assert outputs["plain"].stat().st_size < np.prod(image.GetSize()) / 5  # compressed (raw: a byte a voxel)
+
+    def pieces(path):
+        mask = sitk.ReadImage(str(path)) == 1
+        return int(sitk.GetArrayFromImage(sitk.ConnectedComponent(mask, True)).max())
+
+    assert pieces(outputs["plain"]) > 1  # an untrained network leaves islands
+    assert pieces(outputs["largest"]) == 1
+    assert "stray pieces removed: head" in done.stdout

@@ -155,14 +155,15 @@ def writing(path: Path, shown: Path | None = None) -> Iterator[Path]:
 
 
 def write_image(image, path: str | Path) -> Path:
-    """sitk.WriteImage to a temporary name with the same extension, checked, then renamed into place."""
+    """sitk.WriteImage to a temporary name with the same extension, compressed (a .nrrd or .mha label
+    map is otherwise 300x its .nii.gz), checked, then renamed into place."""
     import SimpleITK as sitk
 
     path = Path(path)
     suffix = "".join(s for s in path.suffixes if s.lower() in (".nii", ".gz", ".nrrd", ".mha", ".mhd", ".seg")) \
         or path.suffix
     with replacing(path, suffix) as tmp, writing(tmp, path):
-        sitk.WriteImage(image, str(tmp))
+        sitk.WriteImage(image, str(tmp), True)
     return path
 
 

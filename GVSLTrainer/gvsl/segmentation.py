@@ -132,6 +132,23 @@ def segment(image: sitk.Image, ckpt: Checkpoint, options: SegmentationOptions | 
     return SegmentationResult(*_to_input_grid(probs.numpy(), grid, image, spec, options.probabilities), str(device))
 
 
+def keep_largest_components(labels: sitk.Image, values) -> tuple[sitk.Image, dict[int, int]]:
+    """Each class's largest connected piece (face, edge or corner neighbours), its stray pieces set to
+    the background, as nnU-Net's post-processing does; also how many pieces each value lost."""
+    array = sitk.GetArrayFromImage(labels)
+    removed = {}
+    for value in values:
+        if not value or not (array == value).any():
+            continue
+        mask = sitk.GetImageFromArray((array == value).astype(np.uint8))
+        pieces = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(mask, True)))
+        removed[int(value)] = int(pieces.max()) - 1
+        array[pieces > 1] = 0
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(labels)
+    return out, removed
+
+
 def _to_input_grid(probs: np.ndarray, grid: sitk.Image, reference: sitk.Image, spec: LabelSpec,
                    keep: bool) -> tuple[sitk.Image, LabelSpec, list[sitk.Image] | None]:
     """Resample each class probability linearly onto the input grid, keeping a running arg-max
