@@ -66,3 +66,29 @@ def test_a_failed_drawing_is_raised_and_an_unused_helper_stops(figure, tmp_path)
     idle = ReportProcess()
     idle.close()
     assert idle._proc.returncode is not None
+
+
+def test_overlays_outlines_a_legend_and_no_flat_jacobian_for_a_linear_result():
+    """Overlays show the fixed image in magenta and the moving in green; a linear result gets the
+    difference after instead of a flat Jacobian; label outlines and landmark markers are explained."""
+    from gvsl.report import LINEAR_PANELS, PANELS, draw_panels
+
+    fixed, moving = oblique_volume(0), oblique_volume(1)
+    labels = sitk.Cast(fixed > 0.5, sitk.sitkUInt8)
+    points = np.array([fixed.TransformContinuousIndexToPhysicalPoint((4.0, 5.0, 6.0))])
+    linear = registration_panels(fixed, moving, moving, None, {"fixed": points, "moving": points, "labels": ["1"]},
+                                 {"fixed": labels, "warped": labels})
+    assert tuple(linear["panels"]) == LINEAR_PANELS and LINEAR_PANELS[-1] == "difference after"
+    f, w = linear["panels"]["fixed"][0], linear["panels"]["warped (after)"][0]
+    np.testing.assert_allclose(linear["panels"]["difference after"][0], np.abs(f - w))
+    overlay = linear["panels"]["overlay after"][0]
+    assert overlay.shape == (*f.shape, 3) and np.array_equal(overlay[..., 0], f) and np.array_equal(overlay[..., 1], w)
+    edges = linear["outlines"]["fixed"][0]
+    mask = sitk.GetArrayFromImage(labels)[fixed.GetSize()[2] // 2]
+    assert edges.any() and not edges[mask == mask.max()].all()  # the boundary, not the inside
+    legend = [t.get_text() for t in draw_panels(linear).legends[0].get_texts()]
+    assert any("fixed magenta" in t for t in legend) and "fixed landmark" in legend
+    assert "fixed labels' outlines" in legend and "warped moving labels' outlines" in legend
+    jacobian = sitk.Image(fixed.GetSize(), sitk.sitkFloat32) + 1.0
+    jacobian.CopyInformation(fixed)
+    assert tuple(registration_panels(fixed, moving, moving, jacobian)["panels"]) == PANELS

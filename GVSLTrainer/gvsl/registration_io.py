@@ -32,7 +32,8 @@ def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir:
 
         if drawer is not None:
             if not drawer.has_panels:
-                send_panels(drawer, fixed, result.before, result.warped, result.jacobian, result.landmarks)
+                send_panels(drawer, fixed, result.before, result.warped, result.figure_jacobian, result.landmarks,
+                            result.outlines)
             drawer.save(stage / FILES["report"], result.metrics)
         with file("warped") as path:
             sitk.WriteImage(result.warped, str(path))
@@ -52,16 +53,16 @@ def save_registration(result: RegistrationResult, fixed: sitk.Image, output_dir:
             if drawer is not None:
                 drawer.wait()
             else:
-                registration_report(fixed, result.before, result.warped, result.jacobian, path, result.metrics,
-                                    result.landmarks)
+                registration_report(fixed, result.before, result.warped, result.figure_jacobian, path, result.metrics,
+                                    result.landmarks, result.outlines)
         written = {k: output_dir / v for k, v in FILES.items() if (stage / v).exists()}
     return written  # an earlier run's other outputs (its warped_labels, say) are gone: one whole set
 
 
 def send_panels(drawer: ReportProcess, fixed: sitk.Image, before: sitk.Image, warped: sitk.Image,
-                jacobian: sitk.Image, landmarks: dict | None) -> None:
+                jacobian: sitk.Image | None, landmarks: dict | None, outlines: dict | None = None) -> None:
     """Give ``drawer`` the figure's images to render (``register``'s ``on_images`` with ``fixed`` bound)."""
-    drawer.panels(registration_panels(fixed, before, warped, jacobian, landmarks))
+    drawer.panels(registration_panels(fixed, before, warped, jacobian, landmarks, outlines))
 
 
 def finite(value, missing: list[str] | None = None, name: str = ""):

@@ -22,15 +22,26 @@ def _displayed_slices(image: sitk.Image) -> list[np.ndarray]:
     return [np.clip((x.astype(np.float32) - lo) / span, 0, 1) for x in _slices(array)]
 
 
-def _checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
-    yy, xx = np.indices(a.shape)
-    size = max(1, max(a.shape) // tiles)
-    return np.where(((yy // size) + (xx // size)) % 2 == 0, a, b)
+def _overlay(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """The fixed image in magenta and the moving one in green: grey where they agree, coloured fringes
+    where they do not. Readable also when the two images are alike, which a checkerboard is not."""
+    return np.stack([fixed, moving, fixed], axis=-1)
+
+
+def _edges(labels: np.ndarray) -> np.ndarray:
+    """Where a label map's slice changes value (its outlines), as a boolean mask."""
+    edge = np.zeros(labels.shape, bool)
+    edge[1:, :] |= labels[1:, :] != labels[:-1, :]
+    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    return edge
 
 
 DPI = 80
-PANELS = ("fixed", "moving (before)", "warped (after)", "checkerboard before", "checkerboard after",
+PANELS = ("fixed", "moving (before)", "warped (after)", "overlay before", "overlay after",
           "Jacobian determinant")  # the figure's columns; the last is coloured by its own scale
+LINEAR_PANELS = PANELS[:-1] + ("difference after",)  # a linear map's Jacobian is one flat value
+OUTLINE_COLOURS = {"fixed": (0.2, 1.0, 0.2), "warped": (1.0, 0.25, 0.25)}  # label outlines: lime, red
+OVERLAY_NOTE = "overlays: fixed magenta, moving green, grey where they agree"
 
 
 def empty_figure(titles: tuple[str, ...] = PANELS):
@@ -42,6 +53,7 @@ def empty_figure(titles: tuple[str, ...] = PANELS):
 
     fig = Figure(figsize=(3 * len(titles), 9.5), dpi=DPI)
     axes = fig.subplots(3, len(titles))
+    fig.subplots_adjust(bottom=0.07)  # room for the legend
     for col, title in enumerate(titles):
         axes[0, col].set_title(title, fontsize=10)
         for ax in axes[:, col]:
@@ -53,27 +65,37 @@ def empty_figure(titles: tuple[str, ...] = PANELS):
     return fig, axes
 
 
-def registration_panels(fixed: sitk.Image, before: sitk.Image, warped: sitk.Image, jacobian: sitk.Image,
-                        landmarks: dict | None = None) -> dict:
-    """What the figure shows, as plain arrays: mid-slices of fixed, moving and warped, checkerboards
-    before and after, the Jacobian determinant, and the landmarks projected onto each view.
+def registration_panels(fixed: sitk.Image, before: sitk.Image, warped: sitk.Image, jacobian: sitk.Image | None,
+                        landmarks: dict | None = None, outlines: dict | None = None) -> dict:
+    """What the figure shows, as plain arrays: mid-slices of fixed, moving and warped, colour overlays
+    before and after, the Jacobian determinant (None for a linear result: the difference after instead),
+    the landmarks projected onto each view, and label maps' outlines (``outlines``: {"fixed": labels on
+    the fixed grid, "warped": the moving labels warped}, either may be absent).
 
     Plain arrays, so that another process can draw them (``gvsl.report_process``) without the volumes.
     """
     f, b, w = (_displayed_slices(x) for x in (fixed, before, warped))
-    jac = [x.astype(np.float32) for x in _slices(sitk.GetArrayViewFromImage(jacobian))]
-    panels = dict(zip(PANELS, (f, b, w, [_checkerboard(x, y) for x, y in zip(f, b)],
-                               [_checkerboard(x, y) for x, y in zip(f, w)], jac)))
+    if jacobian is None:
+        last = [np.abs(x - y) for x, y in zip(f, w)]
+    else:
+        last = [x.astype(np.float32) for x in _slices(sitk.GetArrayViewFromImage(jacobian))]
+    titles = PANELS if jacobian is not None else LINEAR_PANELS
+    panels = dict(zip(titles, (f, b, w, [_overlay(x, y) for x, y in zip(f, b)],
+                               [_overlay(x, y) for x, y in zip(f, w)], last)))
     points = None
     if landmarks is not None:
         points = {key: _projected(fixed, np.asarray(landmarks[key])) for key in ("fixed", "moving")}
+    edges = {key: [_edges(x) for x in _slices(sitk.GetArrayFromImage(
+        sitk.Resample(labels, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0)))]  # on the fixed grid
+        for key, labels in (outlines or {}).items() if labels is not None}
     return {"panels": {k: [np.ascontiguousarray(x) for x in v] for k, v in panels.items()},
-            "aspects": _aspects(fixed), "landmarks": points}
+            "aspects": _aspects(fixed), "landmarks": points, "outlines": edges}
 
 
 def draw_panels(figure: dict, layout=None):
     """The figure of ``registration_panels``, without its title: fixed landmarks as + (then as circles
-    around where they should land), moving landmarks as x. ``layout``: an unused ``empty_figure()`` to
+    around where they should land), moving landmarks as x, label outlines over the fixed, warped and
+    overlay-after views, and a legend for what is drawn. ``layout``: an unused ``empty_figure()`` to
     draw into, used when the figure has its columns (``PANELS``)."""
     titles = tuple(figure["panels"])
     fig, axes = layout if layout is not None and titles == PANELS else empty_figure(titles)
@@ -81,10 +103,34 @@ def draw_panels(figure: dict, layout=None):
         jacobian = title.startswith("Jacobian")
         for row, image in enumerate(images):
             axes[row, col].imshow(image, cmap="RdBu_r" if jacobian else "gray", aspect=figure["aspects"][row],
-                                  interpolation="nearest", vmin=0, vmax=2 if jacobian else 1)
+                                  interpolation="nearest", vmin=0, vmax=2 if jacobian else 0.5 if
+                                  title.startswith("difference") else 1)
+        if title in ("fixed", "warped (after)", "overlay after"):
+            for key, edges in figure.get("outlines", {}).items():
+                for ax, edge in zip(axes[:, col], edges):
+                    rgba = np.zeros((*edge.shape, 4), np.float32)
+                    rgba[edge] = (*OUTLINE_COLOURS[key], 1.0)
+                    ax.imshow(rgba, aspect=ax.get_aspect(), interpolation="nearest")
         if figure["landmarks"] is not None and title in ("fixed", "warped (after)"):
             _draw_landmarks(axes[:, col], figure["landmarks"], moving=title != "fixed")
+    _legend(fig, figure)
     return fig
+
+
+def _legend(fig, figure: dict) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], linestyle="none", marker="s", markerfacecolor=(1, 0, 1), markeredgecolor="none",
+                      label=OVERLAY_NOTE)]
+    if figure["landmarks"] is not None:
+        handles += [Line2D([], [], linestyle="none", marker="+", color="lime", label="fixed landmark"),
+                    Line2D([], [], linestyle="none", marker="o", markerfacecolor="none", markeredgecolor="lime",
+                           label="where its moving landmark should land"),
+                    Line2D([], [], linestyle="none", marker="x", color="red", label="moving landmark, registered")]
+    for key in figure.get("outlines", {}):
+        handles.append(Line2D([], [], color=OUTLINE_COLOURS[key],
+                              label="fixed labels' outlines" if key == "fixed" else "warped moving labels' outlines"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
 
 
 def draw_registration(figure: dict, path: str | Path, metrics: dict | None = None) -> Path:
@@ -116,11 +162,12 @@ def save_rendered(fig, path: str | Path, metrics: dict | None = None) -> Path:
     return path
 
 
-def registration_report(fixed: sitk.Image, before: sitk.Image, warped: sitk.Image, jacobian: sitk.Image,
-                        path: str | Path, metrics: dict | None = None, landmarks: dict | None = None) -> Path:
+def registration_report(fixed: sitk.Image, before: sitk.Image, warped: sitk.Image, jacobian: sitk.Image | None,
+                        path: str | Path, metrics: dict | None = None, landmarks: dict | None = None,
+                        outlines: dict | None = None) -> Path:
     """The registration figure in this process. ``landmarks``: {"fixed": (n, 3), "moving": (n, 3)
-    mapped into fixed space, LPS mm}."""
-    return draw_registration(registration_panels(fixed, before, warped, jacobian, landmarks), path, metrics)
+    mapped into fixed space, LPS mm}; ``outlines``: see ``registration_panels``."""
+    return draw_registration(registration_panels(fixed, before, warped, jacobian, landmarks, outlines), path, metrics)
 
 
 def _projected(fixed: sitk.Image, points: np.ndarray) -> list[np.ndarray]:

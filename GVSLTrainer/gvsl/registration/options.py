@@ -92,3 +92,9 @@ class RegistrationResult:
     metrics: dict = field(default_factory=dict)
     working_grid: sitk.Image | None = None
     landmarks: dict | None = None  # {"fixed": (n, 3), "moving": (n, 3), "labels": [...]} LPS mm, for the figure
+    outlines: dict | None = None  # {"fixed": labels, "warped": labels} whose outlines the figure draws
+
+    @property
+    def figure_jacobian(self) -> sitk.Image | None:
+        """The Jacobian the figure shows: none for a linear result, whose Jacobian is one flat value."""
+        return None if self.displacement is None else self.jacobian

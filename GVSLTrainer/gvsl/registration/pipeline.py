@@ -118,15 +118,16 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_labels: sitk.Image | N
              progress: Progress | None = None, *, fixed_mask: sitk.Image | None = None,
              moving_mask: sitk.Image | None = None, initial_transform: sitk.Transform | None = None,
              fixed_landmarks=None, moving_landmarks=None,
-             on_images: Callable[[sitk.Image, sitk.Image, sitk.Image, dict | None], None] | None = None
+             on_images: Callable[..., None] | None = None
              ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; every output is in physical space (see RegistrationResult).
 
     Masks (any geometry, non-zero = use) restrict the similarity to where both hold.
     ``initial_transform`` (fixed -> moving, linear) is applied first. Landmarks (``Landmarks`` or
     (n, 3) LPS mm arrays) give the target registration error before and after. ``on_images`` is
-    called with the result's ``before``, ``warped``, ``jacobian`` and ``landmarks`` as soon as they
-    exist, before the quality figures: a caller can start drawing them.
+    called with the result's ``before``, ``warped``, the Jacobian (None when linear), ``landmarks`` and
+    the label maps to outline as soon as they exist, before the quality figures: a caller can start
+    drawing them.
     """
     prepared = prepare(fixed, moving, options, fixed_mask=fixed_mask, moving_mask=moving_mask,
                        initial_transform=initial_transform, fixed_landmarks=fixed_landmarks,
@@ -221,7 +222,7 @@ def _parameters(weight: torch.Tensor) -> linear.LinearParameters:
 
 def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None,
                       moving_labels: sitk.Image | None = None, model=None, progress: Progress | None = None,
-                      on_images: Callable[[sitk.Image, sitk.Image, sitk.Image, dict | None], None] | None = None,
+                      on_images: Callable[..., None] | None = None,
                       swap: bool = True) -> RegistrationResult:
     """``register`` from the pair as ``preparation.prepare`` left it (given the same ``model``); ``swap``:
     whether a partial fixed image may be registered with the roles swapped (``swapped_linear``)."""
@@ -360,8 +361,9 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
         fixed_pts, moving_pts, labels = prepared.landmarks
         landmarks = {"fixed": fixed_pts, "labels": labels,
                      "moving": np.array([inverse.TransformPoint(p.tolist()) for p in moving_pts])}
+    outlines = {k: v for k, v in (("fixed", fixed_labels), ("warped", warped_labels)) if v is not None} or None
     if on_images is not None:
-        on_images(prepared.before, warped, jacobian, landmarks)
+        on_images(prepared.before, warped, None if field is None else jacobian, landmarks, outlines)
     full = original.grid  # the quality figures compare on the whole working grid
     content = fixed_content(original.fixed_on_grid, presets[0], fm_img)
     domains = None
@@ -394,5 +396,5 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
     metrics["warnings"] = quality_warnings(metrics)
     report("done", 1.0)
     return RegistrationResult(affine, field, forward, inverse, warped, prepared.before, jacobian, warped_labels,
-                              metrics, grid, landmarks)
+                              metrics, grid, landmarks, outlines)
 
