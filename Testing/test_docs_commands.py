@@ -72,8 +72,9 @@ def parse(tool: str, argv: list[str]) -> None:
     parsed = command.parse(argv)
     if tool == "cohort":  # the rest goes to register.py or segment.py for every subject
         args, options = parsed
-        inner = importlib.import_module(f"gvsl.commands.{args.command}")
-        inner.parse(["--fixed", "f", "--moving", "m", *options] if args.command == "register" else
+        registers = args.command in ("register", "label-fusion")
+        inner = importlib.import_module(f"gvsl.commands.{'register' if registers else 'segment'}")
+        inner.parse(["--fixed", "f", "--moving", "m", *options] if registers else
                     ["--model", "m", "--input", "i", "--output", "o.nii.gz", *options])
 
 

@@ -28,14 +28,15 @@ class Subject:
         return out
 
 
-def subjects_from(source: str | Path, image_column: str = "moving", roles: tuple[str, ...] = REGISTER_ROLES
-                  ) -> list[Subject]:
+def subjects_from(source: str | Path, image_column: str = "moving", roles: tuple[str, ...] = REGISTER_ROLES,
+                  named: bool = True) -> list[Subject]:
     """Subjects from a CSV (columns ``subject``, ``image_column`` and optionally ``roles``; relative
-    paths are relative to the CSV) or from a folder, list file or dataset.json of images (searched as
-    pre-training searches; each image is a subject named after its file)."""
+    paths are relative to the CSV; without ``named``, a missing ``subject`` column names each after its
+    image file) or from a folder, list file or dataset.json of images (searched as pre-training
+    searches; each image is a subject named after its file)."""
     source = Path(source)
     if source.suffix.lower() == ".csv" and source.is_file():
-        return _from_csv(source, image_column, roles)
+        return _from_csv(source, image_column, roles, named)
     paths = discover(source)
     names = [_stem(p) for p in paths]
     if len(set(names)) < len(names) and source.is_dir():  # one folder per subject: name them by their path
@@ -55,13 +56,17 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _from_csv(path: Path, image_column: str, roles: tuple[str, ...]) -> list[Subject]:
+def _from_csv(path: Path, image_column: str, roles: tuple[str, ...], named: bool = True) -> list[Subject]:
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
         raise DataError(f"{path}: no subjects (a header row with 'subject' and '{image_column}', then one row "
                         "per subject)")
     columns = set(rows[0])
+    if not named and "subject" not in columns:  # each row named after its image file
+        for row in rows:
+            row["subject"] = _stem(Path((row.get(image_column) or "").strip())) if row.get(image_column) else ""
+        columns.add("subject")
     missing = {"subject", image_column} - columns
     if missing:
         raise DataError(f"{path}: the column(s) {', '.join(sorted(missing))} are missing (it has: "

@@ -1,9 +1,11 @@
-"""Register or segment a cohort on Dask workers: torch is imported once per worker, not per subject.
+"""Register or segment a cohort on Dask workers (torch is imported once per worker, not per subject),
+or segment one target with labelled atlases (multi-atlas label fusion).
 
     python GVSLTrainer/cohort.py register --fixed ATLAS.nii.gz --moving scans/ --output-dir out
     python GVSLTrainer/cohort.py register --moving subjects.csv --output-dir out --mode rigid
     python GVSLTrainer/cohort.py segment --model seg.pt --input scans/ --output-dir out --format seg.nrrd
     python GVSLTrainer/cohort.py register --fixed A --moving scans/ --output-dir out --scheduler tcp://host:8786
+    python GVSLTrainer/cohort.py label-fusion --target T.nii.gz --atlases atlases.csv --output T_labels.seg.nrrd
 
 register: ``--moving`` is a folder (searched as pretrain.py searches; each image is a subject named
 after its file) or a CSV with the columns subject and moving, and optionally fixed, moving_labels,
@@ -22,6 +24,12 @@ A subject whose folder is already complete, made from the same files and options
 again: rerun the command to resume, or to redo what changed. Exit code: 0 when every subject is
 done, 1 when some failed (the others are complete), 2 for unusable arguments, 130 when stopped by
 Ctrl-C or SIGTERM (the subjects finished by then stay; the rest leave nothing behind).
+
+label-fusion: every atlas (a CSV with the columns image and labels) is registered onto the target as
+a cohort (into OUTPUT.registrations/, reused by a rerun), its labels carried along, and the labels
+fused: by locally weighted voting (default; each atlas's vote weighed by the local correlation of
+its warped image with the target, so a misregistered atlas counts little where it is wrong) or by
+majority. OUTPUT.atlases.csv lists each atlas's agreement with the result.
 """
 import argparse
 import sys
@@ -57,6 +65,7 @@ def _engine(p: argparse.ArgumentParser) -> None:
 
 def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     from gvsl.cohort import SEGMENT_FORMATS
+    from gvsl.cohort.fusion import METHODS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
@@ -75,6 +84,20 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     s.add_argument("--probabilities", action="store_true", help="also write each subject's probability maps")
     s.add_argument("--classes", action="store_true", help="also write each subject's classes.json")
     _engine(s)
+    f = commands.add_parser("label-fusion", help="segment a target with labelled atlases: each registered onto it, "
+                                                 "their labels fused (no model); register.py's options apply",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("--target", required=True, help="the image to segment")
+    f.add_argument("--atlases", required=True, help="a CSV with the columns image and labels (and optionally subject)")
+    f.add_argument("--output", required=True, help="the fused label map (.nii.gz, .nrrd, or .seg.nrrd with the "
+                                                   "segments' names and colours)")
+    f.add_argument("--method", choices=METHODS, default="weighted",
+                   help="weighted (default): each atlas's vote weighed by how well its warped image matches the "
+                        "target around the voxel; majority: one vote each")
+    f.add_argument("--probabilities", metavar="DIR", help="also write each label's share of the votes here")
+    f.add_argument("--work-dir", help="where the atlases' registrations go (default: OUTPUT.registrations/); a "
+                                      "rerun reuses them")
+    _engine(f)
     return p.parse_known_args(argv)
 
 
@@ -89,6 +112,15 @@ def job(args: argparse.Namespace, options: list[str]) -> int:
                             args.queue)
     engine = dict(scheduler=args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker,
                   jobqueue=jobqueue, progress=args.progress)
+    if args.command == "label-fusion":
+        from gvsl.cohort.label_fusion import label_fusion
+
+        done = label_fusion(args.target, args.atlases, args.output, options, method=args.method,
+                            probabilities=args.probabilities, work_dir=args.work_dir, **engine)
+        print(f"Fused {done['atlases']} atlases ({args.method} voting) into {Path(done['output']).resolve()}: "
+              f"{', '.join(n for n in done['names'][1:])}; each atlas's agreement in "
+              f"{Path(str(done['output']) + '.atlases.csv').resolve()}")
+        return 1 if done["failed"] else 0
     if args.command == "register":
         rows = register_cohort(args.fixed, args.moving, args.output_dir, options, **engine)
     else:

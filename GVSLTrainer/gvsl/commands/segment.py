@@ -1,6 +1,7 @@
-"""Segment a volume with a fine-tuned GVSL model.
+"""Segment a volume with a fine-tuned GVSL model, or with labelled atlases and no model.
 
     python GVSLTrainer/segment.py --model gvsl_segmentation.pt --input scan.nii.gz --output labels.nii.gz
+    python GVSLTrainer/segment.py --atlases atlases.csv --input scan.nii.gz --output labels.seg.nrrd
 
 The label map has the input's exact geometry (size, spacing, origin, direction) and the dataset's
 original label values. Sliding windows of the model's crop size overlap and are blended with
@@ -27,7 +28,12 @@ def overlap(text: str) -> float:
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a fine-tuned model (gvsl_segmentation.pt)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a fine-tuned model (gvsl_segmentation.pt)")
+    source.add_argument("--atlases", metavar="CSV",
+                        help="no model: labelled atlases (a CSV with the columns image and labels), each registered "
+                             "onto the input and their labels fused by locally weighted voting (cohort.py "
+                             "label-fusion does the same with every option)")
     p.add_argument("--input", required=True, help="the volume to segment (NIfTI, NRRD, MHA...)")
     p.add_argument("--output", required=True, help="the label map to write (.nii.gz, .nrrd...), or a Slicer segmentation "
                                                    "(.seg.nrrd: each segment's name, colour and value in its header)")
@@ -50,7 +56,31 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def by_atlases(args: argparse.Namespace) -> None:
+    """``--atlases``: multi-atlas label fusion, its registrations in a temporary folder beside the output."""
+    import tempfile
+
+    from gvsl.cohort.label_fusion import label_fusion
+    from gvsl.outputs import check_image_output, write_text
+
+    if args.tta or args.amp or args.largest_component:
+        raise ValueError("--tta, --amp and --largest-component apply to a model, not to --atlases")
+    output = check_image_output(args.output, (args.input, args.atlases))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.atlases-", dir=output.parent) as work:
+        done = label_fusion(args.input, args.atlases, output, ["--device", args.device], work_dir=work,
+                            probabilities=args.probabilities, progress=args.progress)
+    if args.classes:
+        from gvsl.labels import LabelSpec
+
+        write_text(json.dumps(LabelSpec(done["values"], done["names"]).as_dict()), args.classes)
+    print(f"Segmented {Path(args.input).name} with {done['atlases']} atlases (weighted voting): "
+          f"{', '.join(done['names'][1:])}; wrote {output.resolve()}")
+
+
 def job(args: argparse.Namespace) -> None:
+    if args.atlases:
+        return by_atlases(args)
     import SimpleITK as sitk
 
     from gvsl import data

@@ -1,0 +1,100 @@
+"""Multi-atlas segmentation: every atlas registered onto the target on the cohort engine, its labels
+carried along, then fused (``fusion.fuse``). No trained model is needed."""
+from __future__ import annotations
+
+import csv
+import io
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import SimpleITK as sitk
+
+from ..labels import PALETTE, LabelSpec
+from ..volumes import DataError, read_volume
+from .fusion import METHODS, fuse
+from .subjects import Subject, subjects_from
+
+ATLAS_ROLES = ("labels",)
+
+
+def atlases_from(source: str | Path) -> list[Subject]:
+    """The atlases of a CSV with the columns ``image`` and ``labels`` (and optionally ``subject``)."""
+    atlases = subjects_from(source, "image", ATLAS_ROLES, named=False)
+    unlabelled = [a.name for a in atlases if "labels" not in a.files]
+    if unlabelled:
+        raise DataError(f"{source}: atlas {unlabelled[0]!r} has no 'labels' (every atlas needs its label map)")
+    return atlases
+
+
+def label_spec(values: list[int], atlas_files: list[Path]) -> LabelSpec:
+    """Names and colours of the fused values: from the first atlas that is a Slicer segmentation with
+    them in its header, else label_<value> and the palette."""
+    names, colours = {0: "background"}, {0: (0.0, 0.0, 0.0)}
+    for path in atlas_files:
+        if str(path).lower().endswith(".seg.nrrd"):
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            keys = set(reader.GetMetaDataKeys())
+            i = 0
+            while f"Segment{i}_LabelValue" in keys:
+                value = int(reader.GetMetaData(f"Segment{i}_LabelValue"))
+                names.setdefault(value, reader.GetMetaData(f"Segment{i}_Name"))
+                if f"Segment{i}_Color" in keys:
+                    colours.setdefault(value, tuple(float(c) for c in reader.GetMetaData(f"Segment{i}_Color").split()))
+                i += 1
+    return LabelSpec(values, [names.get(v, f"label_{v}") for v in values],
+                     [colours.get(v, PALETTE[(i - 1) % len(PALETTE)]) for i, v in enumerate(values)])
+
+
+def label_fusion(target: str | Path, atlases: str | Path | Sequence[Subject], output: str | Path,
+                 options: Sequence[str] = (), *, method: str = "weighted", probabilities: str | Path | None = None,
+                 work_dir: str | Path | None = None, **engine) -> dict:
+    """Segment ``target`` by registering every atlas onto it (``register.py``'s ``options``, on the
+    cohort engine: ``engine`` as for ``register_cohort``) and fusing their labels by ``method``.
+    Writes ``output`` (a .seg.nrrd gets segment names and colours), one probability map per label
+    into ``probabilities`` on request, and ``<output>.atlases.csv``: each atlas's registration status
+    and its agreement with the result. The registrations go to ``work_dir`` (default
+    ``<output>.registrations/``), where a rerun finds them."""
+    from ..outputs import check_image_output, check_output_folder, staged_files, write_image, write_text, writing
+    from ..slicer_segmentation import as_slicer_segmentation, is_segmentation_file
+    from . import register_cohort
+
+    if method not in METHODS:
+        raise DataError(f"label fusion method must be one of {', '.join(METHODS)}, got {method!r}")
+    output = check_image_output(output, (target,))
+    if probabilities:
+        check_output_folder(probabilities)
+    atlases = list(atlases) if not isinstance(atlases, (str, Path)) else atlases_from(atlases)
+    work = Path(work_dir) if work_dir else output.with_name(f"{output.name}.registrations")
+    subjects = [Subject(a.name, a.image, {"moving_labels": a.files["labels"]}) for a in atlases]
+    rows = register_cohort(target, subjects, work, options, **engine)
+    done = [(a, r) for a, r in zip(atlases, rows) if r["status"] != "failed"]
+    for _, row in ((a, r) for a, r in zip(atlases, rows) if r["status"] == "failed"):
+        warnings.warn(f"atlas {row['subject']} left out: its registration failed ({row['error']})", stacklevel=2)
+    if not done:
+        raise DataError(f"no atlas could be registered onto {target} (see {work / 'cohort.csv'})")
+    target_image = read_volume(target)
+    warped = [sitk.ReadImage(str(work / a.name / "warped.nii.gz")) for a, _ in done]
+    labels = [sitk.ReadImage(str(work / a.name / "warped_labels.nii.gz")) for a, _ in done]
+    fused = fuse(target_image, warped, labels, method, probabilities=bool(probabilities))
+    spec = label_spec(fused.values, [a.files["labels"] for a, _ in done])
+    result = as_slicer_segmentation(fused.labels, spec) if is_segmentation_file(output) else fused.labels
+    write_image(result, output)
+    if probabilities:
+        with staged_files(Path(probabilities)) as stage:
+            for name, image in zip(spec.names, fused.probabilities):
+                with writing(stage / f"probability_{name}.nii.gz", Path(probabilities) / f"probability_{name}.nii.gz") as path:
+                    sitk.WriteImage(image, str(path))
+    agreement = dict(zip((a.name for a, _ in done), fused.agreement))
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["atlas", "status", "agreement_dice", "local_ncc_after", "error"])
+    for atlas, row in zip(atlases, rows):
+        score = agreement.get(atlas.name)
+        writer.writerow([atlas.name, row["status"], "" if score is None else round(score, 4),
+                         row.get("local_ncc_after", ""), row.get("error", "")])
+    write_text(table.getvalue(), output.with_name(f"{output.name}.atlases.csv"))
+    return {"output": output, "atlases": len(done), "failed": len(atlases) - len(done), "values": fused.values,
+            "names": spec.names, "agreement": agreement, "registrations": work}
