@@ -6,6 +6,7 @@ or segment one target with labelled atlases (multi-atlas label fusion).
     python GVSLTrainer/cohort.py segment --model seg.pt --input scans/ --output-dir out --format seg.nrrd
     python GVSLTrainer/cohort.py register --fixed A --moving scans/ --output-dir out --scheduler tcp://host:8786
     python GVSLTrainer/cohort.py label-fusion --target T.nii.gz --atlases atlases.csv --output T_labels.seg.nrrd
+    python GVSLTrainer/cohort.py template --input scans/ --output-dir template --iterations 4
 
 register: ``--moving`` is a folder (searched as pretrain.py searches; each image is a subject named
 after its file) or a CSV with the columns subject and moving, and optionally fixed, moving_labels,
@@ -30,6 +31,11 @@ a cohort (into OUTPUT.registrations/, reused by a rerun), its labels carried alo
 fused: by locally weighted voting (default; each atlas's vote weighed by the local correlation of
 its warped image with the target, so a misregistered atlas counts little where it is wrong) or by
 majority. OUTPUT.atlases.csv lists each atlas's agreement with the result.
+
+template: an unbiased population template: the subjects averaged after an affine start, then
+--iterations times registered onto the current template, averaged, and moved to the mean shape (the
+inverse of the mean displacement), sharpened where that helps. Each iteration's template and figures
+are kept; a rerun resumes after the last complete iteration.
 """
 import argparse
 import sys
@@ -98,6 +104,17 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     f.add_argument("--work-dir", help="where the atlases' registrations go (default: OUTPUT.registrations/); a "
                                       "rerun reuses them")
     _engine(f)
+    t = commands.add_parser("template", help="build a population template from the subjects; register.py's options "
+                                             "apply to each registration",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--input", required=True, help="a folder of images, or a CSV of subjects (subject, moving)")
+    t.add_argument("--output-dir", required=True, help="template.nii.gz, each iteration's template, template.csv, "
+                                                       "template_iterations.png and each subject's transforms")
+    t.add_argument("--iterations", type=positive_int, default=4, help="iterations after the affine start (default 4)")
+    t.add_argument("--sharpen", choices=("auto", "always", "never"), default="auto",
+                   help="Laplacian sharpening of each iteration's average: auto (default) keeps it where the "
+                        "subjects match the sharpened template better")
+    _engine(t)
     return p.parse_known_args(argv)
 
 
@@ -112,6 +129,16 @@ def job(args: argparse.Namespace, options: list[str]) -> int:
                             args.queue)
     engine = dict(scheduler=args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker,
                   jobqueue=jobqueue, progress=args.progress)
+    if args.command == "template":
+        from gvsl.cohort.template import FIGURE, build_template
+
+        built = build_template(args.input, args.output_dir, options, iterations=args.iterations, sharpen=args.sharpen,
+                               **engine)
+        last = built["iterations"][-1]
+        print(f"Template: {Path(built['template']).resolve()} after {args.iterations} iterations (sharpness "
+              f"{last['sharpness']}, last mean displacement {last['mean_displacement_mm']} mm); every iteration in "
+              f"{Path(args.output_dir, FIGURE).resolve()}")
+        return 0
     if args.command == "label-fusion":
         from gvsl.cohort.label_fusion import label_fusion
 

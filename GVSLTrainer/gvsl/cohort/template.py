@@ -1,0 +1,176 @@
+"""A population template built on the cohort engine, as antsMultivariateTemplateConstruction2.sh and
+ants.build_template build one, with every subject of an iteration registered in parallel.
+
+Iteration 0 registers every subject affinely onto the first and averages them. Each later iteration
+registers every subject onto the current template, averages the warped subjects, and moves the
+average by the inverse of the subjects' mean displacement, so that the template sits at the
+cohort's mean shape instead of drifting towards one subject; a Laplacian-sharpened version replaces
+it where it matches the subjects better. Each iteration's template is kept, so an interrupted build
+resumes from the last complete one.
+"""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..volumes import DataError
+from .fusion import local_similarity
+from .subjects import Subject, subjects_from
+
+TEMPLATE = "template.nii.gz"
+TABLE = "template.csv"  # one row per complete iteration
+FIGURE = "template_iterations.png"
+COLUMNS = ["iteration", "sharpness", "mean_displacement_mm", "sharpened", "seconds"]
+
+
+def _template_path(out: Path, iteration: int) -> Path:
+    return out / "iterations" / f"template_{iteration}.nii.gz"
+
+
+def _done_iterations(out: Path) -> list[dict]:
+    """The rows of the iterations that are complete (their template written)."""
+    table = out / TABLE
+    if not table.is_file():
+        return []
+    rows = [{"iteration": int(r["iteration"]), "sharpness": float(r["sharpness"]),
+             "mean_displacement_mm": float(r["mean_displacement_mm"]), "sharpened": r["sharpened"] == "True",
+             "seconds": float(r["seconds"])} for r in csv.DictReader(table.open())]
+    return [r for r in rows if _template_path(out, r["iteration"]).is_file()]
+
+
+def _normalised(image: sitk.Image) -> np.ndarray:
+    """A warped subject's intensities scaled by its 99th percentile inside the head, so that each
+    subject weighs the same in the average whatever its scanner's scale."""
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    inside = array[array > np.percentile(array, 50)]
+    scale = float(np.percentile(inside, 99)) if inside.size else 1.0
+    return array / (scale if scale > 0 else 1.0)
+
+
+def _sharpness(template: sitk.Image, subjects: list[sitk.Image]) -> float:
+    """The mean local correlation of the aligned subjects with the template, over its foreground: how
+    much anatomy the subjects share with it (a blurred template scores lower)."""
+    array = sitk.GetArrayFromImage(template)
+    foreground = array > np.percentile(array, 60)
+    return float(np.mean([np.sqrt(local_similarity(template, s, 3))[foreground].mean() for s in subjects]))
+
+
+def _image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.CopyInformation(reference)
+    return image
+
+
+def _average(folder: Path, subjects: list[Subject], grid: sitk.Image, displacement: bool):
+    """The mean of the warped subjects in ``folder``, each subject aligned, and, with
+    ``displacement``, the subjects' mean displacement (template point -> subject point, LPS mm)."""
+    warped = [sitk.ReadImage(str(folder / s.name / "warped.nii.gz"), sitk.sitkFloat32) for s in subjects]
+    mean = _image(np.mean([_normalised(w) for w in warped], axis=0), grid)
+    if not displacement:
+        return mean, warped, None
+    fields = [sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
+        sitk.ReadTransform(str(folder / s.name / "transform.h5")), sitk.sitkVectorFloat64, grid.GetSize(),
+        grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection())) for s in subjects]
+    average = sitk.GetImageFromArray(np.mean(fields, axis=0), isVector=True)
+    average.CopyInformation(grid)
+    return mean, warped, average
+
+
+def build_template(inputs: str | Path | Sequence[Subject], output_dir: str | Path, options: Sequence[str] = (), *,
+                   iterations: int = 4, sharpen: str = "auto", progress: bool = True, **engine) -> dict:
+    """Build ``output_dir/template.nii.gz`` from ``inputs`` (a folder, list or CSV of subjects, or
+    ``Subject``s) in ``iterations`` iterations after the affine start, with ``register.py``'s
+    ``options`` (``--mode``, ``--similarity``...) for each registration; then register every subject
+    onto the final template (``output_dir/subjects/<name>/``: its transforms). ``sharpen``: auto
+    (keep a Laplacian-sharpened template where the subjects match it better), always or never.
+    Resumes after the last complete iteration. ``engine``: as for ``register_cohort``."""
+    from . import register_cohort
+    from ..outputs import write_text
+
+    if sharpen not in ("auto", "always", "never"):
+        raise DataError(f"sharpen must be auto, always or never, got {sharpen!r}")
+    subjects = list(inputs) if not isinstance(inputs, (str, Path)) else subjects_from(inputs)
+    if len(subjects) < 2:
+        raise DataError(f"{inputs}: a template needs at least two subjects, got {len(subjects)}")
+    out = Path(output_dir)
+    (out / "iterations").mkdir(parents=True, exist_ok=True)
+    rows = _done_iterations(out)
+    engine = {"progress": progress, **engine}
+    for iteration in range(len(rows), iterations + 1):
+        start = time.perf_counter()
+        folder = out / f"iteration_{iteration}"
+        if iteration == 0:  # all onto the first, affinely: the start
+            fixed = subjects[0].image
+            register_cohort(fixed, subjects, folder, [*options, "--mode", "affine"], **engine)
+        else:
+            fixed = _template_path(out, iteration - 1)
+            register_cohort(fixed, subjects, folder, options, **engine)
+        grid = sitk.ReadImage(str(fixed), sitk.sitkFloat32)
+        failed = [s.name for s in subjects if not (folder / s.name / "transform.h5").is_file()]
+        if failed:
+            raise DataError(f"iteration {iteration}: the registration of {', '.join(failed)} failed "
+                            f"(see {folder / 'cohort.csv'}); fix or remove them and run again to resume")
+        mean, warped, average = _average(folder, subjects, grid, displacement=iteration > 0)
+        shift = 0.0
+        if average is not None:  # to the mean shape: the inverse of the mean displacement
+            norms = np.linalg.norm(sitk.GetArrayFromImage(average), axis=-1)
+            shift = float(norms[sitk.GetArrayFromImage(mean) > 0.1].mean())
+            inverse = sitk.DisplacementFieldTransform(sitk.InvertDisplacementField(average))
+            mean = sitk.Resample(mean, grid, inverse, sitk.sitkLinear, 0.0)
+            warped = [sitk.Resample(w, grid, inverse, sitk.sitkLinear, 0.0) for w in warped]
+        sharpened = sitk.LaplacianSharpening(mean)
+        scores = {False: _sharpness(mean, warped)}
+        if sharpen != "never":
+            scores[True] = _sharpness(sharpened, warped)
+        use = sharpen == "always" or (sharpen == "auto" and scores[True] > scores[False])
+        template = sharpened if use else mean
+        sitk.WriteImage(template, str(_template_path(out, iteration)))
+        rows.append({"iteration": iteration, "sharpness": round(scores[use], 4), "mean_displacement_mm": round(shift, 3),
+                     "sharpened": use, "seconds": round(time.perf_counter() - start, 1)})
+        _write_table(out, rows)
+    final = _template_path(out, iterations)
+    sitk.WriteImage(sitk.ReadImage(str(final)), str(out / TEMPLATE))
+    register_cohort(final, subjects, out / "subjects", options, **engine)  # each subject's transforms
+    _figure(out, iterations)
+    write_text("".join(f"{s.name}\n" for s in subjects), out / "subjects.txt")
+    return {"template": out / TEMPLATE, "iterations": rows}
+
+
+def _write_table(out: Path, rows: list[dict]) -> None:
+    from ..outputs import write_text
+    import io
+
+    table = io.StringIO()
+    writer = csv.DictWriter(table, COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(table.getvalue(), out / TABLE)
+
+
+def _figure(out: Path, iterations: int) -> None:
+    """Each iteration's template, three mid-slices a row."""
+    from matplotlib.figure import Figure
+
+    from ..outputs import replacing
+    from ..report import _aspects, _slices
+
+    fig = Figure(figsize=(9, 3 * (iterations + 1)), dpi=80)
+    axes = fig.subplots(iterations + 1, 3, squeeze=False)
+    for k in range(iterations + 1):
+        image = sitk.ReadImage(str(_template_path(out, k)))
+        array = sitk.GetArrayViewFromImage(image)
+        hi = float(np.percentile(array, 99)) or 1.0
+        for ax, view, aspect in zip(axes[k], _slices(array), _aspects(image)):
+            ax.imshow(view, cmap="gray", vmin=0, vmax=hi, aspect=aspect)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[k, 0].set_ylabel("affine start" if k == 0 else f"iteration {k}", fontsize=10)
+    fig.tight_layout()
+    path = out / FIGURE
+    with replacing(path, ".png") as tmp:
+        fig.savefig(tmp, format="png")

@@ -1,0 +1,79 @@
+"""Population templates: the template lies at the subjects' mean shape, and a build resumes."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import synthetic
+from gvsl.cohort.template import build_template
+from gvsl.registration import RegistrationOptions, register
+
+OPTIONS = ["--iterations", "30", "--spacing", "4"]
+
+
+def smooth_field(reference: sitk.Image, seed: int, peak_mm: float) -> np.ndarray:
+    """A smooth random displacement (LPS mm, (z, y, x, 3)) on ``reference``'s grid: random vectors on a
+    5^3 grid over it, interpolated, scaled to ``peak_mm`` at most."""
+    rng = np.random.default_rng(seed)
+    coarse = sitk.GetImageFromArray(rng.standard_normal((5, 5, 5, 3)), isVector=True)
+    extent = (np.array(reference.GetSize()) - 1) * np.array(reference.GetSpacing())
+    coarse.SetSpacing((extent / 4).tolist())
+    coarse.SetOrigin(reference.GetOrigin())
+    coarse.SetDirection(reference.GetDirection())
+    field = sitk.GetArrayFromImage(sitk.Resample(coarse, reference, sitk.Transform(), sitk.sitkBSpline, 0.0,
+                                                 sitk.sitkVectorFloat64))
+    return field * peak_mm / np.abs(field).max()
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """A head at 4 mm (the mean shape) and four subjects: it warped by +f, -f, +g and -g."""
+    folder = tmp_path_factory.mktemp("template")
+    t1 = synthetic.mni("t1")
+    head = sitk.Resample(t1, [int(round(n / 4)) for n in t1.GetSize()], sitk.Transform(), sitk.sitkLinear,
+                         t1.GetOrigin(), [4.0] * 3, t1.GetDirection(), 0.0)
+    (folder / "scans").mkdir()
+    for name, seed, sign in (("a", 1, 1), ("b", 1, -1), ("c", 2, 1), ("d", 2, -1)):
+        field = sitk.GetImageFromArray((sign * smooth_field(head, seed, 6.0)).astype(np.float64), isVector=True)
+        field.CopyInformation(head)
+        subject = sitk.Resample(head, head, sitk.DisplacementFieldTransform(field), sitk.sitkLinear, 0.0)
+        sitk.WriteImage(subject, str(folder / "scans" / f"{name}.nii.gz"))
+    built = build_template(folder / "scans", folder / "out", OPTIONS, iterations=2, progress=False)
+    return folder, head, built
+
+
+def distance_to(head: sitk.Image, image: sitk.Image) -> float:
+    """How far ``image``'s shape lies from ``head``'s: the mean displacement of a deformable registration
+    of one onto the other, inside the head."""
+    transform = register(head, image, options=RegistrationOptions(iterations=60, spacing=4.0)).transform
+    field = sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
+        transform, sitk.sitkVectorFloat64, head.GetSize(), head.GetOrigin(), head.GetSpacing(), head.GetDirection()))
+    inside = sitk.GetArrayFromImage(head) > 0.15 * sitk.GetArrayFromImage(head).max()
+    return float(np.linalg.norm(field, axis=-1)[inside].mean())
+
+
+def test_the_template_lies_closer_to_the_mean_shape_than_any_subject(cohort):
+    folder, head, built = cohort
+    template = sitk.ReadImage(str(built["template"]))
+    subjects = [sitk.ReadImage(str(folder / "scans" / f"{n}.nii.gz")) for n in "abcd"]
+    ours = distance_to(head, template)
+    theirs = [distance_to(head, s) for s in subjects]
+    assert ours < min(theirs), (ours, theirs)
+    rows = list(csv.DictReader((folder / "out" / "template.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == [0, 1, 2]
+    assert float(rows[2]["sharpness"]) > float(rows[0]["sharpness"])  # the deformable iterations sharpen it
+    for name in "abcd":
+        assert (folder / "out" / "subjects" / name / "transform.h5").is_file()
+    assert (folder / "out" / "template_iterations.png").stat().st_size > 10_000
+
+
+def test_an_interrupted_build_resumes_and_gives_the_same_template(cohort, tmp_path):
+    folder, _, built = cohort
+    build_template(folder / "scans", tmp_path / "out", OPTIONS, iterations=1, progress=False)  # stopped after 1
+    resumed = build_template(folder / "scans", tmp_path / "out", OPTIONS, iterations=2, progress=False)
+    assert [r["iteration"] for r in resumed["iterations"]] == [0, 1, 2]
+    ours, theirs = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (resumed["template"], built["template"]))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())
