@@ -175,6 +175,18 @@ def write_text(text: str, path: str | Path) -> Path:
     return path
 
 
+def write_csv(rows: list[dict], columns: list[str], path: str | Path) -> Path:
+    """A CSV table (``columns``; other keys left out, missing ones empty) written whole or not at all."""
+    import csv
+    import io
+
+    table = io.StringIO()
+    writer = csv.DictWriter(table, columns, extrasaction="ignore", restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(table.getvalue(), path)
+
+
 def check_image_output(path: str | Path, inputs: tuple = ()) -> Path:
     """Refuse, before any work, an output image path with a non-3D format (a .png would hold one
     slice), in a folder that cannot be written, or that is one of the ``inputs`` (which it would

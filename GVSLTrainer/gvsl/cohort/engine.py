@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import sys
 import time
 from pathlib import Path
 
-from ..outputs import remove_stale
+from ..outputs import remove_stale, write_csv
 from ..volumes import DataError
 from .jobqueue import JobQueue
 from .quality import outliers
@@ -113,9 +112,4 @@ def write_summary(rows: list[dict], path: Path) -> None:
     columns = ["subject", "status", "seconds", "similarity", "before", "after", "dice_mean", "folding_percent",
                "inverse_consistency_mm", "tre_after_mm", "local_ncc_after", "warnings", "outlier", "worker", "device",
                "error"]
-    temporary = path.with_name(f".{path.name}.partial")
-    with temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, columns, extrasaction="ignore", restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
+    write_csv(rows, columns, path)

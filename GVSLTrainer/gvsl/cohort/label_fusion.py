@@ -2,8 +2,6 @@
 carried along, then fused (``fusion.fuse``). No trained model is needed."""
 from __future__ import annotations
 
-import csv
-import io
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -57,7 +55,7 @@ def label_fusion(target: str | Path, atlases: str | Path | Sequence[Subject], ou
     into ``probabilities`` on request, and ``<output>.atlases.csv``: each atlas's registration status
     and its agreement with the result. The registrations go to ``work_dir`` (default
     ``<output>.registrations/``), where a rerun finds them."""
-    from ..outputs import check_image_output, check_output_folder, staged_files, write_image, write_text, writing
+    from ..outputs import check_image_output, check_output_folder, staged_files, write_csv, write_image, writing
     from ..slicer_segmentation import as_slicer_segmentation, is_segmentation_file
     from . import register_cohort
 
@@ -88,13 +86,8 @@ def label_fusion(target: str | Path, atlases: str | Path | Sequence[Subject], ou
                 with writing(stage / f"probability_{name}.nii.gz", Path(probabilities) / f"probability_{name}.nii.gz") as path:
                     sitk.WriteImage(image, str(path))
     agreement = dict(zip((a.name for a, _ in done), fused.agreement))
-    table = io.StringIO()
-    writer = csv.writer(table)
-    writer.writerow(["atlas", "status", "agreement_dice", "local_ncc_after", "error"])
-    for atlas, row in zip(atlases, rows):
-        score = agreement.get(atlas.name)
-        writer.writerow([atlas.name, row["status"], "" if score is None else round(score, 4),
-                         row.get("local_ncc_after", ""), row.get("error", "")])
-    write_text(table.getvalue(), output.with_name(f"{output.name}.atlases.csv"))
+    write_csv([{**row, "atlas": atlas.name, "agreement_dice": "" if agreement.get(atlas.name) is None else
+                round(agreement[atlas.name], 4)} for atlas, row in zip(atlases, rows)],
+              ["atlas", "status", "agreement_dice", "local_ncc_after", "error"], output.with_name(f"{output.name}.atlases.csv"))
     return {"output": output, "atlases": len(done), "failed": len(atlases) - len(done), "values": fused.values,
             "names": spec.names, "agreement": agreement, "registrations": work}

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from ..outputs import replacing, write_csv, write_text
 from ..volumes import DataError
 from .fusion import local_similarity
 from .subjects import Subject, subjects_from
@@ -90,7 +91,6 @@ def build_template(inputs: str | Path | Sequence[Subject], output_dir: str | Pat
     (keep a Laplacian-sharpened template where the subjects match it better), always or never.
     Resumes after the last complete iteration. ``engine``: as for ``register_cohort``."""
     from . import register_cohort
-    from ..outputs import write_text
 
     if sharpen not in ("auto", "always", "never"):
         raise DataError(f"sharpen must be auto, always or never, got {sharpen!r}")
@@ -132,7 +132,7 @@ def build_template(inputs: str | Path | Sequence[Subject], output_dir: str | Pat
         sitk.WriteImage(template, str(_template_path(out, iteration)))
         rows.append({"iteration": iteration, "sharpness": round(scores[use], 4), "mean_displacement_mm": round(shift, 3),
                      "sharpened": use, "seconds": round(time.perf_counter() - start, 1)})
-        _write_table(out, rows)
+        write_csv(rows, COLUMNS, out / TABLE)
     final = _template_path(out, iterations)
     sitk.WriteImage(sitk.ReadImage(str(final)), str(out / TEMPLATE))
     register_cohort(final, subjects, out / "subjects", options, **engine)  # each subject's transforms
@@ -141,22 +141,10 @@ def build_template(inputs: str | Path | Sequence[Subject], output_dir: str | Pat
     return {"template": out / TEMPLATE, "iterations": rows}
 
 
-def _write_table(out: Path, rows: list[dict]) -> None:
-    from ..outputs import write_text
-    import io
-
-    table = io.StringIO()
-    writer = csv.DictWriter(table, COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(table.getvalue(), out / TABLE)
-
-
 def _figure(out: Path, iterations: int) -> None:
     """Each iteration's template, three mid-slices a row."""
     from matplotlib.figure import Figure
 
-    from ..outputs import replacing
     from ..report import _aspects, _slices
 
     fig = Figure(figsize=(9, 3 * (iterations + 1)), dpi=80)
