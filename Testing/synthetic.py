@@ -12,6 +12,13 @@ def mni(name: str) -> sitk.Image:
     return sitk.ReadImage(str(path), sitk.sitkFloat32)
 
 
+def mni_at(spacing: float, name: str = "t1") -> sitk.Image:
+    """The MNI template ``name`` on an isotropic grid of ``spacing`` mm from its first voxel."""
+    image = mni(name)
+    return sitk.Resample(image, [int(round(n / spacing)) for n in image.GetSize()], sitk.Transform(), sitk.sitkLinear,
+                         image.GetOrigin(), [spacing] * 3, image.GetDirection(), 0.0)
+
+
 def tissue_labels() -> sitk.Image:
     """1 = grey matter, 2 = white matter, from the MNI probability maps."""
     gm, wm = mni("gm"), mni("wm")
@@ -202,8 +209,7 @@ def slab_case(thickness_mm: float | None = 40.0, seed: int | None = None, centre
     of the anatomy. fixed(x) shows what moving shows at truth(x)."""
     t1 = mni("t1")
     source = t1 if moving_image is None else moving_image
-    fixed = sitk.Resample(t1, [int(round(n / 2)) for n in t1.GetSize()], sitk.Transform(), sitk.sitkLinear,
-                          t1.GetOrigin(), [2.0] * 3, t1.GetDirection(), 0.0)
+    fixed = mni_at(2.0)
     size = np.array(source.GetSize())
     centre = np.array(source.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist()))
     z_centre = centre[2] + centre_offset_mm

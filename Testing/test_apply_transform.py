@@ -22,9 +22,7 @@ SCRIPT = ROOT / "apply_transform.py"
 def registered(tmp_path_factory):
     """A deformable registration (so transform.h5 holds a field) of a moved MNI head at 4 mm."""
     folder = tmp_path_factory.mktemp("apply")
-    t1 = synthetic.mni("t1")
-    fixed = sitk.Resample(t1, [int(round(n / 4)) for n in t1.GetSize()], sitk.Transform(), sitk.sitkLinear,
-                          t1.GetOrigin(), [4.0] * 3, t1.GetDirection(), 0.0)
+    fixed = synthetic.mni_at(4.0)
     centre = fixed.TransformContinuousIndexToPhysicalPoint(((np.array(fixed.GetSize()) - 1) / 2).tolist())
     moving = synthetic.moved_in_space(fixed, sitk.Euler3DTransform(centre, 0.08, -0.05, 0.1, (4.0, -3.0, 2.0)))
     sitk.WriteImage(fixed, str(folder / "fixed.nii.gz"))

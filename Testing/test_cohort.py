@@ -24,9 +24,7 @@ OPTIONS = ["--mode", "rigid", "--iterations", "20", "--spacing", "4"]
 def cohort(tmp_path_factory):
     """An atlas (the MNI T1 at 4 mm) and three subjects: known rigid motions of it, one file corrupt."""
     folder = tmp_path_factory.mktemp("cohort")
-    t1 = synthetic.mni("t1")
-    atlas = sitk.Resample(t1, [int(round(n / 4)) for n in t1.GetSize()], sitk.Transform(), sitk.sitkLinear,
-                          t1.GetOrigin(), [4.0] * 3, t1.GetDirection(), 0.0)
+    atlas = synthetic.mni_at(4.0)
     sitk.WriteImage(atlas, str(folder / "atlas.nii.gz"))
     scans = folder / "scans"
     scans.mkdir()

@@ -15,9 +15,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def target():
-    t1 = synthetic.mni("t1")
-    image = sitk.Resample(t1, [int(round(n / 4)) for n in t1.GetSize()], sitk.Transform(), sitk.sitkLinear,
-                          t1.GetOrigin(), [4.0] * 3, t1.GetDirection(), 0.0)
+    image = synthetic.mni_at(4.0)
     labels = sitk.Resample(synthetic.tissue_labels(), image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     return image, labels
 

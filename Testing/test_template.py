@@ -32,9 +32,7 @@ def smooth_field(reference: sitk.Image, seed: int, peak_mm: float) -> np.ndarray
 def cohort(tmp_path_factory):
     """A head at 4 mm (the mean shape) and four subjects: it warped by +f, -f, +g and -g."""
     folder = tmp_path_factory.mktemp("template")
-    t1 = synthetic.mni("t1")
-    head = sitk.Resample(t1, [int(round(n / 4)) for n in t1.GetSize()], sitk.Transform(), sitk.sitkLinear,
-                         t1.GetOrigin(), [4.0] * 3, t1.GetDirection(), 0.0)
+    head = synthetic.mni_at(4.0)
     (folder / "scans").mkdir()
     for name, seed, sign in (("a", 1, 1), ("b", 1, -1), ("c", 2, 1), ("d", 2, -1)):
         field = sitk.GetImageFromArray((sign * smooth_field(head, seed, 6.0)).astype(np.float64), isVector=True)

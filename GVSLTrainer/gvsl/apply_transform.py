@@ -17,6 +17,7 @@ from .registration.inputs import read_itk_transform
 from .registration.landmarks import Landmarks
 from .registration.options import RegistrationError
 from .registration_io import FILES
+from .slicer_segmentation import carry_segments, is_segmentation_file
 
 KINDS = ("auto", "image", "labels", "points")
 POINT_SUFFIXES = (".json", ".fcsv", ".csv", ".txt")
@@ -66,7 +67,7 @@ def kind_of(path: str | Path, image: sitk.Image | None = None) -> str:
     name = Path(path).name.lower()
     if name.endswith(POINT_SUFFIXES) and not name.endswith(".nii"):
         return "points"
-    if name.endswith(".seg.nrrd"):
+    if is_segmentation_file(name):
         return "labels"
     if image is not None and image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
                                                     sitk.sitkUInt32, sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64):
@@ -86,15 +87,7 @@ def apply_to_image(image: sitk.Image, reference: sitk.Image, transforms: Transfo
     default = 0.0 if labels else float(np.min(sitk.GetArrayViewFromImage(image)))
     pixel = image.GetPixelID() if labels else sitk.sitkFloat32
     out = sitk.Resample(image, reference, transforms.resampling, INTERPOLATIONS[interpolation], default, pixel)
-    full = " ".join(f"0 {n - 1}" for n in reference.GetSize())
-    for key in image.GetMetaDataKeys():  # a segmentation's segments (names, colours, values) travel with it
-        if key.endswith("_Extent") and key.startswith("Segment"):
-            out.SetMetaData(key, full)  # on the new grid
-        elif key == "Segmentation_ReferenceImageExtentOffset":
-            out.SetMetaData(key, "0 0 0")
-        elif key.startswith("Segment"):
-            out.SetMetaData(key, image.GetMetaData(key))
-    return out
+    return carry_segments(image, out)  # a segmentation's segments (names, colours, values) travel with it
 
 
 def apply_to_points(landmarks: Landmarks, transforms: Transforms) -> Landmarks:

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +15,7 @@ from monai.transforms import Transform
 from torch.utils.data import Dataset
 
 from . import geometry
+from .outputs import write_text
 from .discovery import discover, is_image, resolve  # noqa: F401 - discover: what pretrain.py calls
 from .volumes import (CT_WINDOW, IMAGE_SUFFIXES, MIN_SIZE, MR_PERCENTILES, PRESETS, DataError,  # noqa: F401
                       auto_preset, normalise, read_labels, read_volume)
@@ -58,10 +59,7 @@ def presets_line(normalize: str, presets: dict) -> str:
 
 def chosen_presets(presets: dict) -> dict[str, int]:
     """How many images ``auto`` normalised as each preset, for the checkpoint and the opening lines."""
-    counts: dict[str, int] = {}
-    for preset in presets.values():
-        counts[preset] = counts.get(preset, 0) + 1
-    return counts
+    return dict(Counter(presets.values()))
 
 
 def labels_on_image_grid(image: sitk.Image, labels: sitk.Image, image_path, label_path) -> sitk.Image:
@@ -180,9 +178,7 @@ class VolumeStore:
             known[key] = _chosen.pop(items[i]["image"], None) or known.get(key) or \
                 self.preprocessing.preset(read_volume(items[i]["image"]))
             presets[path] = known[key]
-        temporary = cache / f".presets.{os.getpid()}.json"
-        temporary.write_text(json.dumps(known, indent=1))
-        os.replace(temporary, record)
+        write_text(json.dumps(known, indent=1), record)
         return presets
 
     def __len__(self) -> int:

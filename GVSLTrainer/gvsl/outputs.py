@@ -167,6 +167,18 @@ def write_image(image, path: str | Path) -> Path:
     return path
 
 
+def write_image_folder(images: dict, folder: str | Path) -> Path:
+    """Images ({file name: image}) into ``folder``, which appears with all of them or is left as it was."""
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    with staged_files(folder) as stage:
+        for name, image in images.items():
+            with writing(stage / name, folder / name) as path:
+                sitk.WriteImage(image, str(path))
+    return folder
+
+
 def write_text(text: str, path: str | Path) -> Path:
     """A small text file written whole or not at all (temporary name, then rename)."""
     path = Path(path)

@@ -33,3 +33,33 @@ def as_slicer_segmentation(labels: sitk.Image, spec: LabelSpec) -> sitk.Image:
     out.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
     out.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
     return out
+
+
+def segments_in(path) -> dict[int, tuple[str, tuple[float, ...] | None]]:
+    """{label value: (name, colour or None)} from a Slicer segmentation file's header; {} for any other file."""
+    if not is_segmentation_file(path):
+        return {}
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    keys, found, i = set(reader.GetMetaDataKeys()), {}, 0
+    while f"Segment{i}_LabelValue" in keys:
+        colour = reader.GetMetaData(f"Segment{i}_Color") if f"Segment{i}_Color" in keys else None
+        found[int(reader.GetMetaData(f"Segment{i}_LabelValue"))] = (
+            reader.GetMetaData(f"Segment{i}_Name"), None if colour is None else tuple(float(c) for c in colour.split()))
+        i += 1
+    return found
+
+
+def carry_segments(source: sitk.Image, resampled: sitk.Image) -> sitk.Image:
+    """``resampled`` (``source`` on another grid) given ``source``'s segments (names, colours, values),
+    their extents reset to the whole new grid."""
+    full = " ".join(f"0 {n - 1}" for n in resampled.GetSize())
+    for key in source.GetMetaDataKeys():
+        if key.startswith("Segment") and key.endswith("_Extent"):
+            resampled.SetMetaData(key, full)
+        elif key == "Segmentation_ReferenceImageExtentOffset":
+            resampled.SetMetaData(key, "0 0 0")
+        elif key.startswith("Segment"):
+            resampled.SetMetaData(key, source.GetMetaData(key))
+    return resampled

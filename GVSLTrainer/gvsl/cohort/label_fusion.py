@@ -9,6 +9,7 @@ from typing import Sequence
 import SimpleITK as sitk
 
 from ..labels import PALETTE, LabelSpec
+from ..slicer_segmentation import as_slicer_segmentation, is_segmentation_file, segments_in
 from ..volumes import DataError, read_volume
 from .fusion import METHODS, fuse
 from .subjects import Subject, subjects_from
@@ -30,18 +31,10 @@ def label_spec(values: list[int], atlas_files: list[Path]) -> LabelSpec:
     them in its header, else label_<value> and the palette."""
     names, colours = {0: "background"}, {0: (0.0, 0.0, 0.0)}
     for path in atlas_files:
-        if str(path).lower().endswith(".seg.nrrd"):
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            keys = set(reader.GetMetaDataKeys())
-            i = 0
-            while f"Segment{i}_LabelValue" in keys:
-                value = int(reader.GetMetaData(f"Segment{i}_LabelValue"))
-                names.setdefault(value, reader.GetMetaData(f"Segment{i}_Name"))
-                if f"Segment{i}_Color" in keys:
-                    colours.setdefault(value, tuple(float(c) for c in reader.GetMetaData(f"Segment{i}_Color").split()))
-                i += 1
+        for value, (name, colour) in segments_in(path).items():
+            names.setdefault(value, name)
+            if colour is not None:
+                colours.setdefault(value, colour)
     return LabelSpec(values, [names.get(v, f"label_{v}") for v in values],
                      [colours.get(v, PALETTE[(i - 1) % len(PALETTE)]) for i, v in enumerate(values)])
 
@@ -55,8 +48,7 @@ def label_fusion(target: str | Path, atlases: str | Path | Sequence[Subject], ou
     into ``probabilities`` on request, and ``<output>.atlases.csv``: each atlas's registration status
     and its agreement with the result. The registrations go to ``work_dir`` (default
     ``<output>.registrations/``), where a rerun finds them."""
-    from ..outputs import check_image_output, check_output_folder, staged_files, write_csv, write_image, writing
-    from ..slicer_segmentation import as_slicer_segmentation, is_segmentation_file
+    from ..outputs import check_image_output, check_output_folder, write_csv, write_image, write_image_folder
     from . import register_cohort
 
     if method not in METHODS:
@@ -81,10 +73,8 @@ def label_fusion(target: str | Path, atlases: str | Path | Sequence[Subject], ou
     result = as_slicer_segmentation(fused.labels, spec) if is_segmentation_file(output) else fused.labels
     write_image(result, output)
     if probabilities:
-        with staged_files(Path(probabilities)) as stage:
-            for name, image in zip(spec.names, fused.probabilities):
-                with writing(stage / f"probability_{name}.nii.gz", Path(probabilities) / f"probability_{name}.nii.gz") as path:
-                    sitk.WriteImage(image, str(path))
+        write_image_folder({f"probability_{name}.nii.gz": p for name, p in zip(spec.names, fused.probabilities)},
+                           probabilities)
     agreement = dict(zip((a.name for a, _ in done), fused.agreement))
     write_csv([{**row, "atlas": atlas.name, "agreement_dice": "" if agreement.get(atlas.name) is None else
                 round(agreement[atlas.name], 4)} for atlas, row in zip(atlases, rows)],

@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..outputs import replacing
-from ..report import DPI, _aspects, _slices
+from ..report import DPI, _aspects, _displayed_slices
 
 REPORT = "cohort_report.png"
 GRID_SUBJECTS = 36  # mid-slices drawn; outliers and the worst first
@@ -26,9 +26,7 @@ def _windowed_slices(path: Path, atlas: sitk.Image) -> list[np.ndarray] | None:
     image = sitk.ReadImage(str(path), sitk.sitkFloat32)
     if image.GetSize() != atlas.GetSize() or not np.allclose(image.GetOrigin(), atlas.GetOrigin(), atol=1e-3):
         return None
-    array = sitk.GetArrayViewFromImage(image)
-    lo, hi = np.percentile(array, [1, 99])
-    return [np.clip((s - lo) / max(hi - lo, 1e-6), 0, 1) for s in _slices(array)]
+    return _displayed_slices(image)
 
 
 def cohort_report(atlas_path: str | Path, output_dir: Path, rows: list[dict], flagged: dict[str, str]) -> Path | None:
@@ -40,8 +38,7 @@ def cohort_report(atlas_path: str | Path, output_dir: Path, rows: list[dict], fl
     if not complete:
         return None
     atlas = sitk.ReadImage(str(atlas_path), sitk.sitkFloat32)
-    lo, hi = np.percentile(sitk.GetArrayViewFromImage(atlas), [1, 99])
-    atlas_slices = [np.clip((s - lo) / max(hi - lo, 1e-6), 0, 1) for s in _slices(sitk.GetArrayViewFromImage(atlas))]
+    atlas_slices = _displayed_slices(atlas)
     with ThreadPoolExecutor(4) as pool:  # SimpleITK reads without the GIL
         warped = dict(zip([r["subject"] for r in complete],
                           pool.map(lambda r: _windowed_slices(output_dir / r["subject"] / "warped.nii.gz", atlas), complete)))

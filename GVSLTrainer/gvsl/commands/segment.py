@@ -84,8 +84,8 @@ def job(args: argparse.Namespace) -> None:
     import SimpleITK as sitk
 
     from gvsl import data
-    from gvsl.outputs import (check_image_output, check_not_an_input, check_output_folder, staged_files,
-                              write_image, write_text, writing)
+    from gvsl.outputs import (check_image_output, check_not_an_input, check_output_folder, write_image,
+                              write_image_folder, write_text)
     from gvsl.segmentation import SegmentationOptions, keep_largest_components, load_segmenter, segment
     from gvsl.slicer_segmentation import as_slicer_segmentation, is_segmentation_file
 
@@ -111,11 +111,8 @@ def job(args: argparse.Namespace) -> None:
     if args.classes:
         write_text(json.dumps(result.spec.as_dict()), args.classes)
     if args.probabilities:
-        with staged_files(Path(args.probabilities)) as stage:
-            for name, p in zip(result.spec.names, result.probabilities):
-                file = f"probability_{name}.nii.gz"
-                with writing(stage / file, Path(args.probabilities) / file) as path:
-                    sitk.WriteImage(p, str(path))
+        write_image_folder({f"probability_{name}.nii.gz": p for name, p in zip(result.spec.names, result.probabilities)},
+                           args.probabilities)
     present = [n for v, n in zip(result.spec.values, result.spec.names)
                if v and (sitk.GetArrayViewFromImage(labels) == v).any()]
     print(f"Segmented {Path(args.input).name} on {result.device}: {', '.join(present) or 'no structure found'}; "
