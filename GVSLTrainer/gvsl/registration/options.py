@@ -50,6 +50,7 @@ class RegistrationOptions:
     # same-modality deformable stage, which absorbs what the finer affine level would add
     linear_shrinks: tuple | None = None
     finer_moving: bool = True  # the stages interpolate the moving image from a copy at half the working spacing
+    polish: bool = True  # rigid / affine with NCC: a last level on the original images (see polish.py)
     tolerance: float = 1e-5  # early stopping: relative loss change over `patience` iterations
     patience: int = 20
     device: str = "auto"

@@ -23,6 +23,7 @@ from .. import geometry, similarity as similarities, spatial
 from ..runtime import resolve_device
 from ..volumes import normalise
 from . import deformable, linear
+from . import polish as polishing
 from .kept import kept
 from .landmarks import target_registration_error
 from .options import RegistrationError, RegistrationOptions, RegistrationResult
@@ -142,7 +143,8 @@ def swapped_linear(prepared: Prepared) -> np.ndarray:
     the domain, the start search and the shifts that a moving one has; as the fixed one, a 20 mm slab's start stuck 4 mm away and a 40 mm one drifted 0.3 mm."""
     opts, (fixed_mask, moving_mask) = prepared.options, prepared.masks
     normalize = opts.normalize if isinstance(opts.normalize, str) else tuple(opts.normalize)[::-1]
-    swapped = dataclasses.replace(opts, mode="rigid" if opts.mode == "rigid" else "affine", normalize=normalize)
+    swapped = dataclasses.replace(opts, mode="rigid" if opts.mode == "rigid" else "affine", normalize=normalize,
+                                  polish=False)  # the result is polished in the original roles
     initial = None if prepared.initial is None else geometry.affine_transform(np.linalg.inv(prepared.initial))
     reverse = prepare(prepared.moving, prepared.fixed, swapped, fixed_mask=moving_mask, moving_mask=fixed_mask,
                       initial_transform=initial)
@@ -333,6 +335,15 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
     if opts.mode == "rigid":
         registered[:3, :3] = linear.orthonormalise(registered[:3, :3])
     affine_m = init @ registered
+    content = fixed_content(original.fixed_on_grid, presets[0], fm_img)
+    polished = None
+    if opts.mode != "deformable" and opts.polish and model is None and name in polishing.SIMILARITIES:
+        report("polishing on the original images", 0.91)
+        index = np.argwhere(content)[::7, ::-1]  # (x, y, z)
+        points = index @ geometry.index_to_physical(original.grid)[:3, :3].T + original.grid.GetOrigin()
+        affine_m, polished = polishing.polish(fixed, moving, affine_m, opts.mode == "rigid", points,
+                                              *prepared.masks)
+        timing["polish"], mark = time.perf_counter() - mark, time.perf_counter()
     affine = geometry.affine_transform(affine_m)
     field = None
     if optimised is None:
@@ -365,7 +376,6 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
     if on_images is not None:
         on_images(prepared.before, warped, None if field is None else jacobian, landmarks, outlines)
     full = original.grid  # the quality figures compare on the whole working grid
-    content = fixed_content(original.fixed_on_grid, presets[0], fm_img)
     domains = None
     if original.moving_domain_on_grid is not None:  # a partial field of view: each inside its own
         domains = tuple(geometry.field_of_view(moving, full, t, soft=True) for t in (None, forward))
@@ -388,7 +398,7 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
                    masks={"fixed": "given" if fm_img is not None else
                           "the fixed image's foreground (multi-modal)" if auto_mask else None,
                           "moving": "given" if prepared.moving_mask_on_grid is not None else None},
-                   runtime_s=round(time.perf_counter() - start, 2), device=str(device),
+                   polish=polished, runtime_s=round(time.perf_counter() - start, 2), device=str(device),
                    timing_s={**{k: round(v, 2) for k, v in timing.items()},
                              "transforms_and_figures": round(time.perf_counter() - mark, 2)},
                    working_grid={"size": list(grid.GetSize()), "spacing_mm": grid.GetSpacing()[0]},

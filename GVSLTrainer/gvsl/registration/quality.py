@@ -165,4 +165,9 @@ def warnings(metrics: dict) -> list[dict]:
         flag("far_from_header", f"the result lies {moved['mm']} mm and {moved['deg']} degrees from where the images' "
                                 f"headers place them, and the search took it there ({moved['why']}); if the headers "
                                 "are right, rerun with --initialisation none --no-rotation-search")
+    polish = metrics.get("polish")
+    if polish and not polish["kept"]:
+        flag("polish_disagrees", f"the correlation of the original images is best {polish['moved_mm']} mm away from the "
+                                 "result (the last refinement was refused): the match has more than one optimum nearby; "
+                                 "check the result")
     return out
