@@ -82,6 +82,7 @@ class GVSLParameterNode:
     # Segment
     segmentInputVolume: vtkMRMLScalarVolumeNode
     segmentationModel: str = ""
+    segmentationAtlases: str = ""  # instead of a model: a CSV of atlases (columns image and labels)
     outputSegmentation: vtkMRMLSegmentationNode
     # Both
     keepTemporaryFiles: bool = False

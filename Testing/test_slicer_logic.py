@@ -598,6 +598,45 @@ def test_background_segmentation(scene, pair_files, segmentation_model, monkeypa
     assert ((ours > 0) == (headless > 0)).mean() > 0.999
 
 
+def test_segment_with_scene_atlases_matches_segments_by_name(scene, tmp_path):
+    """Segment with no model: two (volume, segmentation) pairs of the scene, the head moved by known rigid
+    motions, whose segmentations list the same structures in opposite orders and colours. The child
+    registers and fuses them; the result's segments are matched by name, not by order."""
+    target_image = synthetic.mni_at(4.0)
+    truth = sitk.GetArrayFromImage(sitk.Resample(synthetic.tissue_labels(), target_image, sitk.Transform(),
+                                                 sitk.sitkNearestNeighbor, 0))
+    sitk.WriteImage(target_image, str(tmp_path / "target.nrrd"))
+    target = load_volume(scene, tmp_path / "target.nrrd", "target")
+    names = {1: ("grey matter", (0.9, 0.6, 0.5)), 2: ("white matter", (1.0, 1.0, 0.9))}
+    atlases = []
+    for i, (angles, shift, order) in enumerate((((4, -3, 2), (3, -2, 4), (1, 2)), ((-3, 5, -2), (-4, 3, -2), (2, 1)))):
+        motion = sitk.Euler3DTransform(target_image.TransformContinuousIndexToPhysicalPoint(
+            [(n - 1) / 2 for n in target_image.GetSize()]), *np.radians(angles), shift)
+        labels = sitk.ChangeLabel(sitk.Resample(synthetic.tissue_labels(), target_image, sitk.Transform(),
+                                                sitk.sitkNearestNeighbor, 0), {1: order[0], 2: order[1]})
+        sitk.WriteImage(synthetic.moved_in_space(target_image, motion), str(tmp_path / f"atlas{i}.nrrd"))
+        volume = load_volume(scene, tmp_path / f"atlas{i}.nrrd", f"atlas {i}")
+        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"atlas {i} labels")
+        conversion.segmentationFromLabels(synthetic.moved_in_space(labels, motion),
+                                          {order[v - 1]: names[v] for v in (1, 2)}, segmentation)
+        atlases.append((volume, segmentation))
+    before = node_ids(scene)
+    job = GVSLLogic(scene).startSegmentation(target, atlases=atlases, device="cpu")
+    assert job.process.wait(600) == 0, job.process.output
+    node = job.finish()
+    segments = node.GetSegmentation()
+    found = {segments.GetNthSegment(i).GetName(): i + 1 for i in range(segments.GetNumberOfSegments())}
+    assert set(found) == {"grey matter", "white matter"}
+    np.testing.assert_allclose(segments.GetSegment(segments.GetSegmentIdBySegmentName("white matter")).GetColor(),
+                               names[2][1], atol=1e-6)  # the first atlas's colour
+    ours = labels_on(node, target)
+    for value, name in ((1, "grey matter"), (2, "white matter")):
+        a, b = ours == found[name], truth == value
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.8, name
+    assert node_ids(scene) - before == {node.GetID(), node.GetDisplayNode().GetID()}
+    assert "Select at least 2 atlases" in GVSLLogic.segmentationInputsProblem(target, None, atlases[:1])
+
+
 # ---------------------------------------------------------------------------------------------- dependencies
 def test_dependencies_never_reinstall_what_slicer_ships():
     assert dependencies.pipRequirements(["numpy", "SimpleITK", "vtk", "monai", "tqdm"]) == ["monai>=1.3", "tqdm"]

@@ -70,7 +70,7 @@ def test_every_parameter_has_exactly_one_widget_of_a_class_that_can_show_it(modu
     fields = wrapper_fields(module_tree)
     assert {"fixedVolume", "movingVolume", "registrationModel", "iterations", "device", "outputVolume",
             "outputTransform", "splitTransforms", "movingSegmentation", "segmentInputVolume", "segmentationModel",
-            "outputSegmentation", "registrationMode", "similarity", "fixedMask", "movingMask", "initialTransform",
+            "segmentationAtlases", "outputSegmentation", "registrationMode", "similarity", "fixedMask", "movingMask", "initialTransform",
             "fixedLandmarks", "movingLandmarks", "preset", "keepTemporaryFiles"} <= set(fields)
     bound = {}
     for name, (cls, param) in ui.items():
@@ -238,11 +238,11 @@ def test_model_fields_are_strings_shown_empty_through_a_registered_connector(mod
     """Slicer's own path connector shows Path() as "."; the model fields are str parameters, which only
     GVSL.py's ctkPathLineEdit connector can show."""
     fields = wrapper_fields(module_tree)
-    assert fields["registrationModel"] == fields["segmentationModel"] == "str"
+    assert fields["registrationModel"] == fields["segmentationModel"] == fields["segmentationAtlases"] == "str"
     defaults = {item.target.id: ast.literal_eval(item.value) for node in module_tree.body if isinstance(node, ast.ClassDef)
                 for item in node.body if isinstance(item, ast.AnnAssign) and item.value is not None
-                and item.target.id in ("registrationModel", "segmentationModel")}
-    assert defaults == {"registrationModel": "", "segmentationModel": ""}
+                and item.target.id in ("registrationModel", "segmentationModel", "segmentationAtlases")}
+    assert defaults == {"registrationModel": "", "segmentationModel": "", "segmentationAtlases": ""}
     connectors = [node for node in module_tree.body if isinstance(node, ast.ClassDef)
                   and any(getattr(d, "id", None) == "parameterNodeGuiConnector" for d in node.decorator_list)]
     assert len(connectors) == 1

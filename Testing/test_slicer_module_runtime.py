@@ -16,6 +16,7 @@ import types
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.skipif(not SOURCE, reason="GVSL_SLICER_SOURCE (a Slicer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import slicer_gui_standins as standins  # noqa: E402
-from slicer_scene import close_scene, new_scene, node_ids  # noqa: E402
+from slicer_scene import close_scene, load_volume, new_scene, node_ids  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def nodes_for_every_parameter(scene) -> dict:
         fixedLandmarks=scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "F"),
         movingLandmarks=scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "M"),
         segmentInputVolume=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct"),
-        segmentationModel="/models/gvsl_segmentation.pt",
+        segmentationModel="/models/gvsl_segmentation.pt", segmentationAtlases="/atlases/table.csv",
         outputSegmentation=scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "labels"),
         keepTemporaryFiles=True)
 
@@ -338,6 +339,40 @@ def test_segment_runs_in_a_child_and_gives_a_3d_segmentation_on_its_source_volum
     before = node_ids(scene)
     run_button(widget, widget.ui.segmentButton)  # again: into the same node
     assert node_ids(scene) == before and p.outputSegmentation is node
+
+
+def test_segment_with_an_atlas_table_instead_of_a_model(gui, scene, tmp_path):
+    """*Or atlases*: a CSV of labelled heads (Slicer segmentation files, named segments); the child
+    registers and fuses them, and the segments come back with the atlases' names."""
+    sys.path.insert(0, str(ROOT / "GVSLTrainer"))
+    import synthetic
+    from gvsl.labels import LabelSpec
+    from gvsl.slicer_segmentation import as_slicer_segmentation
+
+    image = synthetic.mni_at(4.0)
+    labels = sitk.Resample(synthetic.tissue_labels(), image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    spec = LabelSpec([0, 1, 2], ["background", "grey matter", "white matter"])
+    rows = ["image,labels"]
+    for i, shift in enumerate((3.0, -3.0)):
+        moved = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, 0.05 * (i + 1), (shift, 0.0, 0.0))
+        sitk.WriteImage(synthetic.moved_in_space(image, moved), str(tmp_path / f"atlas{i}.nrrd"))
+        sitk.WriteImage(as_slicer_segmentation(synthetic.moved_in_space(labels, moved), spec),
+                        str(tmp_path / f"atlas{i}.seg.nrrd"))
+        rows.append(f"{tmp_path / f'atlas{i}.nrrd'},{tmp_path / f'atlas{i}.seg.nrrd'}")
+    (tmp_path / "atlases.csv").write_text("\n".join(rows) + "\n")
+    sitk.WriteImage(image, str(tmp_path / "target.nrrd"))
+    _, widget = open_module(gui)
+    p = widget._parameterNode
+    p.segmentInputVolume = load_volume(scene, tmp_path / "target.nrrd", "target")
+    p.segmentationModel, p.segmentationAtlases = "/models/gvsl_segmentation.pt", str(tmp_path / "atlases.csv")
+    assert not widget.ui.segmentButton.enabled and "not both" in widget.ui.segmentButton.toolTip
+    p.segmentationModel = ""
+    assert widget.ui.segmentButton.enabled, widget.ui.segmentButton.toolTip
+    run_button(widget, widget.ui.segmentButton)
+    assert gui.shown.errors == [], widget.ui.logTextEdit.toPlainText()
+    segments = p.outputSegmentation.GetSegmentation()
+    assert [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())] == \
+        ["grey matter", "white matter"]
 
 
 def test_rigid_then_deformable_is_not_blocked(gui, scene):

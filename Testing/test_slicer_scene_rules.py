@@ -197,7 +197,8 @@ def parameters(**values):
                   outputVolume=None, outputTransform=None, splitTransforms=False, movingSegmentation=None,
                   preset="Custom", registrationMode="deformable", similarity="auto", fixedMask=None,
                   movingMask=None, initialTransform=None, fixedLandmarks=None, movingLandmarks=None,
-                  segmentInputVolume=None, segmentationModel="", outputSegmentation=None, keepTemporaryFiles=False)
+                  segmentInputVolume=None, segmentationModel="", segmentationAtlases="", outputSegmentation=None,
+                  keepTemporaryFiles=False)
     fields.update(values)
     return types.SimpleNamespace(**fields)
 
@@ -207,6 +208,7 @@ def test_the_panel_passes_every_setting_to_the_logic():
     assert set(panel.registrationArguments(p)) == set(inspect.signature(GVSLLogic.startRegistration).parameters) - {"self"}
     assert set(panel.segmentationArguments(p)) == set(inspect.signature(GVSLLogic.startSegmentation).parameters) - {"self"}
     assert panel.registrationArguments(p)["model"] is None and panel.segmentationArguments(p)["model"] == "/m.pt"
+    assert panel.segmentationArguments(p)["atlases"] is None  # an empty field is no atlases
 
 
 def test_a_linear_output_with_a_deformable_mode_goes_to_a_new_transform_starting_from_it(scene, sample):
@@ -244,6 +246,11 @@ def test_the_buttons_say_why_they_are_disabled(scene, sample):
                                            segmentInputVolume=fixed, segmentationModel="/nowhere.pt"))
     assert not states["register"][0] and "would overwrite an input" in states["register"][1]
     assert states["segment"] == (False, "Model file not found: /nowhere.pt")
+    states = panel.buttonStates(parameters(segmentInputVolume=fixed, segmentationModel="/m.pt",
+                                           segmentationAtlases="/atlases.csv"))
+    assert states["segment"] == (False, "Choose a model or atlases, not both.")
+    states = panel.buttonStates(parameters(segmentInputVolume=fixed, segmentationAtlases=" /nowhere.csv "))
+    assert states["segment"] == (False, "Atlas table not found: /nowhere.csv")
 
 
 # ---------------------------------------------------------------------------------------------- dependencies

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 import slicer
 
 from . import conversion, paths, placement
+from .atlases import atlasesProblem, writeAtlases
 from .process import BackgroundProcess, pythonExecutable
 from .sceneguard import NewNodes
 
@@ -152,11 +153,16 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         return ""
 
     @staticmethod
-    def segmentationInputsProblem(inputVolume, model) -> str:
+    def segmentationInputsProblem(inputVolume, model, atlases=None) -> str:
+        """``atlases``: instead of a model, a CSV path or (volume, segmentation) node pairs."""
         if inputVolume is None:
             return "Select a volume to segment."
+        if model and _given(atlases):
+            return "Choose a model or atlases, not both."
+        if _given(atlases):
+            return atlasesProblem(atlases)
         if not model:
-            return "Select a fine-tuned model (gvsl_segmentation.pt from finetune.py)."
+            return "Select a fine-tuned model (gvsl_segmentation.pt from finetune.py), or atlases."
         if not Path(model).is_file():
             return f"Model file not found: {model}"
         return ""
@@ -336,16 +342,20 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
                          SegmentationOptions(device=device), progress or False)
         return self._segmentationNode(result.labels, result.spec.as_dict(), inputVolume, outputSegmentation)
 
-    def startSegmentation(self, inputVolume, model, outputSegmentation=None, device: str = "auto",
-                          keepTemporaryFiles: bool = False) -> BackgroundJob:
+    def startSegmentation(self, inputVolume, model=None, outputSegmentation=None, device: str = "auto",
+                          keepTemporaryFiles: bool = False, atlases=None) -> BackgroundJob:
         """The same segmentation in a child process running ``segment.py`` on temporary files. Slicer's
         process neither imports torch nor loads the model: the child writes the classes' names and
-        colours next to the label map, and a wrong model fails there, first."""
-        self._require(self.segmentationInputsProblem(inputVolume, model))
+        colours next to the label map, and a wrong model fails there, first. With ``atlases`` (a CSV
+        with the columns image and labels, or (volume, segmentation) node pairs) instead of a model,
+        the child registers every atlas onto the volume and fuses their labels (``segment.py
+        --atlases``); segments are matched across atlases by name."""
+        self._require(self.segmentationInputsProblem(inputVolume, model, atlases))
 
         def arguments(workdir: Path) -> list:
             image = conversion.imageFromVolumeNode(inputVolume)
-            return ["--model", model, "--input", self._write(image, workdir / "input.nrrd"),
+            source = ["--atlases", writeAtlases(atlases, workdir / "atlases")] if _given(atlases) else ["--model", model]
+            return [*source, "--input", self._write(image, workdir / "input.nrrd"),
                     "--output", workdir / "out" / "labels.nrrd", "--classes", workdir / "out" / "classes.json",
                     "--device", device]
 
@@ -372,6 +382,13 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
         path.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(image, str(path))
         return path
+
+
+def _given(atlases) -> bool:
+    """Whether atlases were chosen: a CSV path ("" or "." is none: a path field left empty), or pairs."""
+    if isinstance(atlases, (str, Path)):
+        return str(atlases).strip() not in ("", ".")
+    return bool(atlases)
 
 
 def _extraFiles(extra: dict, workdir: Path) -> list:

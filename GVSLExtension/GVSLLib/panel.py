@@ -9,11 +9,11 @@ from . import presets
 from .logic import GVSLLogic
 
 REGISTER_TIP = "Register the moving volume onto the fixed one."
-SEGMENT_TIP = "Segment the volume with the fine-tuned model."
+SEGMENT_TIP = "Segment the volume with the fine-tuned model, or with the atlases (label fusion)."
 
 
 def modelPath(path) -> str:
-    """The chosen model file, or "" for none (scenes saved by earlier versions hold "." for none)."""
+    """The chosen model (or atlas table) file, or "" for none (scenes saved by earlier versions hold "." for none)."""
     text = str(path or "").strip()
     return "" if text in ("", ".") else text
 
@@ -31,7 +31,8 @@ def registrationArguments(p) -> dict:
 def segmentationArguments(p) -> dict:
     """``GVSLLogic.startSegmentation``'s keywords from the parameter node."""
     return dict(inputVolume=p.segmentInputVolume, model=modelPath(p.segmentationModel),
-                outputSegmentation=p.outputSegmentation, device=p.device, keepTemporaryFiles=p.keepTemporaryFiles)
+                outputSegmentation=p.outputSegmentation, device=p.device, keepTemporaryFiles=p.keepTemporaryFiles,
+                atlases=modelPath(p.segmentationAtlases) or None)
 
 
 def buttonStates(p) -> dict[str, tuple[bool, str]]:
@@ -43,7 +44,7 @@ def buttonStates(p) -> dict[str, tuple[bool, str]]:
         a["fixedLandmarks"], a["movingLandmarks"], a["outputVolume"], a["initialTransform"])
     states = {"register": (not problem, problem or REGISTER_TIP)}
     a = segmentationArguments(p)
-    problem = GVSLLogic.segmentationInputsProblem(a["inputVolume"], a["model"])
+    problem = GVSLLogic.segmentationInputsProblem(a["inputVolume"], a["model"], a["atlases"])
     states["segment"] = (not problem, problem or SEGMENT_TIP)
     return states
 

@@ -80,4 +80,4 @@ def label_fusion(target: str | Path, atlases: str | Path | Sequence[Subject], ou
                 round(agreement[atlas.name], 4)} for atlas, row in zip(atlases, rows)],
               ["atlas", "status", "agreement_dice", "local_ncc_after", "error"], output.with_name(f"{output.name}.atlases.csv"))
     return {"output": output, "atlases": len(done), "failed": len(atlases) - len(done), "values": fused.values,
-            "names": spec.names, "agreement": agreement, "registrations": work}
+            "names": spec.names, "colours": spec.colours, "agreement": agreement, "registrations": work}

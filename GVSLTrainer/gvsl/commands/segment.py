@@ -73,7 +73,7 @@ def by_atlases(args: argparse.Namespace) -> None:
     if args.classes:
         from gvsl.labels import LabelSpec
 
-        write_text(json.dumps(LabelSpec(done["values"], done["names"]).as_dict()), args.classes)
+        write_text(json.dumps(LabelSpec(done["values"], done["names"], done["colours"]).as_dict()), args.classes)
     print(f"Segmented {Path(args.input).name} with {done['atlases']} atlases (weighted voting): "
           f"{', '.join(done['names'][1:])}; wrote {output.resolve()}")
 
