@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,8 @@ def main() -> None:
     p.add_argument("--subjects", type=int, default=8)
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--no-ants", action="store_true")
+    p.add_argument("--gvsl-options", default="", help="register.py options for cohort.py template, quoted "
+                                                      "(e.g. \"--iterations 50\")")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -78,13 +81,15 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run([sys.executable, str(ROOT / "GVSLTrainer" / "cohort.py"), "template", "--input",
                         str(folder / "scans"), "--output-dir", str(folder / "gvsl"), "--iterations",
-                        str(args.iterations), "--no-progress"], check=True, capture_output=True)
+                        str(args.iterations), "--no-progress", *shlex.split(args.gvsl_options)], check=True,
+                       capture_output=True)
         results["gvsl"] = (time.perf_counter() - start, folder / "gvsl" / "template.nii.gz")
         if not args.no_ants:
             results["ants"] = (ants_template(scans, args.iterations, folder / "ants.nii.gz"), folder / "ants.nii.gz")
         for tool, (seconds, path) in results.items():
             template = sitk.ReadImage(str(path), sitk.sitkFloat32)
             row = {"tool": tool, "subjects": args.subjects, "iterations": args.iterations, "wall_s": round(seconds, 1),
+                   **({"options": args.gvsl_options} if tool == "gvsl" and args.gvsl_options else {}),
                    "sharpness": round(sharpness(template, scans), 4),
                    "distance_to_mean_shape_mm": round(distance_to_mean_shape(template, head), 3)}
             print(json.dumps(row), flush=True)

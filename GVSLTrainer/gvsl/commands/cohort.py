@@ -35,7 +35,8 @@ majority. OUTPUT.atlases.csv lists each atlas's agreement with the result.
 template: an unbiased population template: the subjects averaged after an affine start, then
 --iterations times registered onto the current template, averaged, and moved to the mean shape (the
 inverse of the mean displacement), sharpened where that helps. Each iteration's template and figures
-are kept; a rerun resumes after the last complete iteration.
+are kept; a rerun resumes after the last complete iteration. Each subject's transforms to the final
+template (the last registration composed with the last update) go to OUTPUT/subjects/<name>/.
 """
 import argparse
 import sys
@@ -110,7 +111,11 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     t.add_argument("--input", required=True, help="a folder of images, or a CSV of subjects (subject, moving)")
     t.add_argument("--output-dir", required=True, help="template.nii.gz, each iteration's template, template.csv, "
                                                        "template_iterations.png and each subject's transforms")
-    t.add_argument("--iterations", type=positive_int, default=4, help="iterations after the affine start (default 4)")
+    t.add_argument("--iterations", type=positive_int, default=4, help="template iterations after the affine start "
+                                                                      "(default 4)")
+    t.add_argument("--registration-iterations", type=positive_int, metavar="N",
+                   help="register.py's --iterations for each registration (its optimiser budget; --iterations here "
+                        "counts the template's iterations)")
     t.add_argument("--sharpen", choices=("auto", "always", "never"), default="auto",
                    help="Laplacian sharpening of each iteration's average: auto (default) keeps it where the "
                         "subjects match the sharpened template better")
@@ -132,6 +137,8 @@ def job(args: argparse.Namespace, options: list[str]) -> int:
     if args.command == "template":
         from gvsl.cohort.template import FIGURE, build_template
 
+        if args.registration_iterations:
+            options = [*options, "--iterations", str(args.registration_iterations)]
         built = build_template(args.input, args.output_dir, options, iterations=args.iterations, sharpen=args.sharpen,
                                **engine)
         last = built["iterations"][-1]
