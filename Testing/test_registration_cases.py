@@ -154,6 +154,12 @@ def test_a_polish_that_runs_far_from_the_result_is_refused():
     kept, info = polish(fixed, moving, start, True, points)
     assert not info["kept"] and info["moved_mm"] > MOST_MM, info
     np.testing.assert_array_equal(kept, start)
+    # ITK fails (an empty fixed mask: no sample to compare): the result stands, the reason is recorded
+    empty = sitk.Image(fixed.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(fixed)
+    kept, info = polish(fixed, moving, start, True, points, empty)
+    assert not info["kept"] and info["moved_mm"] is None and "points" in info["error"], info
+    np.testing.assert_array_equal(kept, start)
 
 
 @pytest.mark.parametrize("angles_deg, search_needed", [((36, -22, 26), False), ((60, -35, 40), True)])

@@ -135,3 +135,21 @@ def test_the_registrations_budget_has_its_own_flag(monkeypatch, tmp_path):
                                   "--iterations", "2", "--registration-iterations", "50", "--mode", "affine"])
     assert cohort.job(args, options) == 0
     assert seen["iterations"] == 2 and seen["options"] == ["--mode", "affine", "--iterations", "50"]
+
+
+def test_a_finished_build_begun_without_the_saved_update_still_composes_the_same_transforms(cohort, tmp_path):
+    """A build whose last iteration left no ``mean_displacement`` file (an earlier version's) gets the
+    update again from that iteration's registrations: the same transforms, no registration rerun."""
+    import shutil
+
+    folder, _, _ = cohort
+    shutil.copytree(folder / "out", tmp_path / "out")
+    (tmp_path / "out" / "iterations" / "mean_displacement_2.nii.gz").unlink()
+    shutil.rmtree(tmp_path / "out" / "subjects")
+    # a client that fails on any use: nothing is registered again
+    build_template(folder / "scans", tmp_path / "out", OPTIONS, iterations=2, progress=False, client=object())
+    for name in "ab":
+        ours, theirs = (sitk.ReadTransform(str(out / "subjects" / name / "transform.h5"))
+                        for out in (tmp_path / "out", folder / "out"))
+        point = (10.0, -20.0, 15.0)
+        np.testing.assert_allclose(ours.TransformPoint(point), theirs.TransformPoint(point), atol=1e-6)

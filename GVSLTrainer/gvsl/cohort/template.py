@@ -89,8 +89,8 @@ def build_template(inputs: str | Path | Sequence[Subject], output_dir: str | Pat
                    iterations: int = 4, sharpen: str = "auto", progress: bool = True, **engine) -> dict:
     """Build ``output_dir/template.nii.gz`` from ``inputs`` (a folder, list or CSV of subjects, or
     ``Subject``s) in ``iterations`` iterations after the affine start, with ``register.py``'s
-    ``options`` (``--mode``, ``--similarity``...) for each registration; then register every subject
-    onto the final template (``output_dir/subjects/<name>/``: its transforms). ``sharpen``: auto
+    ``options`` (``--mode``, ``--similarity``...) for each registration; then each subject's transforms
+    to the final template (``output_dir/subjects/<name>/``, see ``_subject_transforms``). ``sharpen``: auto
     (keep a Laplacian-sharpened template where the subjects match it better), always or never.
     Resumes after the last complete iteration. ``engine``: as for ``register_cohort``."""
     if sharpen not in ("auto", "always", "never"):
@@ -186,7 +186,12 @@ def _subject_transforms(out: Path, subjects: list[Subject], iterations: int) -> 
     template = sitk.ReadImage(str(out / TEMPLATE), sitk.sitkFloat32)
     update = average = None
     if iterations > 0:  # iteration 0's template is its average as it is
-        average = sitk.ReadImage(str(_displacement_path(out, iterations)), sitk.sitkVectorFloat64)
+        path = _displacement_path(out, iterations)
+        if path.is_file():
+            average = sitk.ReadImage(str(path), sitk.sitkVectorFloat64)
+        else:  # a build begun by an earlier version: from the last iteration's registrations again
+            grid = sitk.ReadImage(str(_template_path(out, iterations - 1)), sitk.sitkFloat32)
+            average = _average(folder, subjects, grid, displacement=True)[2]
         update = _to_mean_shape(average)
     for s in subjects:
         forward, inverse = (sitk.ReadTransform(str(folder / s.name / name)) for name in ("transform.h5", "inverse.h5"))

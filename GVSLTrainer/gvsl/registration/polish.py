@@ -49,7 +49,16 @@ def polish(fixed: sitk.Image, moving: sitk.Image, affine: np.ndarray, rigid: boo
     method.SetOptimizerScalesFromPhysicalShift()
     f, m = (sitk.Cast(image, sitk.sitkFloat32) for image in (fixed, moving))
     method.SetInitialTransform(transform, inPlace=False)
-    result = method.Execute(f, m)
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "no valid points" on a pair that barely overlaps
+    try:
+        result = method.Execute(f, m)
+    except RuntimeError as e:  # e.g. no sample inside the masks: the result stands as it is
+        reason = next((line for line in reversed(str(e).strip().splitlines()) if line.strip()), "ITK failed")
+        return affine, {"similarity": "correlation of the original images (SimpleITK)", "kept": False,
+                        "moved_mm": None, "error": reason.strip()[:200]}
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     polished = linear_matrix(result, "the polished transform")
     homogeneous = np.c_[points, np.ones(len(points))]
     moved = float(np.linalg.norm(homogeneous @ (polished - affine)[:3].T, axis=1).max(initial=0.0))

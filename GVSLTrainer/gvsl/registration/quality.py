@@ -166,7 +166,7 @@ def warnings(metrics: dict) -> list[dict]:
                                 f"headers place them, and the search took it there ({moved['why']}); if the headers "
                                 "are right, rerun with --initialisation none --no-rotation-search")
     polish = metrics.get("polish")
-    if polish and not polish["kept"]:
+    if polish and not polish["kept"] and polish.get("moved_mm") is not None:  # refused, not failed
         flag("polish_disagrees", f"the correlation of the original images is best {polish['moved_mm']} mm away from the "
                                  "result (the last refinement was refused): the match has more than one optimum nearby; "
                                  "check the result")
