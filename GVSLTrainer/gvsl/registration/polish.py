@@ -15,7 +15,7 @@ from .. import geometry
 from .preparation import linear_matrix
 
 SIMILARITIES = ("ncc",)  # same modality: correlation; Mattes MI on CT<->MR moved the result 2.9 mm off
-SAMPLES = 400_000  # fixed-image points inside the overlap per metric evaluation: 0.6-2.5 s on 2 cores
+SAMPLES = 400_000  # fixed-image points inside the overlap per metric evaluation: 1-4 s on 2 cores
 MOST_MM = 2.0  # a polish moving any content point further than this diverged: the result is kept
 #               (from our result it moved them 0.1-0.5 mm on the benchmark's rigid, affine and slab cases)
 
