@@ -116,10 +116,10 @@ class PathLineEditToStrConnector(GuiConnector):
         return self._widget
 
     def read(self) -> str:
-        return panel.modelPath(self._widget.currentPath)
+        return paths.chosenFile(self._widget.currentPath)
 
     def write(self, value: str) -> None:
-        self._widget.currentPath = panel.modelPath(value)
+        self._widget.currentPath = paths.chosenFile(value)
 
 
 class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

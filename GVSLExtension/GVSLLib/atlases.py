@@ -27,8 +27,8 @@ def atlasesProblem(atlases) -> str:
     """Why ``atlases`` (a CSV path, or a list of (volume node, segmentation node) pairs) cannot be
     used, or "" when they can."""
     if isinstance(atlases, (str, Path)):
-        text = str(atlases).strip()
-        if text in ("", "."):
+        text = paths.chosenFile(atlases)
+        if not text:
             return "Select atlases: a CSV with the columns image and labels."
         return "" if Path(text).is_file() else f"Atlas table not found: {text}"
     pairs = list(atlases or [])
@@ -47,7 +47,7 @@ def writeAtlases(atlases, folder: Path) -> Path:
     (as Slicer shows them) and label maps (on their volume's grid, values by segment name) written into
     ``folder``."""
     if isinstance(atlases, (str, Path)):
-        return Path(str(atlases).strip())
+        return Path(paths.chosenFile(atlases))
     folder.mkdir(parents=True, exist_ok=True)
     exported = [(volume, *conversion.labelsFromSegmentation(segmentation, volume)) for volume, segmentation in atlases]
     spec = _byName([segments for _, _, segments in exported])

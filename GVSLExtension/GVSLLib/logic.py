@@ -385,10 +385,8 @@ class GVSLLogic(ScriptedLoadableModuleLogic):
 
 
 def _given(atlases) -> bool:
-    """Whether atlases were chosen: a CSV path ("" or "." is none: a path field left empty), or pairs."""
-    if isinstance(atlases, (str, Path)):
-        return str(atlases).strip() not in ("", ".")
-    return bool(atlases)
+    """Whether atlases were chosen: a CSV path (``paths.chosenFile``), or pairs."""
+    return bool(paths.chosenFile(atlases) if isinstance(atlases, (str, Path)) else atlases)
 
 
 def _extraFiles(extra: dict, workdir: Path) -> list:

@@ -7,20 +7,15 @@ from __future__ import annotations
 
 from . import presets
 from .logic import GVSLLogic
+from .paths import chosenFile
 
 REGISTER_TIP = "Register the moving volume onto the fixed one."
 SEGMENT_TIP = "Segment the volume with the fine-tuned model, or with the atlases (label fusion)."
 
 
-def modelPath(path) -> str:
-    """The chosen model (or atlas table) file, or "" for none (scenes saved by earlier versions hold "." for none)."""
-    text = str(path or "").strip()
-    return "" if text in ("", ".") else text
-
-
 def registrationArguments(p) -> dict:
     """``GVSLLogic.startRegistration``'s keywords from the parameter node: every setting, once."""
-    return dict(fixedVolume=p.fixedVolume, movingVolume=p.movingVolume, model=modelPath(p.registrationModel) or None,
+    return dict(fixedVolume=p.fixedVolume, movingVolume=p.movingVolume, model=chosenFile(p.registrationModel) or None,
                 outputVolume=p.outputVolume, outputTransform=p.outputTransform, splitTransforms=p.splitTransforms,
                 iterations=p.iterations, device=p.device, movingSegmentation=p.movingSegmentation,
                 mode=p.registrationMode, similarity=p.similarity, fixedMask=p.fixedMask, movingMask=p.movingMask,
@@ -30,9 +25,9 @@ def registrationArguments(p) -> dict:
 
 def segmentationArguments(p) -> dict:
     """``GVSLLogic.startSegmentation``'s keywords from the parameter node."""
-    return dict(inputVolume=p.segmentInputVolume, model=modelPath(p.segmentationModel),
+    return dict(inputVolume=p.segmentInputVolume, model=chosenFile(p.segmentationModel),
                 outputSegmentation=p.outputSegmentation, device=p.device, keepTemporaryFiles=p.keepTemporaryFiles,
-                atlases=modelPath(p.segmentationAtlases) or None)
+                atlases=chosenFile(p.segmentationAtlases) or None)
 
 
 def buttonStates(p) -> dict[str, tuple[bool, str]]:

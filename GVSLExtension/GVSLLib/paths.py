@@ -24,6 +24,13 @@ def trainerDir() -> Path:
     return _find("GVSLTrainer")
 
 
+def chosenFile(path) -> str:
+    """The file a path field holds (a model, an atlas table), or "" for none: Slicer's path connector
+    and scenes saved by earlier versions hold "." for none."""
+    text = str(path or "").strip()
+    return "" if text in ("", ".") else text
+
+
 def resourcePath(relative: str) -> Path:
     return _find("Resources") / relative
 

@@ -102,6 +102,15 @@ def affine_transform(matrix: np.ndarray) -> sitk.AffineTransform:
     return t
 
 
+def transform_parts(transform: sitk.Transform) -> list[sitk.Transform]:
+    """The transforms a (possibly nested) composite is made of, in its order, each downcast."""
+    transform = transform.Downcast()
+    if isinstance(transform, sitk.CompositeTransform):
+        return [part for i in range(transform.GetNumberOfTransforms())
+                for part in transform_parts(transform.GetNthTransform(i))]
+    return [transform]
+
+
 def voxel_matrix_to_physical(voxel_matrix: np.ndarray, grid: sitk.Image) -> np.ndarray:
     """A 3x4 centred voxel matrix of ``gvsl.spatial`` on ``grid`` as a 4x4 physical (LPS) matrix."""
     centre = (np.array(grid.GetSize()) - 1) / 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from ..geometry import transform_parts
 from ..outputs import remove_stale, replacing, staged_files, write_csv, write_text, writing
 from ..registration_io import FILES
 from ..volumes import DataError
@@ -111,8 +113,7 @@ def build_template(inputs: str | Path | Sequence[Subject], output_dir: str | Pat
                                                                engine.pop("threads_per_worker", None)))
             engine.update(client=client, threads_per_worker=threads)
         _iterate(subjects, out, options, iterations, sharpen, rows, engine)
-    final = _template_path(out, iterations)
-    sitk.WriteImage(sitk.ReadImage(str(final)), str(out / TEMPLATE))
+    shutil.copyfile(_template_path(out, iterations), out / TEMPLATE)
     _subject_transforms(out, subjects, iterations)
     _figure(out, iterations)
     write_text("".join(f"{s.name}\n" for s in subjects), out / "subjects.txt")
@@ -169,13 +170,6 @@ def _to_mean_shape(average: sitk.Image) -> sitk.DisplacementFieldTransform:
     return sitk.DisplacementFieldTransform(sitk.InvertDisplacementField(average))
 
 
-def _parts(transform: sitk.Transform) -> list[sitk.Transform]:
-    transform = transform.Downcast()
-    if isinstance(transform, sitk.CompositeTransform):
-        return [p for i in range(transform.GetNumberOfTransforms()) for p in _parts(transform.GetNthTransform(i))]
-    return [transform]
-
-
 def _subject_transforms(out: Path, subjects: list[Subject], iterations: int) -> None:
     """Each subject's transforms to the final template, in ``out/subjects/<name>/``: the last iteration's
     registration onto the template before its update, composed with the update (``transform.h5``:
@@ -196,8 +190,9 @@ def _subject_transforms(out: Path, subjects: list[Subject], iterations: int) -> 
     for s in subjects:
         forward, inverse = (sitk.ReadTransform(str(folder / s.name / name)) for name in ("transform.h5", "inverse.h5"))
         if update is not None:  # ITK's composite applies its last transform first
-            forward = sitk.CompositeTransform([*_parts(forward), update])
-            inverse = sitk.CompositeTransform([sitk.DisplacementFieldTransform(sitk.Image(average)), *_parts(inverse)])
+            forward = sitk.CompositeTransform([*transform_parts(forward), update])
+            inverse = sitk.CompositeTransform([sitk.DisplacementFieldTransform(sitk.Image(average)),
+                                               *transform_parts(inverse)])
         warped = sitk.Resample(sitk.ReadImage(str(s.image), sitk.sitkFloat32), template, forward, sitk.sitkLinear, 0.0)
         target = out / "subjects" / s.name
         with staged_files(target, replaces=tuple(FILES.values())) as stage:  # one whole set, nothing else

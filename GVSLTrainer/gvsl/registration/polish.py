@@ -16,6 +16,7 @@ from .preparation import linear_matrix
 
 SIMILARITIES = ("ncc",)  # same modality: correlation; Mattes MI on CT<->MR moved the result 2.9 mm off
 SAMPLES = 400_000  # fixed-image points inside the overlap per metric evaluation: 1-4 s on 2 cores
+SIMILARITY = "correlation of the original images (SimpleITK)"  # what metrics.json says the polish used
 MOST_MM = 2.0  # a polish moving any content point further than this diverged: the result is kept
 #               (from our result it moved them 0.1-0.5 mm on the benchmark's rigid, affine and slab cases)
 
@@ -55,16 +56,15 @@ def polish(fixed: sitk.Image, moving: sitk.Image, affine: np.ndarray, rigid: boo
         result = method.Execute(f, m)
     except RuntimeError as e:  # e.g. no sample inside the masks: the result stands as it is
         reason = next((line for line in reversed(str(e).strip().splitlines()) if line.strip()), "ITK failed")
-        return affine, {"similarity": "correlation of the original images (SimpleITK)", "kept": False,
-                        "moved_mm": None, "error": reason.strip()[:200]}
+        return affine, {"similarity": SIMILARITY, "kept": False, "moved_mm": None, "error": reason.strip()[:200]}
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     polished = linear_matrix(result, "the polished transform")
     homogeneous = np.c_[points, np.ones(len(points))]
     moved = float(np.linalg.norm(homogeneous @ (polished - affine)[:3].T, axis=1).max(initial=0.0))
     kept = moved <= MOST_MM
-    info = {"similarity": "correlation of the original images (SimpleITK)", "iterations": method.GetOptimizerIteration(),
-            "moved_mm": round(moved, 3), "kept": kept}
+    info = {"similarity": SIMILARITY, "iterations": method.GetOptimizerIteration(), "moved_mm": round(moved, 3),
+            "kept": kept}
     return (polished if kept else affine), info
 
 

@@ -118,11 +118,8 @@ def linear_matrix(transform: sitk.Transform, what: str = "the initial transform"
     """A linear (rigid, similarity, affine, or a composite of those) 3D ITK transform as a 4x4 matrix."""
     if transform.GetDimension() != 3:
         raise RegistrationError(f"{what} is {transform.GetDimension()}D; a 3D transform is needed")
-    parts = [transform.Downcast()]
-    while isinstance(parts[-1], sitk.CompositeTransform):
-        composite = parts.pop()
-        parts += [composite.GetNthTransform(i).Downcast() for i in range(composite.GetNumberOfTransforms())]
-    nonlinear = [p.GetName() for p in parts if isinstance(p, (sitk.DisplacementFieldTransform, sitk.BSplineTransform))]
+    nonlinear = [p.GetName() for p in geometry.transform_parts(transform)
+                 if isinstance(p, (sitk.DisplacementFieldTransform, sitk.BSplineTransform))]
     basis = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float64) * 100.0
     mapped = np.array([transform.TransformPoint(p.tolist()) for p in basis])
     m = np.eye(4)
