@@ -31,6 +31,9 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert by_check["segmentation_fp32"][0]["windows"] >= 1
     assert all(r["steps_per_s_with_validation"] > 0 for r in by_check["finetune"]
                if r.get("benchmark") == "segmentation_finetune")
+    batches = [r for r in by_check["cohort_batches"] if r.get("benchmark") == "cohort_batches"]
+    assert [r["batch_size"] for r in batches] == [1, 2] and all(r["subjects_per_minute"] > 0 for r in batches)
+    assert batches[1]["max_field_difference_to_batch_1_mm"] < 0.1
     pretext = [r for r in by_check["pretext"] if r.get("benchmark") == "segmentation_pretext"]
     assert pretext and 0 <= pretext[0]["ncc_deformable"] <= 1
     assert not any(r.get("failed") for r in rows)

@@ -11,7 +11,9 @@ to every subject's outputs written, in one run:
 
 ``loop``: register.py once per subject; ``WxT``: cohort.py register on a local cluster of W workers
 with T threads; ``antsN``: antspyx SyN (its defaults) in N processes of one ITK thread each, the atlas
-read once per process. Accuracy for every configuration, by one evaluation: the mean AAL Dice of the
+read once per process. With ``--batch-sizes 1 2 4 8 16 --device cuda`` (the GPU check): one process
+registering the subjects with their deformable stages batched, subjects per minute and peak memory at
+each size. Accuracy for every configuration, by one evaluation: the mean AAL Dice of the
 subject's regions brought onto the atlas, and the end-point error inside the brain (how far truth(R(x))
 lands from x, mm). Prints one JSON line per configuration and subject-by-subject comparison, then a
 summary line with the ratios.
@@ -129,6 +131,50 @@ def evaluate(transform: sitk.Transform, truth: sitk.Transform, atlas: sitk.Image
     return {"dice_aal": float(np.mean(dice)), "epe_mm": float(epe.mean())}
 
 
+def batches(folder: Path, truths: dict, sizes: list[int], device: str, spacing: float | None) -> None:
+    """Subjects per minute of one process registering the cohort with its deformable stages batched
+    ``size`` pairs at a time (what a GPU worker of ``cohort.py register`` does, files aside), the peak
+    GPU memory, and how far each pair's field lies from its field at batch size 1."""
+    import torch
+
+    from gvsl.registration import RegistrationOptions, prepare
+    from gvsl.registration.kept import keep_fixed
+    from gvsl.registration.pipeline import register_batch, stages
+
+    keep_fixed()
+    atlas = sitk.ReadImage(str(folder / "atlas.nii.gz"))
+    atlas_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "atlas_aal.nii.gz")))
+    scans = {name: sitk.ReadImage(str(folder / "scans" / f"{name}.nii.gz")) for name in truths}
+    options = RegistrationOptions(device=device, spacing=spacing)
+    cuda = torch.device(device).type == "cuda" if device != "auto" else torch.cuda.is_available()
+    register_batch([stages(prepare(atlas, next(iter(scans.values())), options=options))], 1)  # warm-up
+    first = None
+    for size in sizes:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        results = register_batch([stages(prepare(atlas, scan, options=options)) for scan in scans.values()], size)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:
+            raise failed[0]
+        fields = [sitk.GetArrayFromImage(r.displacement) for r in results]
+        first = first or fields
+        dice = [evaluate(r.transform, truths[n][0], atlas, atlas_labels,
+                         sitk.ReadImage(str(folder / "labels" / f"{n}.nii.gz")))["dice_aal"]
+                for n, r in zip(scans, results)]
+        print(json.dumps({"benchmark": "cohort_batches", "device": str(results[0].metrics["device"]),
+                          "batch_size": size, "subjects": len(scans), "wall_s": round(seconds, 2),
+                          "subjects_per_minute": round(60 * len(scans) / seconds, 2),
+                          "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None,
+                          "dice_aal_mean": round(float(np.mean(dice)), 4),
+                          "max_field_difference_to_batch_1_mm": round(float(max(
+                              np.abs(a - b).max() for a, b in zip(fields, first))), 5)}), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", type=int, default=20)
@@ -136,7 +182,16 @@ def main() -> None:
     p.add_argument("--field-max", type=float, default=11.0, help="peak of the last subject's smooth field, mm")
     p.add_argument("--configurations", nargs="+", default=["loop", "1x1", "2x1", "ants2"],
                    help="loop (register.py per subject), WORKERSxTHREADS of cohort.py's local cluster, or antsN")
+    p.add_argument("--batch-sizes", type=int, nargs="+",
+                   help="instead: one process registering the cohort in batches of these sizes (GPU check)")
+    p.add_argument("--device", default="auto", help="with --batch-sizes: gvsl's device")
+    p.add_argument("--spacing", type=float, help="with --batch-sizes: gvsl's working grid, mm (default: its own)")
     args = p.parse_args()
+    if args.batch_sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            truths = make_cohort(Path(tmp), args.subjects, args.field_min, args.field_max)
+            batches(Path(tmp), truths, args.batch_sizes, args.device, args.spacing)
+        return
     results, accuracy = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -9,9 +9,10 @@
 # registries only), the CUDA-parametrised tests, pre-training steps with and without AMP next to the
 # reference-style step, registration (in process and the command line end to end) against ANTs SyN
 # on the CPU, segmentation inference of a 512x512x300 volume with and without AMP, and a short
-# fine-tuning run in steps per second, and last a longer pre-training on the atlas task of
-# `segmentation.py compare`, checked by registering held-out pairs (whether the Z-matching heads learn
-# with more steps than a CPU affords). Any failing step stops the script with a non-zero exit.
+# fine-tuning run in steps per second, a cohort's registrations batched 1 to 16 at a time (5b), and
+# last a longer pre-training on the atlas task of `segmentation.py compare`, checked by registering
+# held-out pairs (whether the Z-matching heads learn with more steps than a CPU affords). Any failing
+# step stops the script with a non-zero exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +22,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
         --quick) QUICK=1; shift ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -89,10 +90,12 @@ if [ "$QUICK" = 1 ]; then
     CROP="32 32 32"; WIDTH=4; STEPS=2; SIZE="64 64 48"; WINDOW=32; SEG_WIDTH=4
     CASES="same"; FT="--cases 2 --width 4 --crop 32 32 32 --pretrain-steps 2 --finetune-steps 4 --val-every 4"
     PRETEXT="--cases 2 --pretrain-steps 2 --check-positions 1"
+    COHORT="--subjects 2 --batch-sizes 1 2 --device cpu --spacing 4"
 else
     CROP="128 128 128"; WIDTH=32; STEPS=10; SIZE="512 512 300"; WINDOW=128; SEG_WIDTH=32
     CASES="same multimodal"; FT="--cases 4 --width 16 --crop 64 64 64 --pretrain-steps 50 --finetune-steps 300 --val-every 100"
     PRETEXT="--pretrain-steps 3000 --unlabelled-cases 24"
+    COHORT="--subjects 16 --batch-sizes 1 2 4 8 16 --device cuda"
 fi
 
 # 1. the CUDA-parametrised tests (on a GPU only: elsewhere none exist)
@@ -130,6 +133,10 @@ fi
 
 # 5. fine-tuning: a short run from scratch and from a briefly pre-trained backbone (steps per second)
 run_step finetune "$PY" benchmarks/segmentation.py learning-curve --device "$DEVICE" $FT
+
+# 5b. a cohort registered in one process with its deformable stages batched 1 to 16 pairs at a time:
+# subjects per minute and peak GPU memory at each batch size, and each field's distance to its unbatched one
+run_step cohort_batches "$PY" benchmarks/cohort.py $COHORT
 
 # 6. pre-training long enough to tell whether the Z-matching heads learn at the compare's settings (width 8,
 # 32³ crops): held-out registration unregistered / affine / deformable. Last, as the longest step.

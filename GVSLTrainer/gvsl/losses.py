@@ -124,8 +124,9 @@ def masked_local_ncc(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor, wind
     return 1 - cc
 
 
-def smoothness(displacement: torch.Tensor) -> torch.Tensor:
-    """Mean squared forward difference of a displacement field (N, 3, D, H, W).
+def smoothness(displacement: torch.Tensor, per_item: bool = False) -> torch.Tensor:
+    """Mean squared forward difference of a displacement field (N, 3, D, H, W); ``per_item``: one mean
+    per field of the batch, (N,).
 
     Forward differences, as the reference; MONAI's DiffusionLoss uses central differences,
     which do not see a checkerboard pattern.
@@ -134,6 +135,8 @@ def smoothness(displacement: torch.Tensor) -> torch.Tensor:
     dz = d[:, :, 1:] - d[:, :, :-1]
     dy = d[:, :, :, 1:] - d[:, :, :, :-1]
     dx = d[..., 1:] - d[..., :-1]
+    if per_item:
+        return sum(x.pow(2).flatten(1).mean(1) for x in (dz, dy, dx)) / 3
     return (dz.pow(2).mean() + dy.pow(2).mean() + dx.pow(2).mean()) / 3
 
 

@@ -11,7 +11,7 @@ from ..outputs import remove_stale, write_csv
 from ..volumes import DataError
 from .jobqueue import JobQueue
 from .quality import outliers
-from .worker import load_script, run_subject
+from .worker import load_script, register_batch, run_subject
 
 SUMMARY = "cohort.csv"  # one row per subject, next to the subjects' folders
 
@@ -19,11 +19,31 @@ SUMMARY = "cohort.csv"  # one row per subject, next to the subjects' folders
 WORKER_MEMORY_GB = 2.0  # a registration's peak: 0.75-0.85 GB for a head at 2 mm, the 160-voxel grid cap more
 
 
+GPU_BATCH = 8  # subjects a GPU worker's task holds by default (fewer if its free memory holds fewer)
+
+
+def gpu_count() -> int:
+    """The NVIDIA GPUs this process may use, without importing torch (2 s): CUDA_VISIBLE_DEVICES, else the
+    driver's list."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
 def local_cluster_size(workers: int | None, threads: int | None) -> tuple[int, int]:
-    """(workers, threads per worker) of the embedded cluster: by default one single-threaded worker per
-    core, as many as the memory holds at WORKER_MEMORY_GB each. On 2 cores, 2 x 1 registered 13.9
-    subjects a minute, 1 x 2 11.0, a loop of register.py processes 9.3 (benchmarks/cohort.py)."""
+    """(workers, threads per worker) of the embedded cluster: by default one worker per GPU with the
+    cores shared among them, else one single-threaded worker per core, as many as the memory holds at
+    WORKER_MEMORY_GB each. On 2 cores, 2 x 1 registered 13.9 subjects a minute, 1 x 2 11.0, a loop of
+    register.py processes 9.3 (benchmarks/cohort.py)."""
     cores = os.cpu_count() or 1
+    gpus = gpu_count()
+    if gpus:
+        workers = workers or gpus
+        return workers, threads or max(1, cores // workers)
     threads = threads or 1
     try:
         memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
@@ -39,15 +59,26 @@ def local_client(workers: int | None = None, threads_per_worker: int | None = No
     from dask.distributed import Client, LocalCluster
 
     n, threads = local_cluster_size(workers, threads_per_worker)
-    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=40) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40,
+                      resources={"GPU": 1} if gpu_count() else None) as cluster, Client(cluster) as client:
         yield client, threads
+
+
+def gpu_workers(client) -> int:
+    """How many of the cluster's workers advertise a GPU."""
+    return sum("GPU" in (w.get("resources") or {}) for w in client.scheduler_info()["workers"].values())
+
+
+def batches(todo: list, size: int, workers: int) -> list[list]:
+    """``todo`` in tasks of up to ``size``, but no fewer tasks than ``workers`` (every GPU busy)."""
+    size = max(1, min(size, -(-len(todo) // max(1, workers))))
+    return [todo[i:i + size] for i in range(0, len(todo), size)]
 
 
 def run_cohort(tool: str, jobs: list[tuple[str, list[str]]], output_dir: Path, done: dict[str, dict], *,
                scheduler: str | None = None, client=None, workers: int | None = None,
                threads_per_worker: int | None = None, jobqueue: JobQueue | None = None,
-               progress: bool = True) -> list[dict]:
+               batch_size: int | None = None, progress: bool = True) -> list[dict]:
     """Run ``tool`` on every (subject, its arguments) of ``jobs`` not in ``done`` (complete earlier: its
     row's figures), one task each; write ``output_dir/cohort.csv`` and return its rows, in the order of
     ``jobs``, the outliers among them named in their ``outlier`` column (``quality.outliers``).
@@ -55,7 +86,11 @@ def run_cohort(tool: str, jobs: list[tuple[str, list[str]]], output_dir: Path, d
     ``client``: a ``dask.distributed.Client`` to use; ``scheduler``: the address of a running one;
     ``jobqueue``: workers started as batch jobs; none of them: an embedded ``LocalCluster``
     (``workers`` x ``threads_per_worker``, see ``local_cluster_size``).
-    Every subject's arguments are checked by the tool's parser before any work."""
+    Every subject's arguments are checked by the tool's parser before any work.
+
+    Registrations on GPU workers (``GPU`` resource) go ``batch_size`` (default GPU_BATCH) to a task,
+    their deformable stages batched (``worker.register_batch``); elsewhere one a task unless
+    ``batch_size`` says otherwise (on 2 CPU cores a batch of 2 or 4 was 10 % slower than one at a time)."""
     from dask.distributed import Client, as_completed
     from tqdm.auto import tqdm
 
@@ -88,8 +123,17 @@ def run_cohort(tool: str, jobs: list[tuple[str, list[str]]], output_dir: Path, d
             # runs after the cluster is closed (its workers gone): what they left mid-subject when stopped
             stack.callback(lambda: [remove_stale(output_dir, f".{name}.partial-", "-") for name, _ in todo])
             client, threads = stack.enter_context(local_client(workers, threads_per_worker))
-        futures = {client.submit(run_subject, tool, name, argv, threads, key=f"gvsl-{tool}-{name}-{time.time_ns()}",
-                                 pure=False, resources=resources): name for name, argv in todo}
+        gpus = gpu_workers(client) or (jobqueue.jobs * jobqueue.gpus_per_job if jobqueue else 0)  # jobs may be queued
+        if gpus and resources is None:
+            resources = {"GPU": 1}
+        size = batch_size or (GPU_BATCH if gpus else 1)
+        if tool == "register" and size > 1:
+            futures = {client.submit(register_batch, chunk, threads, size, pure=False, resources=resources,
+                                     key=f"gvsl-register-{chunk[0][0]}-{len(chunk)}-{time.time_ns()}"):
+                       [name for name, _ in chunk] for chunk in batches(todo, size, gpus or len(client.nthreads()))}
+        else:
+            futures = {client.submit(run_subject, tool, name, argv, threads, key=f"gvsl-{tool}-{name}-{time.time_ns()}",
+                                     pure=False, resources=resources): [name] for name, argv in todo}
         verb = "Registering" if tool == "register" else "Segmenting"
         if progress and getattr(client, "dashboard_link", None) and (scheduler or jobqueue):
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
@@ -98,17 +142,19 @@ def run_cohort(tool: str, jobs: list[tuple[str, list[str]]], output_dir: Path, d
             with tqdm(total=len(todo), desc=f"{verb} the cohort", unit="subject", disable=not progress) as bar:
                 for future in as_completed(futures):
                     try:
-                        row = future.result()
+                        found = future.result()
+                        found = found if isinstance(found, list) else [found]
                     except Exception as e:  # noqa: BLE001 - its workers died (out of memory, killed) after Dask's reruns
-                        row = {"subject": futures[future], "status": "failed", "seconds": "", "warnings": "",
-                               "error": f"its worker was lost ({type(e).__name__}: {e})"}
-                    rows.append(row)
+                        found = [{"subject": name, "status": "failed", "seconds": "", "warnings": "",
+                                  "error": f"its worker was lost ({type(e).__name__}: {e})"} for name in futures[future]]
+                    rows.extend(found)
                     summarise()  # as subjects finish
-                    failed += row["status"] == "failed"
+                    for row in found:
+                        failed += row["status"] == "failed"
+                        if row["status"] == "failed":
+                            bar.write(f"{row['subject']}: failed: {row['error']}")
                     bar.set_postfix(failed=failed, refresh=False)
-                    bar.update(1)
-                    if row["status"] == "failed":
-                        bar.write(f"{row['subject']}: failed: {row['error']}")
+                    bar.update(len(found))
         finally:  # interrupted too: the subjects done so far are listed
             summarise()
     for name, why in outliers(rows).items():

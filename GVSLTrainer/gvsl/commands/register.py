@@ -13,6 +13,7 @@ linear transform alone), warped_labels.nii.gz, metrics.json and report.png.
 """
 import argparse
 import contextlib
+import importlib
 from functools import partial
 from pathlib import Path
 from typing import NoReturn
@@ -108,12 +109,34 @@ def options_from(args: argparse.Namespace):
 
 
 def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
+    from tqdm.auto import tqdm
+
+    from gvsl.registration import register_prepared
+    from gvsl.registration.inputs import naming_the_files
+    from gvsl.registration_io import send_panels
+
+    out, prepared, labels, model = begin(args)
+    with tqdm(total=100, desc="Registering", unit="%", disable=not args.progress,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
+        def progress(stage: str, fraction: float) -> None:
+            bar.set_description(f"Registering ({stage})", refresh=False)
+            bar.update(round(100 * fraction) - bar.n)
+
+        on_images = None if drawer is None else partial(send_panels, drawer, prepared.fixed)
+        with naming_the_files(args):
+            result = register_prepared(prepared, model=model, progress=progress, on_images=on_images, **labels)
+    end(args, out, prepared, result, drawer)
+
+
+def begin(args: argparse.Namespace) -> tuple:
+    """(output folder, ``Prepared`` pair, its label maps, model or None): the job up to the registration
+    itself, the output folder checked before any work. A cohort's batch runs this per subject."""
     from concurrent.futures import ThreadPoolExecutor
 
     from gvsl import demo
     from gvsl.outputs import check_output_folder
-    from gvsl.registration.inputs import naming_the_files, read_and_prepare, read_model
-    from gvsl.registration_io import FILES, save_registration, send_panels, summary
+    from gvsl.registration.inputs import read_and_prepare, read_model
+    from gvsl.registration_io import FILES
 
     if args.fixed is None:
         args.fixed, args.moving = demo.demo_registration_pair()
@@ -133,9 +156,7 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
     # thread while torch loads here (SimpleITK and NumPy release the interpreter's lock).
     with ThreadPoolExecutor(1) as pool:
         ready = pool.submit(read_and_prepare, args, opts) if args.model is None else None
-        from tqdm.auto import tqdm
-
-        from gvsl.registration import register_prepared  # imports torch
+        importlib.import_module("gvsl.registration.pipeline")  # torch, imported while the files are read
 
         if args.threads:
             import torch
@@ -144,15 +165,13 @@ def job(args: argparse.Namespace, drawer: ReportProcess | None = None) -> None:
 
         model = read_model(args.model) if args.model else None
         prepared, labels = ready.result() if ready is not None else read_and_prepare(args, opts, model)
-    with tqdm(total=100, desc="Registering", unit="%", disable=not args.progress,
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
-        def progress(stage: str, fraction: float) -> None:
-            bar.set_description(f"Registering ({stage})", refresh=False)
-            bar.update(round(100 * fraction) - bar.n)
+    return out, prepared, labels, model
 
-        on_images = None if drawer is None else partial(send_panels, drawer, prepared.fixed)
-        with naming_the_files(args):
-            result = register_prepared(prepared, model=model, progress=progress, on_images=on_images, **labels)
+
+def end(args: argparse.Namespace, out: Path, prepared, result, drawer: ReportProcess | None = None) -> None:
+    """Write the result's files (the figure by ``drawer`` if there is one) and say where they are."""
+    from gvsl.registration_io import save_registration, summary
+
     files = save_registration(result, prepared.fixed, out, drawer)
     print(summary(result.metrics, Path(args.moving).name, Path(args.fixed).name))
     print(f"Outputs in {out.resolve()}; figure: {files['report'].resolve()}")

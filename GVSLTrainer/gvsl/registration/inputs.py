@@ -111,11 +111,16 @@ def naming_the_files(args):
     try:
         yield
     except RegistrationError as e:
-        files = [f"fixed: {args.fixed}", f"moving: {args.moving}"]
-        if "mask" in str(e):
-            files += [f"{role} mask: {path}" for role, path in (("fixed", getattr(args, "fixed_mask", None)),
-                                                                  ("moving", getattr(args, "moving_mask", None))) if path]
-        raise RegistrationError(f"{e} ({'; '.join(files)})") from None
+        raise named_error(args, e) from None
+
+
+def named_error(args, error: RegistrationError) -> RegistrationError:
+    """``error`` with register.py's files named (see ``naming_the_files``)."""
+    files = [f"fixed: {args.fixed}", f"moving: {args.moving}"]
+    if "mask" in str(error):
+        files += [f"{role} mask: {path}" for role, path in (("fixed", getattr(args, "fixed_mask", None)),
+                                                              ("moving", getattr(args, "moving_mask", None))) if path]
+    return RegistrationError(f"{error} ({'; '.join(files)})")
 
 
 def read_and_prepare(args, options: RegistrationOptions, model=None) -> tuple[Prepared, dict]:

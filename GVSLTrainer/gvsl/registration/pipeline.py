@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable
+from typing import Callable, Generator
 
 import numpy as np
 import SimpleITK as sitk
@@ -228,6 +228,50 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
                       swap: bool = True) -> RegistrationResult:
     """``register`` from the pair as ``preparation.prepare`` left it (given the same ``model``); ``swap``:
     whether a partial fixed image may be registered with the roles swapped (``swapped_linear``)."""
+    run = stages(prepared, fixed_labels, moving_labels, model, progress, on_images, swap)
+    job = next(run)
+    return finish(run, None if job is None else deformable.optimise_jobs([job])[0])
+
+
+def register_batch(runs: list[Generator], batch_size: int) -> list[RegistrationResult | Exception]:
+    """Several ``stages`` (pairs that share the fixed image: a cohort's) with their deformable stages
+    batched ``batch_size`` at a time (``deformable.optimise_jobs``). Each pair's result, or the
+    exception that stopped it: one bad pair does not stop the others."""
+    jobs: list = []
+    for run in runs:
+        try:
+            jobs.append(next(run))
+        except Exception as e:  # noqa: BLE001 - returned in its place
+            jobs.append(e)
+    batched = [j for j in jobs if isinstance(j, deformable.Job)]
+    fields = dict(zip(map(id, batched), deformable.optimise_jobs(batched, batch_size)))
+    out: list[RegistrationResult | Exception] = []
+    for run, job in zip(runs, jobs):
+        if isinstance(job, Exception):
+            out.append(job)
+            continue
+        try:
+            out.append(finish(run, None if job is None else fields[id(job)]))
+        except Exception as e:  # noqa: BLE001
+            out.append(e)
+    return out
+
+
+def finish(run: Generator, velocity: torch.Tensor | None) -> RegistrationResult:
+    """The rest of ``stages`` once its deformable job (if it yielded one) is optimised."""
+    try:
+        run.send(velocity)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("a registration's stages yielded twice")
+
+
+def stages(prepared: Prepared, fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None,
+           model=None, progress: Progress | None = None, on_images: Callable[..., None] | None = None,
+           swap: bool = True) -> Generator[deformable.Job | None, torch.Tensor | None, RegistrationResult]:
+    """``register_prepared`` as a generator: it yields once, the deformable stage's ``Job`` (None in the
+    linear modes), takes the optimised velocity field (``send``), and returns the result, so that a
+    caller can optimise several pairs' fields as one batch (``register_batch``)."""
     opts = prepared.options
     report = progress or (lambda stage, fraction: None)
     start = time.perf_counter() - prepared.seconds
@@ -318,16 +362,16 @@ def register_prepared(prepared: Prepared, fixed_labels: sitk.Image | None = None
     mark = time.perf_counter()
 
     # 4. the deformable stage
-    optimised = None  # the velocity field
+    job = None  # the velocity field's optimisation
     if opts.mode == "deformable":
-        theta = spatial.to_normalised(matrix, shape)
-        levels = partial_levels(prepared, opts.levels) if prepared.partial else opts.levels
-        optimised = deformable.optimise(
-            pyramid, sim, theta, velocity, levels, opts.iterations, opts.deform_lr,
-            opts.smooth_weight * sim.smooth_scale, opts.tolerance, opts.patience,
-            lambda x: report("deformable", 0.05 + span + deformable_share * x))
-
-    timing["deformable"] = time.perf_counter() - mark
+        job = deformable.Job(pyramid, sim, spatial.to_normalised(matrix, shape), velocity,
+                             partial_levels(prepared, opts.levels) if prepared.partial else opts.levels,
+                             opts.iterations, opts.deform_lr, opts.smooth_weight * sim.smooth_scale, opts.tolerance,
+                             opts.patience, lambda x: report("deformable", 0.05 + span + deformable_share * x))
+    optimised = yield job  # the velocity field, optimised alone or in a batch
+    # the time a batch spent on the other pairs' stages is not this pair's; its own is the batch's
+    start += time.perf_counter() - mark - (0.0 if job is None else job.seconds)
+    timing["deformable"] = 0.0 if job is None else job.seconds
     mark = time.perf_counter()
     # 5. physical transforms
     report("transforms", 0.9)
