@@ -377,7 +377,7 @@ def test_a_batch_registers_each_subject_as_it_is_registered_alone(cohort, tmp_pa
 
     names = ("sub-01", "sub-03", "sub-02")
     try:
-        rows = register_batch([(name, argv(name, "batch")) for name in names], 1, 3)
+        rows = register_batch([(name, argv(name, "batch")) for name in names], 1, 3, True)  # figures by helpers
         alone = [run_subject("register", name, argv(name, "alone"), 1) for name in ("sub-01", "sub-02")]
     finally:
         kept.keep_fixed(False)
@@ -408,3 +408,30 @@ def test_gpu_workers_get_batches_that_keep_every_gpu_busy(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert local_cluster_size(None, None) == (2, 8)  # one worker per GPU, the cores shared
+
+
+def test_the_atlas_features_are_computed_once_for_a_cohort_and_change_nothing(cohort, monkeypatch):
+    """With keeping on (a worker), the atlas's side of the similarity (its levels, local-NCC moments)
+    is computed for the first subject only; each result is the one it gets with nothing kept."""
+    from gvsl import similarity
+    from gvsl.registration import RegistrationOptions, kept, register
+
+    atlas = sitk.ReadImage(str(cohort / "atlas.nii.gz"))
+    subjects = [sitk.ReadImage(str(cohort / "scans" / f"{n}.nii.gz")) for n in ("sub-01", "sub-02")]
+    options = RegistrationOptions(iterations=30, spacing=4.0)
+    fresh = [register(atlas, s, options=options) for s in subjects]
+    calls = []
+    original = similarity.local_moments
+    monkeypatch.setattr(similarity, "local_moments", lambda *a: calls.append(1) or original(*a))
+    kept.keep_fixed(True)
+    try:
+        first = register(atlas, subjects[0], options=options)
+        computed = len(calls)
+        second = register(atlas, subjects[1], options=options)
+    finally:
+        kept.keep_fixed(False)
+    # the second subject: only the quality figures' own (their NCC on the whole grid), none of the levels'
+    assert computed >= 3 and len(calls) - computed == 1
+    for alone, ours in zip(fresh, (first, second)):
+        assert np.array_equal(sitk.GetArrayFromImage(alone.displacement), sitk.GetArrayFromImage(ours.displacement))
+        assert alone.affine.GetParameters() == ours.affine.GetParameters()

@@ -291,12 +291,24 @@ def prepare(name: str, fixed: torch.Tensor, moving: torch.Tensor, fixed_mask: to
     its modality does not show, such as bone in a skull-stripped MR) it cannot vouch for a match: with
     no fixed mask given, the similarity counts only inside the fixed image's foreground.
     """
+    fixed, weight, automatic = prepare_fixed(name, fixed, fixed_mask)
+    return fixed, prepare_moving(name, moving), weight, automatic
+
+
+def prepare_fixed(name: str, fixed: torch.Tensor, fixed_mask: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """``prepare``'s fixed side alone (a cohort's worker keeps it from one subject to the next)."""
     if name == "ncc":
-        return fixed, moving, fixed_mask, False
-    fixed, moving = equalise(fixed), equalise(moving)
+        return fixed, fixed_mask, False
+    fixed = equalise(fixed)
     if fixed_mask is not None:
-        return fixed, moving, fixed_mask, False
-    return fixed, moving, foreground(fixed), True
+        return fixed, fixed_mask, False
+    return fixed, foreground(fixed), True
+
+
+def prepare_moving(name: str, moving: torch.Tensor) -> torch.Tensor:
+    """``prepare``'s moving side alone."""
+    return moving if name == "ncc" else equalise(moving)
 
 
 # Local NCC's floor in a deformable registration. The reference's 8.5e-11 lets nearly flat windows turn

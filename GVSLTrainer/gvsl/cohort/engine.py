@@ -64,6 +64,13 @@ def local_client(workers: int | None = None, threads_per_worker: int | None = No
         yield client, threads
 
 
+def is_local(client) -> bool:
+    """Whether ``client``'s workers run on this machine (an embedded cluster)."""
+    from dask.distributed import LocalCluster
+
+    return isinstance(getattr(client, "cluster", None), LocalCluster)
+
+
 def gpu_workers(client) -> int:
     """How many of the cluster's workers advertise a GPU."""
     return sum("GPU" in (w.get("resources") or {}) for w in client.scheduler_info()["workers"].values())
@@ -127,13 +134,16 @@ def run_cohort(tool: str, jobs: list[tuple[str, list[str]]], output_dir: Path, d
         if gpus and resources is None:
             resources = {"GPU": 1}
         size = batch_size or (GPU_BATCH if gpus else 1)
+        # a figure helper per subject pays where cores would idle: beside a GPU, or more cores than threads
+        spare = bool(gpus) or (is_local(client) and len(client.nthreads()) * threads < (os.cpu_count() or 1))
         if tool == "register" and size > 1:
-            futures = {client.submit(register_batch, chunk, threads, size, pure=False, resources=resources,
+            futures = {client.submit(register_batch, chunk, threads, size, spare, pure=False, resources=resources,
                                      key=f"gvsl-register-{chunk[0][0]}-{len(chunk)}-{time.time_ns()}"):
                        [name for name, _ in chunk] for chunk in batches(todo, size, gpus or len(client.nthreads()))}
         else:
-            futures = {client.submit(run_subject, tool, name, argv, threads, key=f"gvsl-{tool}-{name}-{time.time_ns()}",
-                                     pure=False, resources=resources): [name] for name, argv in todo}
+            futures = {client.submit(run_subject, tool, name, argv, threads, spare,
+                                     key=f"gvsl-{tool}-{name}-{time.time_ns()}", pure=False, resources=resources):
+                       [name] for name, argv in todo}
         verb = "Registering" if tool == "register" else "Segmenting"
         if progress and getattr(client, "dashboard_link", None) and (scheduler or jobqueue):
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)

@@ -43,18 +43,17 @@ _spare_helper: list = []  # this worker's next figure helper, started while it w
 
 
 @contextlib.contextmanager
-def _figure_helper():
-    """On a GPU, register.py's figure helper (``ReportProcess``) for one subject, and a fresh one started
-    for the next: it imports matplotlib while this worker waits, so each figure is drawn on a spare core
-    beside the registration, as register.py draws it. On a CPU none (the figure is drawn here): the
+def _figure_helper(spare_cores: bool):
+    """Where the worker has ``spare_cores`` (a GPU worker, or a local cluster with fewer threads than
+    cores), register.py's figure helper (``ReportProcess``) for one subject, and a fresh one started for
+    the next: it imports matplotlib while this worker waits, so each figure is drawn on a spare core
+    beside the registration, as register.py draws it. Elsewhere none (the figure is drawn here): the
     cores are the workers', and a helper per subject paid Python's start and matplotlib's import again
-    each time (about 1.3 s of CPU a subject against 0.3 s for a figure drawn in a worker that has
-    matplotlib loaded)."""
-    import torch
-
+    each time (about 1.3 s of CPU a subject against 0.3-0.8 s for a figure drawn in a worker that has
+    matplotlib loaded; 2 workers on 2 cores registered 20 subjects in 77-92 s over two runs, 100 s before)."""
     from ..report_process import ReportProcess
 
-    if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+    if not spare_cores:
         yield None
         return
     drawer = _spare_helper.pop() if _spare_helper else ReportProcess.start()
@@ -121,9 +120,9 @@ def _failed(row: dict, error: BaseException) -> None:
         row.update(status="failed", error=f"{type(error).__name__}: {error}")
 
 
-def run_subject(tool: str, name: str, argv: list[str], threads: int) -> dict:
+def run_subject(tool: str, name: str, argv: list[str], threads: int, spare_cores: bool = False) -> dict:
     """One subject: ``tool``'s job in this process, quietly. Returns its row of ``cohort.csv``; never raises
-    for a bad subject (its error is in the row)."""
+    for a bad subject (its error is in the row). ``spare_cores``: see ``_figure_helper``."""
     worker = _worker(threads)
     start = time.perf_counter()
     row = _row(name, worker)
@@ -132,7 +131,7 @@ def run_subject(tool: str, name: str, argv: list[str], threads: int) -> dict:
         args = script.parse([*argv, "--no-progress"])
         with contextlib.redirect_stdout(io.StringIO()):
             if tool == "register":
-                with _figure_helper() as drawer:
+                with _figure_helper(spare_cores) as drawer:
                     script.job(args, drawer)
                 row.update(registration_figures(Path(args.output_dir) / "metrics.json"))
                 record_inputs(Path(args.output_dir), argv)
@@ -145,12 +144,15 @@ def run_subject(tool: str, name: str, argv: list[str], threads: int) -> dict:
     return row
 
 
-def register_batch(subjects: list[tuple[str, list[str]]], threads: int, batch_size: int) -> list[dict]:
+def register_batch(subjects: list[tuple[str, list[str]]], threads: int, batch_size: int,
+                   spare_cores: bool = False) -> list[dict]:
     """Several subjects of ``cohort.py register`` (sharing the atlas) at once: each read, prepared and
     aligned linearly in turn, their deformable stages optimised as batches of up to ``batch_size``
     pairs (``deformable.optimise_jobs``, capped by the device's free memory), then each one's files
     written as register.py writes them. Each subject's row as ``run_subject`` gives it, its seconds
-    its own stages plus an equal share of the batch's."""
+    its own stages plus an equal share of the batch's. With ``spare_cores``, each figure is drawn by a
+    helper started before the batch (see ``_figure_helper``), while the files are written."""
+    from ..report_process import ReportProcess
     from ..registration.inputs import named_error
     from ..registration.options import RegistrationError
     from ..registration.pipeline import register_batch as register_together, stages
@@ -171,19 +173,22 @@ def register_batch(subjects: list[tuple[str, list[str]]], threads: int, batch_si
             _failed(row, e)
         row["seconds"] = time.perf_counter() - start
     start = time.perf_counter()
+    drawers = [ReportProcess.start() if spare_cores else None for _ in started]  # matplotlib loads meanwhile
     results = register_together([run for *_, run in started], batch_size)
     share = (time.perf_counter() - start) / max(1, len(started))
-    for (row, argv, args, out, prepared, _), result in zip(started, results):
+    for (row, argv, args, out, prepared, _), result, drawer in zip(started, results, drawers):
         start = time.perf_counter()
         try:
             if isinstance(result, BaseException):
                 raise named_error(args, result) if isinstance(result, RegistrationError) else result
-            with contextlib.redirect_stdout(io.StringIO()):
-                script.end(args, out, prepared, result)
+            with contextlib.redirect_stdout(io.StringIO()), drawer or contextlib.nullcontext():
+                script.end(args, out, prepared, result, drawer)
             row.update(registration_figures(out / "metrics.json"))
             record_inputs(out, argv)
         except (SystemExit, Exception) as e:  # noqa: BLE001
             _failed(row, e)
+            if drawer is not None:
+                drawer.close()
         row["seconds"] += share + time.perf_counter() - start
     for row in rows:
         row["seconds"] = round(row["seconds"], 2)

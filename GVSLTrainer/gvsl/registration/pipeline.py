@@ -208,10 +208,15 @@ def _pyramid(name: str, prepared: Prepared, f_t: torch.Tensor, m_t: torch.Tensor
         fine_domain = None if domain is None else _array(geometry.field_of_view(prepared.moving, grid, tf, soft=True),
                                                          device)
         fine = _to_tensor(geometry.resample(prepared.moving, grid, tf), prepared.presets[1], device, mask)
-        copy = (similarities.prepare(name, f_t, fine, None)[1], None if mask is None else _array(mask, device),
+        copy = (similarities.prepare_moving(name, fine), None if mask is None else _array(mask, device),
                 fine_domain)
-    f_t, m_t, fixed_weight, auto_mask = similarities.prepare(name, f_t, m_t, masks[0])
-    pyramid = Pyramid(f_t, m_t, fixed_weight, masks[1], moving_domain=domain, finer=copy)
+    # the fixed side, its features and its levels depend only on the fixed image: kept for a cohort's next subject
+    alive = (f_t, prepared.fixed_mask_on_grid)
+    f_t, fixed_weight, auto_mask = kept(f"fixed as {name} compares it", tuple(map(id, alive)),
+                                        lambda: similarities.prepare_fixed(name, f_t, masks[0]), alive)
+    fixed_levels = kept(f"fixed levels for {name}", (id(f_t), id(fixed_weight)), dict, (f_t, fixed_weight))
+    pyramid = Pyramid(f_t, similarities.prepare_moving(name, m_t), fixed_weight, masks[1], moving_domain=domain,
+                      finer=copy, fixed_levels=fixed_levels)
     return pyramid, f_t if fixed_weight is None else f_t * fixed_weight, auto_mask
 
 
@@ -291,8 +296,10 @@ def stages(prepared: Prepared, fixed_labels: sitk.Image | None = None, moving_la
     else:
         name, reason = opts.similarity, "chosen by the user"
     floor = similarities.FIELD_NCC_FLOOR if opts.mode == "deformable" else None
-    sim = similarities.make(name, opts.ncc_window, floor)
-    linear_sim = similarities.make(LINEAR_SIMILARITY[name], opts.ncc_window, floor)
+    # kept per fixed image, with what they keep of it (local-NCC moments, mutual information's fixed histogram rows)
+    sim, linear_sim = (kept(f"similarity {n}", (n, opts.ncc_window, floor, id(f_t)),
+                            lambda n=n: similarities.make(n, opts.ncc_window, floor), (f_t,))
+                       for n in (name, LINEAR_SIMILARITY[name]))
     base = spatial.identity_matrix(1, device)
     control = tuple(max(4, round(s / opts.levels[0][1])) for s in shape)
     velocity = torch.zeros(1, 3, *control, device=device)

@@ -92,11 +92,13 @@ class Pyramid:
 
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, fixed_mask: torch.Tensor | None = None,
                  moving_mask: torch.Tensor | None = None, moving_domain: torch.Tensor | None = None,
-                 finer: tuple | None = None):
+                 finer: tuple | None = None, fixed_levels: dict | None = None):
         """``moving_domain``: where the moving image has data on the working grid (1 inside its field
         of view), for a pair whose fields of view differ; None: it covers the fixed image. ``finer``:
         (moving, its mask or None, its domain or None) on a grid of half the spacing with the same
-        corner voxel centres (``geometry.finer_grid``), interpolated instead at full resolution."""
+        corner voxel centres (``geometry.finer_grid``), interpolated instead at full resolution.
+        ``fixed_levels``: where the fixed side's features and levels are kept (a dict that lives as long
+        as ``fixed`` and ``fixed_mask`` do: a cohort's worker passes the same one for every subject)."""
         self.fixed, self.moving = fixed, moving
         self.masked = fixed_mask is not None or moving_mask is not None
         self.fixed_mask = fixed_mask if fixed_mask is not None else torch.ones_like(fixed)
@@ -106,12 +108,20 @@ class Pyramid:
         self.shape = tuple(fixed.shape[2:])
         self._levels: dict = {}
         self._full: dict = {}
+        self._fixed_levels = {} if fixed_levels is None else fixed_levels
+
+    def _fixed(self, key: tuple, compute):
+        if key not in self._fixed_levels:
+            self._fixed_levels[key] = compute()
+        return self._fixed_levels[key]
 
     def _features(self, similarity) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of the full-resolution images, shrunk per level afterwards: a descriptor computed on
         a coarse image (MIND's two-voxel offsets at 10 mm spacing) sees the image border, not anatomy."""
         if similarity.name not in self._full:
-            self._full[similarity.name] = (similarity.features(self.fixed), similarity.features(self.moving))
+            self._full[similarity.name] = (self._fixed(("features", similarity.name),
+                                                       lambda: similarity.features(self.fixed)),
+                                           similarity.features(self.moving))
         return self._full[similarity.name]
 
     def level(self, shrink: float, similarity) -> Level:
@@ -123,7 +133,8 @@ class Pyramid:
                 return x if shape == self.shape else smooth_resize(x, shape)
 
             fixed_features, moving_features = self._features(similarity)
-            fixed, moving = at(fixed_features), at(moving_features)
+            fixed = self._fixed(("level", shrink, similarity.name), lambda: at(fixed_features))
+            moving = at(moving_features)
             moving_mask, domain = at(self.moving_mask), self.moving_domain
             domain = None if domain is None else at(similarity.valid(domain))
             if shape == self.shape and self.finer is not None:  # the finer copy, as it is: no blur to match
@@ -133,7 +144,7 @@ class Pyramid:
             fixed_mask = None
             if self.masked:
                 moving = torch.cat([moving, moving_mask], dim=1)
-                fixed_mask = at(self.fixed_mask)
+                fixed_mask = self._fixed(("mask", shrink), lambda: at(self.fixed_mask))
             if domain is not None:
                 moving = torch.cat([moving, domain], dim=1)
             if moving.shape[1] > 1:  # interpolating many channels gathers each voxel's channels together:
