@@ -435,3 +435,36 @@ def test_the_atlas_features_are_computed_once_for_a_cohort_and_change_nothing(co
     for alone, ours in zip(fresh, (first, second)):
         assert np.array_equal(sitk.GetArrayFromImage(alone.displacement), sitk.GetArrayFromImage(ours.displacement))
         assert alone.affine.GetParameters() == ours.affine.GetParameters()
+
+
+def test_a_batch_that_runs_out_of_memory_goes_one_pair_at_a_time_and_a_failing_batch_fails_its_pairs_only(
+        cohort, monkeypatch):
+    import torch
+
+    from gvsl.registration import RegistrationOptions, deformable, prepare
+    from gvsl.registration.pipeline import register_batch, stages
+
+    atlas = sitk.ReadImage(str(cohort / "atlas.nii.gz"))
+    moving = [sitk.ReadImage(str(cohort / "scans" / f"{n}.nii.gz")) for n in ("sub-01", "sub-02")]
+    deform, rigid = RegistrationOptions(iterations=20, spacing=4.0), RegistrationOptions(mode="rigid", spacing=4.0,
+                                                                                         iterations=20)
+    optimise, sizes = deformable.optimise, []
+
+    def short_of_memory(pyramids, *args):
+        sizes.append(len(pyramids))
+        if len(pyramids) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return optimise(pyramids, *args)
+
+    monkeypatch.setattr(deformable, "optimise", short_of_memory)
+    results = register_batch([stages(prepare(atlas, m, options=deform)) for m in moving], 2)
+    assert sizes == [2, 1, 1] and all(r.displacement is not None for r in results)
+
+    def broken(pyramids, *args):
+        raise RuntimeError("the device fell over (simulated)")
+
+    monkeypatch.setattr(deformable, "optimise", broken)
+    results = register_batch([stages(prepare(atlas, moving[0], options=deform)),
+                              stages(prepare(atlas, moving[1], options=rigid))], 2)
+    assert isinstance(results[0], RuntimeError) and "fell over" in str(results[0])
+    assert results[1].displacement is None and results[1].metrics["mode"] == "rigid"  # not in the batch: finished

@@ -74,9 +74,15 @@ def optimise_jobs(jobs: list[Job], batch_size: int = 1) -> list[torch.Tensor]:
                     job.report(x)
 
             began = time.perf_counter()
-            fields = optimise([j.pyramid for j in chunk], first.similarity, torch.cat([j.theta for j in chunk]),
-                              torch.cat([j.velocity for j in chunk]), first.levels, first.iterations, first.lr,
-                              first.smooth_weight, first.tolerance, first.patience, report)
+            try:
+                fields = optimise([j.pyramid for j in chunk], first.similarity, torch.cat([j.theta for j in chunk]),
+                                  torch.cat([j.velocity for j in chunk]), first.levels, first.iterations, first.lr,
+                                  first.smooth_weight, first.tolerance, first.patience, report)
+            except torch.cuda.OutOfMemoryError:  # the memory estimate was short: one pair at a time
+                if len(chunk) == 1:
+                    raise
+                torch.cuda.empty_cache()
+                fields = torch.cat(optimise_jobs(chunk, 1))
             for i, field in zip(members[start:start + size], fields.split(1)):
                 out[i] = field
                 jobs[i].seconds = time.perf_counter() - began

@@ -249,10 +249,15 @@ def register_batch(runs: list[Generator], batch_size: int) -> list[RegistrationR
         except Exception as e:  # noqa: BLE001 - returned in its place
             jobs.append(e)
     batched = [j for j in jobs if isinstance(j, deformable.Job)]
-    fields = dict(zip(map(id, batched), deformable.optimise_jobs(batched, batch_size)))
+    try:
+        fields = dict(zip(map(id, batched), deformable.optimise_jobs(batched, batch_size)))
+    except Exception as e:  # noqa: BLE001 - the pairs that were to be optimised fail with it, the others finish
+        fields = {}
+        jobs = [e if isinstance(j, deformable.Job) else j for j in jobs]
     out: list[RegistrationResult | Exception] = []
     for run, job in zip(runs, jobs):
         if isinstance(job, Exception):
+            run.close()
             out.append(job)
             continue
         try:
