@@ -6,6 +6,7 @@ only the GUI. Long work runs in a separate Python process so Slicer stays respon
 import json
 import logging
 import time
+import typing
 from typing import Annotated, Union
 
 import ctk
@@ -83,6 +84,7 @@ class GVSLParameterNode:
     segmentInputVolume: vtkMRMLScalarVolumeNode
     segmentationModel: str = ""
     segmentationAtlases: str = ""  # instead of a model: a CSV of atlases (columns image and labels)
+    segmentationAtlasNodes: list[vtkMRMLSegmentationNode]  # or the scene's: segmentations on their source volumes
     outputSegmentation: vtkMRMLSegmentationNode
     # Both
     keepTemporaryFiles: bool = False
@@ -120,6 +122,45 @@ class PathLineEditToStrConnector(GuiConnector):
 
     def write(self, value: str) -> None:
         self._widget.currentPath = paths.chosenFile(value)
+
+
+@parameterNodeGuiConnector
+class CheckableNodeComboBoxToNodeListConnector(GuiConnector):
+    """A qMRMLCheckableNodeComboBox bound to a ``list`` of nodes (the checked ones): Slicer has no
+    connector for a list of nodes."""
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return type(widget) == slicer.qMRMLCheckableNodeComboBox and typing.get_origin(datatype) is list
+
+    @staticmethod
+    def create(widget, datatype):
+        return CheckableNodeComboBoxToNodeListConnector(widget) \
+            if CheckableNodeComboBoxToNodeListConnector.canRepresent(widget, datatype) else None
+
+    def __init__(self, widget) -> None:
+        super().__init__()
+        self._widget = widget
+
+    def _connect(self) -> None:
+        self._widget.checkedNodesChanged.connect(self.changed)
+
+    def _disconnect(self) -> None:
+        self._widget.checkedNodesChanged.disconnect(self.changed)
+
+    def widget(self):
+        return self._widget
+
+    def read(self) -> list:
+        return list(self._widget.checkedNodes())
+
+    def write(self, value) -> None:
+        wanted = [node for node in value if node is not None]  # None: a node the scene no longer has
+        for node in self._widget.checkedNodes():
+            if node not in wanted:
+                self._widget.setCheckState(node, qt.Qt.Unchecked)
+        for node in wanted:
+            self._widget.setCheckState(node, qt.Qt.Checked)
 
 
 class GVSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

@@ -402,6 +402,11 @@ class QDir:
         return True
 
 
+class Qt:
+    """``qt.Qt``'s check states."""
+    Unchecked, PartiallyChecked, Checked = 0, 1, 2
+
+
 # ------------------------------------------------------------------ CTK and qMRML widgets
 class ctkCollapsibleButton(QAbstractButton):
     def __init__(self, parent=None):
@@ -479,6 +484,29 @@ class qMRMLNodeComboBox(qMRMLWidget):
 
     def currentNodeID(self) -> str:
         return self._node.GetID() if self._node else ""
+
+
+class qMRMLCheckableNodeComboBox(qMRMLNodeComboBox):
+    """The scene's nodes of ``nodeTypes``, each checked or not (unchecked at first), as the real one."""
+    SIGNALS = ("currentNodeChanged", "currentNodeIDChanged", "checkedNodesChanged")
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._checked: list = []
+
+    def checkedNodes(self) -> list:
+        self._checked = [n for n in self._checked if self._scene is not None and self._scene.GetNodeByID(n.GetID()) is n]
+        return list(self._checked)
+
+    def checkState(self, node) -> int:
+        return Qt.Checked if node in self.checkedNodes() else Qt.Unchecked
+
+    def setCheckState(self, node, state) -> None:
+        if not self.acceptsNode(node) or node is None:
+            raise AssertionError(f"{self.name}: cannot check {node}")
+        if (state == Qt.Checked) != (node in self.checkedNodes()):
+            self._checked = [n for n in self._checked if n is not node] + ([node] if state == Qt.Checked else [])
+            self.checkedNodesChanged.emit()
 
 
 class qSlicerWidget(qMRMLWidget):
@@ -590,9 +618,10 @@ QT_CLASSES = {c.__name__: c for c in (QObject, QWidget, QAbstractButton, QCheckB
                                       QProgressBar, QPlainTextEdit, QTimer, QSettings, QIcon, QUrl, QDesktopServices,
                                       QFile, QDir, QUiLoader)}
 QT_CLASSES.update(QVBoxLayout=QLayout, QHBoxLayout=QLayout, QFormLayout=QLayout, QGridLayout=QLayout,
-                  QLabel=standInClass("QLabel"))
+                  QLabel=standInClass("QLabel"), Qt=Qt)
 CTK_CLASSES = {c.__name__: c for c in (ctkCollapsibleButton, ctkPathLineEdit)}
-SLICER_WIDGETS = {c.__name__: c for c in (qMRMLWidget, qMRMLNodeComboBox, qSlicerWidget, qSlicerModuleWidget)}
+SLICER_WIDGETS = {c.__name__: c for c in (qMRMLWidget, qMRMLNodeComboBox, qMRMLCheckableNodeComboBox, qSlicerWidget,
+                                          qSlicerModuleWidget)}
 QUiLoader.classes.update(QT_CLASSES)
 QUiLoader.classes.update(CTK_CLASSES)
 QUiLoader.classes.update(SLICER_WIDGETS)

@@ -19,7 +19,8 @@ NODE_TYPES = ("vtkMRMLScalarVolumeNode", "vtkMRMLTransformNode", "vtkMRMLSegment
               "vtkMRMLMarkupsFiducialNode", "Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]")
 WIDGETS_FOR_TYPE = {**{t: {"qMRMLNodeComboBox"} for t in NODE_TYPES}, "pathlib.Path": {"ctkPathLineEdit"},
                     "bool": {"QCheckBox"}, "int": {"QSpinBox", "ctkSliderWidget"},
-                    "str": {"QComboBox", "QLineEdit", "ctkPathLineEdit"}}  # the last through GVSL.py's connector
+                    "str": {"QComboBox", "QLineEdit", "ctkPathLineEdit"},  # the last through GVSL.py's connector
+                    "list[vtkMRMLSegmentationNode]": {"qMRMLCheckableNodeComboBox"}}  # GVSL.py's connector too
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_every_parameter_has_exactly_one_widget_of_a_class_that_can_show_it(modu
     fields = wrapper_fields(module_tree)
     assert {"fixedVolume", "movingVolume", "registrationModel", "iterations", "device", "outputVolume",
             "outputTransform", "splitTransforms", "movingSegmentation", "segmentInputVolume", "segmentationModel",
-            "segmentationAtlases", "outputSegmentation", "registrationMode", "similarity", "fixedMask", "movingMask", "initialTransform",
+            "segmentationAtlases", "segmentationAtlasNodes", "outputSegmentation", "registrationMode", "similarity", "fixedMask", "movingMask", "initialTransform",
             "fixedLandmarks", "movingLandmarks", "preset", "keepTemporaryFiles"} <= set(fields)
     bound = {}
     for name, (cls, param) in ui.items():
@@ -82,18 +83,21 @@ def test_every_parameter_has_exactly_one_widget_of_a_class_that_can_show_it(modu
         assert bound[param][1] in WIDGETS_FOR_TYPE[type_source], (param, type_source, bound[param])
 
 
+COMBOS = ("qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox")
+
+
 def test_combo_boxes_list_the_node_types_of_their_parameters(module_tree):
     fields = wrapper_fields(module_tree)
     root = ET.parse(UI).getroot()
     for w in root.iter("widget"):
         props = {p.get("name"): p for p in w.findall("property")}
-        if w.get("class") == "qMRMLNodeComboBox":
+        if w.get("class") in COMBOS:
             param = props["SlicerParameterName"].find("string").text
             types = [s.text for s in props["nodeTypes"].iter("string")]
             expected = re.findall(r"vtkMRML\w+", fields[param])  # a Union lists each of its node classes
             assert types == expected, (w.get("name"), types)
     connections = {(c.findtext("receiver"), c.findtext("slot")) for c in root.iter("connection")}
-    combos = {w.get("name") for w in root.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
+    combos = {w.get("name") for w in root.iter("widget") if w.get("class") in COMBOS}
     assert {(name, "setMRMLScene(vtkMRMLScene*)") for name in combos} <= connections
 
 
@@ -245,9 +249,12 @@ def test_model_fields_are_strings_shown_empty_through_a_registered_connector(mod
     assert defaults == {"registrationModel": "", "segmentationModel": "", "segmentationAtlases": ""}
     connectors = [node for node in module_tree.body if isinstance(node, ast.ClassDef)
                   and any(getattr(d, "id", None) == "parameterNodeGuiConnector" for d in node.decorator_list)]
-    assert len(connectors) == 1
-    source = ast.unparse(connectors[0])
+    sources = {node.name: ast.unparse(node) for node in connectors}
+    assert set(sources) == {"PathLineEditToStrConnector", "CheckableNodeComboBoxToNodeListConnector"}
+    source = sources["PathLineEditToStrConnector"]
     assert "ctk.ctkPathLineEdit" in source and "datatype == str" in source and "currentPathChanged" in source
+    source = sources["CheckableNodeComboBoxToNodeListConnector"]
+    assert "slicer.qMRMLCheckableNodeComboBox" in source and "checkedNodesChanged" in source
 
 
 def test_presets_set_only_existing_options_to_values_the_gui_offers(module_tree):

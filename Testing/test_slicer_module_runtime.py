@@ -80,6 +80,8 @@ def bound_widgets(widget) -> dict:
 
 def shown_value(w):
     """What a bound widget shows, in the parameter's terms."""
+    if isinstance(w, standins.qMRMLCheckableNodeComboBox):
+        return w.checkedNodes()
     if isinstance(w, standins.qMRMLNodeComboBox):
         return w.currentNode()
     if isinstance(w, standins.QAbstractButton):
@@ -153,6 +155,7 @@ def nodes_for_every_parameter(scene) -> dict:
         movingLandmarks=scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "M"),
         segmentInputVolume=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct"),
         segmentationModel="/models/gvsl_segmentation.pt", segmentationAtlases="/atlases/table.csv",
+        segmentationAtlasNodes=[scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"atlas {i}") for i in (1, 2)],
         outputSegmentation=scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "labels"),
         keepTemporaryFiles=True)
 
@@ -174,6 +177,11 @@ def test_every_parameter_is_set_read_shown_cleared_and_restored_with_the_scene(g
         assert getattr(p, name) is None and shown_value(widgets[name]) is None, name
     for name in nodes:
         setattr(p, name, values[name])
+    p.segmentationAtlasNodes = values["segmentationAtlasNodes"][1:]  # a list of nodes: one unchecked
+    assert shown_value(widgets["segmentationAtlasNodes"]) == values["segmentationAtlasNodes"][1:]
+    widgets["segmentationAtlasNodes"].setCheckState(values["segmentationAtlasNodes"][0], standins.Qt.Checked)
+    assert set(p.segmentationAtlasNodes) == set(values["segmentationAtlasNodes"])  # the GUI's check reaches it
+    p.segmentationAtlasNodes = values["segmentationAtlasNodes"]
     # saved with the scene and restored: the same values, the node references by name
     scene.SetURL(str(tmp_path / "scene.mrml"))
     assert scene.Commit()
@@ -181,9 +189,14 @@ def test_every_parameter_is_set_read_shown_cleared_and_restored_with_the_scene(g
     restored.SetURL(str(tmp_path / "scene.mrml"))
     assert restored.Connect()
     again = gui.GVSL.GVSLParameterNode(restored.GetSingletonNode("GVSL", "vtkMRMLScriptedModuleNode"))
+    def named(value):
+        return [n.GetName() for n in value] if isinstance(value, list) else value.GetName()
+
     for name, value in values.items():
         got = getattr(again, name)
-        assert (got.GetName() if name in nodes else got) == (value.GetName() if name in nodes else value), name
+        lists = name == "segmentationAtlasNodes"
+        assert (named(list(got)) if lists else got.GetName() if name in nodes else got) == \
+            (named(value) if lists else value.GetName() if name in nodes else value), name
     assert gui.shown.errors == []
 
 
@@ -373,6 +386,42 @@ def test_segment_with_an_atlas_table_instead_of_a_model(gui, scene, tmp_path):
     segments = p.outputSegmentation.GetSegmentation()
     assert [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())] == \
         ["grey matter", "white matter"]
+
+
+def test_segment_with_atlases_checked_in_the_scene(gui, scene, tmp_path):
+    """*Or scene atlases*: two labelled heads loaded in the scene, their segmentations checked in the panel
+    (each made on its volume); the child registers and fuses them, and only the result's nodes appear."""
+    sys.path.insert(0, str(ROOT / "GVSLTrainer"))
+    import synthetic
+    from GVSLLib import conversion
+
+    image = synthetic.mni_at(4.0)
+    labels = sitk.Resample(synthetic.tissue_labels(), image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    sitk.WriteImage(image, str(tmp_path / "target.nrrd"))
+    _, widget = open_module(gui)
+    p = widget._parameterNode
+    p.segmentInputVolume = load_volume(scene, tmp_path / "target.nrrd", "target")
+    checks = bound_widgets(widget)["segmentationAtlasNodes"]
+    for i, shift in enumerate((3.0, -3.0)):
+        moved = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, 0.05 * (i + 1), (shift, 0.0, 0.0))
+        sitk.WriteImage(synthetic.moved_in_space(image, moved), str(tmp_path / f"atlas{i}.nrrd"))
+        volume = load_volume(scene, tmp_path / f"atlas{i}.nrrd", f"atlas {i}")
+        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"atlas {i} labels")
+        conversion.segmentationFromLabels(synthetic.moved_in_space(labels, moved),
+                                          {1: ("grey matter", (0.9, 0.6, 0.5)), 2: ("white matter", (1.0, 1.0, 0.9))},
+                                          segmentation)
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)  # as Segment Editor does
+        assert not widget.ui.segmentButton.enabled  # one atlas is not enough
+        checks.setCheckState(segmentation, standins.Qt.Checked)
+    assert widget.ui.segmentButton.enabled, widget.ui.segmentButton.toolTip
+    before = node_ids(scene)
+    run_button(widget, widget.ui.segmentButton)
+    assert gui.shown.errors == [], widget.ui.logTextEdit.toPlainText()
+    node = p.outputSegmentation
+    segments = node.GetSegmentation()
+    assert [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())] == \
+        ["grey matter", "white matter"]
+    assert node_ids(scene) - before == {node.GetID(), node.GetDisplayNode().GetID()}
 
 
 def test_rigid_then_deformable_is_not_blocked(gui, scene):

@@ -197,8 +197,8 @@ def parameters(**values):
                   outputVolume=None, outputTransform=None, splitTransforms=False, movingSegmentation=None,
                   preset="Custom", registrationMode="deformable", similarity="auto", fixedMask=None,
                   movingMask=None, initialTransform=None, fixedLandmarks=None, movingLandmarks=None,
-                  segmentInputVolume=None, segmentationModel="", segmentationAtlases="", outputSegmentation=None,
-                  keepTemporaryFiles=False)
+                  segmentInputVolume=None, segmentationModel="", segmentationAtlases="", segmentationAtlasNodes=[],
+                  outputSegmentation=None, keepTemporaryFiles=False)
     fields.update(values)
     return types.SimpleNamespace(**fields)
 
@@ -251,6 +251,30 @@ def test_the_buttons_say_why_they_are_disabled(scene, sample):
     assert states["segment"] == (False, "Choose a model or atlases, not both.")
     states = panel.buttonStates(parameters(segmentInputVolume=fixed, segmentationAtlases=" /nowhere.csv "))
     assert states["segment"] == (False, "Atlas table not found: /nowhere.csv")
+
+
+def test_scene_atlases_are_checked_segmentations_on_their_source_volumes(scene, sample):
+    """*Or scene atlases*: each checked segmentation with the volume it was made on (the reference Segment
+    Editor sets); one without, a single one, or a CSV as well are refused with the reason."""
+    fixed, moving = sample
+    segmentations = []
+    for volume in (fixed, moving):
+        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} labels")
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        segmentation.GetSegmentation().AddEmptySegment("brain")
+        segmentations.append(segmentation)
+    p = parameters(segmentInputVolume=fixed, segmentationAtlasNodes=segmentations)
+    assert panel.segmentationArguments(p)["atlases"] == [(fixed, segmentations[0]), (moving, segmentations[1])]
+    assert panel.buttonStates(p)["segment"] == (True, panel.SEGMENT_TIP)
+    assert "at least 2 atlases" in panel.buttonStates(parameters(segmentInputVolume=fixed,
+                                                                 segmentationAtlasNodes=segmentations[:1]))["segment"][1]
+    assert panel.buttonStates(parameters(segmentInputVolume=fixed, segmentationAtlasNodes=segmentations,
+                                         segmentationAtlases="/a.csv"))["segment"] == \
+        (False, "Choose atlases from the scene or a CSV, not both.")
+    drawn = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn freehand")  # no source volume
+    drawn.GetSegmentation().AddEmptySegment("brain")
+    state = panel.buttonStates(parameters(segmentInputVolume=fixed, segmentationAtlasNodes=[*segmentations, drawn]))
+    assert not state["segment"][0] and "drawn freehand has no source volume" in state["segment"][1]
 
 
 # ---------------------------------------------------------------------------------------------- dependencies

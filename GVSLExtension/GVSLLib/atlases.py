@@ -23,6 +23,20 @@ from gvsl.slicer_segmentation import as_slicer_segmentation  # noqa: E402
 MIN_ATLASES = 2  # one atlas is single-atlas propagation: Register with a moving segmentation does that
 
 
+def sceneAtlases(segmentations) -> list:
+    """(volume, segmentation) pairs of the scene's checked segmentations: each one's volume is the one it
+    was segmented on (its reference geometry, which Segment Editor sets to the source volume), None if
+    it has none (``atlasesProblem`` names it)."""
+    pairs = []
+    for segmentation in segmentations or []:
+        if segmentation is not None:
+            role = segmentation.GetReferenceImageGeometryReferenceRole()
+            volume = segmentation.GetNodeReference(role)
+            pairs.append((volume if volume is not None and volume.IsA("vtkMRMLScalarVolumeNode") else None,
+                          segmentation))
+    return pairs
+
+
 def atlasesProblem(atlases) -> str:
     """Why ``atlases`` (a CSV path, or a list of (volume node, segmentation node) pairs) cannot be
     used, or "" when they can."""
@@ -35,8 +49,11 @@ def atlasesProblem(atlases) -> str:
     if len(pairs) < MIN_ATLASES:
         return f"Select at least {MIN_ATLASES} atlases (pairs of a volume and its segmentation)."
     for volume, segmentation in pairs:
-        if volume is None or segmentation is None:
+        if segmentation is None:
             return "Every atlas needs both a volume and a segmentation."
+        if volume is None:
+            return (f"Atlas {segmentation.GetName()} has no source volume: select it as the source volume in "
+                    "Segment Editor, or give the atlases as a CSV.")
         if not segmentation.GetSegmentation().GetNumberOfSegments():
             return f"Atlas {segmentation.GetName()} has no segments."
     return ""

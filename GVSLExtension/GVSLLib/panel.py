@@ -6,6 +6,7 @@ Qt-free so that they are tested on slicer-core. The widget only binds them to it
 from __future__ import annotations
 
 from . import presets
+from .atlases import sceneAtlases
 from .logic import GVSLLogic
 from .paths import chosenFile
 
@@ -27,7 +28,7 @@ def segmentationArguments(p) -> dict:
     """``GVSLLogic.startSegmentation``'s keywords from the parameter node."""
     return dict(inputVolume=p.segmentInputVolume, model=chosenFile(p.segmentationModel),
                 outputSegmentation=p.outputSegmentation, device=p.device, keepTemporaryFiles=p.keepTemporaryFiles,
-                atlases=chosenFile(p.segmentationAtlases) or None)
+                atlases=chosenFile(p.segmentationAtlases) or sceneAtlases(p.segmentationAtlasNodes) or None)
 
 
 def buttonStates(p) -> dict[str, tuple[bool, str]]:
@@ -40,6 +41,8 @@ def buttonStates(p) -> dict[str, tuple[bool, str]]:
     states = {"register": (not problem, problem or REGISTER_TIP)}
     a = segmentationArguments(p)
     problem = GVSLLogic.segmentationInputsProblem(a["inputVolume"], a["model"], a["atlases"])
+    if a["inputVolume"] is not None and chosenFile(p.segmentationAtlases) and sceneAtlases(p.segmentationAtlasNodes):
+        problem = "Choose atlases from the scene or a CSV, not both."
     states["segment"] = (not problem, problem or SEGMENT_TIP)
     return states
 
