@@ -90,32 +90,38 @@ class GVSLParameterNode:
     keepTemporaryFiles: bool = False
 
 
-@parameterNodeGuiConnector
-class PathLineEditToStrConnector(GuiConnector):
-    """A ctkPathLineEdit bound to a ``str`` parameter: Slicer's own connector binds ``pathlib.Path``,
-    whose empty value is ``Path()`` and shows as "."; an empty string shows as an empty field."""
+class OneWidgetConnector(GuiConnector):
+    """What GVSL.py's connectors share: one widget, followed through its ``signal``; each says what it
+    represents (``canRepresent``) and how it reads and writes."""
+    signal = ""
 
-    @staticmethod
-    def canRepresent(widget, datatype) -> bool:
-        return type(widget) == ctk.ctkPathLineEdit and datatype == str
-
-    @staticmethod
-    def create(widget, datatype):
-        return PathLineEditToStrConnector(widget) if PathLineEditToStrConnector.canRepresent(widget, datatype) \
-            else None
+    @classmethod
+    def create(cls, widget, datatype):
+        return cls(widget) if cls.canRepresent(widget, datatype) else None
 
     def __init__(self, widget) -> None:
         super().__init__()
         self._widget = widget
 
     def _connect(self) -> None:
-        self._widget.currentPathChanged.connect(self.changed)
+        getattr(self._widget, self.signal).connect(self.changed)
 
     def _disconnect(self) -> None:
-        self._widget.currentPathChanged.disconnect(self.changed)
+        getattr(self._widget, self.signal).disconnect(self.changed)
 
     def widget(self):
         return self._widget
+
+
+@parameterNodeGuiConnector
+class PathLineEditToStrConnector(OneWidgetConnector):
+    """A ctkPathLineEdit bound to a ``str`` parameter: Slicer's own connector binds ``pathlib.Path``,
+    whose empty value is ``Path()`` and shows as "."; an empty string shows as an empty field."""
+    signal = "currentPathChanged"
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return type(widget) == ctk.ctkPathLineEdit and datatype == str
 
     def read(self) -> str:
         return paths.chosenFile(self._widget.currentPath)
@@ -125,31 +131,14 @@ class PathLineEditToStrConnector(GuiConnector):
 
 
 @parameterNodeGuiConnector
-class CheckableNodeComboBoxToNodeListConnector(GuiConnector):
+class CheckableNodeComboBoxToNodeListConnector(OneWidgetConnector):
     """A qMRMLCheckableNodeComboBox bound to a ``list`` of nodes (the checked ones): Slicer has no
     connector for a list of nodes."""
+    signal = "checkedNodesChanged"
 
     @staticmethod
     def canRepresent(widget, datatype) -> bool:
         return type(widget) == slicer.qMRMLCheckableNodeComboBox and typing.get_origin(datatype) is list
-
-    @staticmethod
-    def create(widget, datatype):
-        return CheckableNodeComboBoxToNodeListConnector(widget) \
-            if CheckableNodeComboBoxToNodeListConnector.canRepresent(widget, datatype) else None
-
-    def __init__(self, widget) -> None:
-        super().__init__()
-        self._widget = widget
-
-    def _connect(self) -> None:
-        self._widget.checkedNodesChanged.connect(self.changed)
-
-    def _disconnect(self) -> None:
-        self._widget.checkedNodesChanged.disconnect(self.changed)
-
-    def widget(self):
-        return self._widget
 
     def read(self) -> list:
         return list(self._widget.checkedNodes())
