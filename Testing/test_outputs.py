@@ -6,7 +6,11 @@ import SimpleITK as sitk
 import torch
 
 from gvsl.checkpoint import atomic_save
-from gvsl.outputs import staged_files, write_image
+import gzip
+
+import numpy as np
+
+from gvsl.outputs import staged_files, write_image, write_stored_gzip
 
 
 def test_temporaries_of_killed_processes_go_and_those_of_running_ones_stay(tmp_path):
@@ -30,3 +34,17 @@ def test_temporaries_of_killed_processes_go_and_those_of_running_ones_stay(tmp_p
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_field_written_as_stored_gzip_reads_back_exactly_and_leaves_no_temporary(tmp_path):
+    rng = np.random.default_rng(0)
+    field = sitk.GetImageFromArray(rng.normal(size=(6, 7, 8, 3)).astype(np.float32), isVector=True)
+    field.SetSpacing((1.5, 2.0, 2.5))
+    field.SetOrigin((-3.0, 4.0, 5.0))
+    path = write_stored_gzip(field, tmp_path / "displacement.nii.gz")
+    back = sitk.ReadImage(str(path))
+    assert back.GetSpacing() == field.GetSpacing() and back.GetOrigin() == field.GetOrigin()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(field))
+    with gzip.open(path) as f:  # a gzip, its bytes stored: no smaller than the raw field
+        assert len(f.read()) <= path.stat().st_size
+    assert [p.name for p in tmp_path.iterdir()] == ["displacement.nii.gz"]

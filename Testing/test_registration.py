@@ -234,12 +234,14 @@ def test_tuning_flags_reach_the_options_and_bad_values_are_named(tmp_path):
 
     script = load_script("register")
     args = script.parse(["--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--smooth-weight", "2.5", "--ncc-window", "5",
-                         "--levels", "2", "--threads", "1"])
+                         "--levels", "2", "--threads", "1", "--no-polish"])
     opts = script.options_from(args)
     assert (opts.smooth_weight, opts.ncc_window, opts.levels) == (2.5, 5, ((2, 4, 0.72), (1, 4, 0.08)))
+    assert not opts.polish
     assert finest_levels(3) == DEFORMABLE_LEVELS and finest_levels(1) == ((1, 4, 0.8),)
     defaults = script.options_from(script.parse(["--fixed", "f.nii.gz", "--moving", "m.nii.gz"]))
     assert (defaults.smooth_weight, defaults.ncc_window, defaults.levels) == (1.0, 7, DEFORMABLE_LEVELS)
+    assert defaults.polish
     for flags, message in ((["--ncc-window", "4"], "the NCC window must be an odd number of voxels, 3 or more, got 4"),
                            (["--smooth-weight", "-1"], "the smoothness weight must be 0 or more, got -1.0")):
         res = subprocess.run([sys.executable, str(SCRIPT), "--fixed", "f.nii.gz", "--moving", "m.nii.gz", *flags,

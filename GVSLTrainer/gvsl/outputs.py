@@ -167,6 +167,26 @@ def write_image(image, path: str | Path) -> Path:
     return path
 
 
+def write_stored_gzip(image, path: str | Path) -> Path:
+    """sitk.WriteImage of a float field to ``path`` (a .nii.gz) as a gzip that stores the bytes instead of
+    deflating them: a displacement field's float noise barely compresses (12.8 -> 11.7 MB for a 2 mm
+    head) and deflating it took 0.36 s of a 6 s registration, against 0.04 s stored. Any NIfTI reader
+    takes it (it is a gzip like any other)."""
+    import gzip
+
+    import SimpleITK as sitk
+
+    path = Path(path)
+    raw = path.with_name(f".{path.name}.{os.getpid()}.raw.nii")
+    try:
+        sitk.WriteImage(image, str(raw))
+        with open(raw, "rb") as source, gzip.open(path, "wb", compresslevel=0) as target:
+            shutil.copyfileobj(source, target, 1 << 22)
+    finally:
+        raw.unlink(missing_ok=True)
+    return path
+
+
 def write_image_folder(images: dict, folder: str | Path) -> Path:
     """Images ({file name: image}) into ``folder``, which appears with all of them or is left as it was."""
     import SimpleITK as sitk

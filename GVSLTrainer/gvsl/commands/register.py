@@ -74,6 +74,9 @@ def parse(argv=None) -> argparse.Namespace:
                         help="local NCC window in voxels of the working grid, odd (default 7)")
     tuning.add_argument("--levels", type=positive_int, choices=(1, 2, 3), default=None,
                         help="deformable resolution levels, coarse to fine (default 3: quarter, half, full)")
+    tuning.add_argument("--no-polish", dest="polish", action="store_false",
+                        help="rigid/affine: skip the last refinement on the original images (1-3 s faster, "
+                             "0.1-0.5 mm less exact)")
     tuning.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for torch and SimpleITK (default: all the cores)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto picks cuda, then mps, then cpu")
@@ -96,7 +99,7 @@ def options_from(args: argparse.Namespace):
     opts = RegistrationOptions(mode=args.mode, similarity=args.similarity, device=args.device,
                                normalize=args.normalize[0] if len(args.normalize) == 1 else tuple(args.normalize),
                                initialisation=args.initialisation, spacing=args.spacing,
-                               rotation_search=args.rotation_search)
+                               rotation_search=args.rotation_search, polish=args.polish)
     if args.iterations is not None:
         opts.iterations = args.iterations
     for name in ("smooth_weight", "ncc_window"):
