@@ -27,17 +27,34 @@ class Fused:
     agreement: list[float]  # per atlas, its mean Dice with the fused labels over the labels present
 
 
-def local_similarity(target: sitk.Image, warped: sitk.Image, radius: int = WINDOW_RADIUS) -> np.ndarray:
-    """The squared local normalised cross-correlation of two images on one grid, per voxel, in [0, 1]."""
-    f, g = (sitk.Cast(x, sitk.sitkFloat64) for x in (target, warped))
+@dataclass
+class Local:
+    """An image (float64) with its local mean and variance in a (2 radius + 1)^3 window: computed once for
+    an image compared with many (a target with every atlas, a template with every subject)."""
+    image: sitk.Image
+    mean: np.ndarray
+    var: np.ndarray
+    radius: int
 
-    def mean(image):
-        return sitk.GetArrayFromImage(sitk.BoxMean(image, [radius] * 3))
+    @classmethod
+    def of(cls, image: sitk.Image, radius: int = WINDOW_RADIUS) -> "Local":
+        image = sitk.Cast(image, sitk.sitkFloat64)
+        mean = _box_mean(image, radius)
+        return cls(image, mean, _box_mean(image * image, radius) - mean ** 2, radius)
 
-    mf, mg = mean(f), mean(g)
-    cov = mean(f * g) - mf * mg
-    var_f, var_g = mean(f * f) - mf ** 2, mean(g * g) - mg ** 2
-    return np.clip(cov ** 2 / np.maximum(var_f * var_g, 1e-12), 0.0, 1.0)
+
+def _box_mean(image: sitk.Image, radius: int) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.BoxMean(image, [radius] * 3))
+
+
+def local_similarity(target: sitk.Image | Local, warped: sitk.Image | Local, radius: int = WINDOW_RADIUS) -> np.ndarray:
+    """The squared local normalised cross-correlation of two images on one grid, per voxel, in [0, 1].
+    Either image may come as its ``Local`` (of the same ``radius``)."""
+    f, g = (x if isinstance(x, Local) else Local.of(x, radius) for x in (target, warped))
+    if (f.radius, g.radius) != (radius, radius):
+        raise ValueError(f"local moments of radius {f.radius} and {g.radius} compared at radius {radius}")
+    cov = _box_mean(f.image * g.image, radius) - f.mean * g.mean
+    return np.clip(cov ** 2 / np.maximum(f.var * g.var, 1e-12), 0.0, 1.0)
 
 
 def fuse(target: sitk.Image, atlas_images: list[sitk.Image], atlas_labels: list[sitk.Image],
@@ -53,9 +70,12 @@ def fuse(target: sitk.Image, atlas_images: list[sitk.Image], atlas_labels: list[
     labels = [sitk.GetArrayFromImage(x).astype(np.int64) for x in atlas_labels]
     values = sorted({0, *(int(v) for x in labels for v in np.unique(x))})
     # the squared correlation to the power beta / 2: the correlation to the power beta
-    weights = [np.ones(labels[0].shape, np.float32) for _ in labels] if method == "majority" else \
-        [(np.maximum(local_similarity(target, image, radius), FLOOR) ** (beta / 2)).astype(np.float32)
-         for image in atlas_images]
+    if method == "majority":
+        weights = [np.ones(labels[0].shape, np.float32) for _ in labels]
+    else:
+        local = Local.of(target, radius)  # the target's side once for every atlas
+        weights = [(np.maximum(local_similarity(local, image, radius), FLOOR) ** (beta / 2)).astype(np.float32)
+                   for image in atlas_images]
     total = np.sum(weights, axis=0)
     best, best_votes = np.zeros(labels[0].shape, np.int64), np.full(labels[0].shape, -1.0, np.float32)
     shares = []

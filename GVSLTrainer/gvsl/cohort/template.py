@@ -25,9 +25,10 @@ from ..outputs import remove_stale, replacing, staged_files, write_csv, write_st
 from ..registration_io import FILES
 from ..volumes import DataError
 from .engine import local_client
-from .fusion import local_similarity
+from .fusion import Local, local_similarity
 from .subjects import Subject, subjects_from
 
+SHARPNESS_RADIUS = 3  # voxels: the local correlation's 7^3 window
 TEMPLATE = "template.nii.gz"
 TABLE = "template.csv"  # one row per complete iteration
 FIGURE = "template_iterations.png"
@@ -71,12 +72,15 @@ def _normalised(image: sitk.Image) -> np.ndarray:
     return array / (scale if scale > 0 else 1.0)
 
 
-def _sharpness(template: sitk.Image, subjects: list[sitk.Image]) -> float:
+def _sharpness(template: sitk.Image, subjects: list[sitk.Image | Local]) -> float:
     """The mean local correlation of the aligned subjects with the template, over its foreground: how
-    much anatomy the subjects share with it (a blurred template scores lower)."""
+    much anatomy the subjects share with it (a blurred template scores lower). ``subjects`` may come as
+    their ``Local`` (radius ``SHARPNESS_RADIUS``), when several templates are scored against them."""
     array = sitk.GetArrayFromImage(template)
     foreground = array > np.percentile(array, 60)
-    return float(np.mean([np.sqrt(local_similarity(template, s, 3))[foreground].mean() for s in subjects]))
+    local = Local.of(template, SHARPNESS_RADIUS)
+    return float(np.mean([np.sqrt(local_similarity(local, s, SHARPNESS_RADIUS))[foreground].mean()
+                          for s in subjects]))
 
 
 def _image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -163,9 +167,10 @@ def _iterate(subjects: list[Subject], out: Path, options: Sequence[str], iterati
             mean = sitk.Resample(mean, grid, inverse, sitk.sitkLinear, 0.0)
             warped = [sitk.Resample(w, grid, inverse, sitk.sitkLinear, 0.0) for w in warped]
         sharpened = sitk.LaplacianSharpening(mean)
-        scores = {False: _sharpness(mean, warped)}
+        subjects_local = [Local.of(w, SHARPNESS_RADIUS) for w in warped]  # once for both candidates
+        scores = {False: _sharpness(mean, subjects_local)}
         if sharpen != "never":
-            scores[True] = _sharpness(sharpened, warped)
+            scores[True] = _sharpness(sharpened, subjects_local)
         use = sharpen == "always" or (sharpen == "auto" and scores[True] > scores[False])
         template = sharpened if use else mean
         sitk.WriteImage(template, str(_template_path(out, iteration)))
