@@ -49,7 +49,12 @@ class RegistrationOptions:
     # the linear stage runs on images shrunk by these factors, in turn; None: (4, 2), or only 4 before a
     # same-modality deformable stage, which absorbs what the finer affine level would add
     linear_shrinks: tuple | None = None
-    finer_moving: bool = True  # the stages interpolate the moving image from a copy at half the working spacing
+    # rigid / affine: the full-resolution levels interpolate the moving image from a copy at half the working
+    # spacing (see pipeline._pyramid). Not in the deformable mode, where the field absorbs most of the copy's
+    # pull: without the copy, same-modality benchmark pairs moved 0.01-0.02 mm (EPE), the cohort benchmark's
+    # heads 0.04 mm (Dice 0.856 -> 0.855), partial fields of view -0.04 to +0.05 mm, and the registrations
+    # ran 15-30 % faster (cohort heads 5.9 -> 5.1 s)
+    finer_moving: bool = True
     polish: bool = True  # rigid / affine with NCC: a last level on the original images (see polish.py)
     tolerance: float = 1e-5  # early stopping: relative loss change over `patience` iterations
     patience: int = 20

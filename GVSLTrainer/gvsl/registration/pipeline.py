@@ -314,7 +314,7 @@ def stages(prepared: Prepared, fixed_labels: sitk.Image | None = None, moving_la
         if opts.mode != "rigid":
             base = net_affine
         velocity = spatial.resize(disp, control)
-    finer = opts.finer_moving and model is None and name in FINER_SIMILARITIES
+    finer = opts.finer_moving and opts.mode != "deformable" and model is None and name in FINER_SIMILARITIES
     pyramid, weight, auto_mask = _pyramid(name, prepared, f_t, m_t, masks, device, finer)
 
     # 3. the linear stage: the search over starts and rotations, rigid, affine
