@@ -32,7 +32,8 @@ fused: by locally weighted voting (default; each atlas's vote weighed by the loc
 its warped image with the target, so a misregistered atlas counts little where it is wrong) or by
 majority. OUTPUT.atlases.csv lists each atlas's agreement with the result.
 
-template: an unbiased population template: the subjects averaged after an affine start, then
+template: an unbiased population template: the subjects averaged after an affine start (onto the
+first subject, on a 4 mm working grid unless --spacing is given, without the final polish), then
 --iterations times registered onto the current template, averaged, and moved to the mean shape (the
 inverse of the mean displacement), sharpened where that helps. Each iteration's template and figures
 are kept; a rerun resumes after the last complete iteration. Each subject's transforms to the final
@@ -120,7 +121,8 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
                                                                       "(default 4)")
     t.add_argument("--registration-iterations", type=positive_int, metavar="N",
                    help="register.py's --iterations for each registration (its optimiser budget; --iterations here "
-                        "counts the template's iterations)")
+                        "counts the template's iterations); default: 50 in the rounds before the last, which the "
+                        "next round refines, and register.py's 100 in the last")
     t.add_argument("--sharpen", choices=("auto", "always", "never"), default="auto",
                    help="Laplacian sharpening of each iteration's average: auto (default) keeps it where the "
                         "subjects match the sharpened template better")
