@@ -38,7 +38,8 @@ def local_cluster_size(workers: int | None, threads: int | None) -> tuple[int, i
     """(workers, threads per worker) of the embedded cluster: by default one worker per GPU with the
     cores shared among them, else one single-threaded worker per core, as many as the memory holds at
     WORKER_MEMORY_GB each. On 2 cores, 2 x 1 registered 13.9 subjects a minute, 1 x 2 11.0, a loop of
-    register.py processes 9.3 (benchmarks/cohort.py)."""
+    register.py processes 9.3 (benchmarks/cohort.py, 6 heads); 20 heads at commit 74fdb5d: 2 x 1 16.8,
+    1 x 1 10.7, the loop 10.5."""
     cores = os.cpu_count() or 1
     gpus = gpu_count()
     if gpus:
